@@ -1,0 +1,30 @@
+"""Shared plumbing for the ``python -m hpcvae.<command>`` entry points."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from hpcvae.errors import HpcvaeError
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], prog: str) -> None:
+    """Run ``main`` and turn expected failures into one-line errors.
+
+    Users hit bad input far more often than bugs; a traceback hides the one line
+    that tells them which file, row or HDU is wrong.  Set ``HPCVAE_TRACEBACK=1``
+    to see the full traceback anyway.
+    """
+    import os
+
+    try:
+        rc = main(None)
+    except HpcvaeError as exc:
+        if os.environ.get("HPCVAE_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(int(rc or 0))

@@ -1,0 +1,387 @@
+"""Typed configuration: one ``@dataclass(kw_only=True)`` per component.
+
+Named runs live as TOML files in ``configs/``; each TOML table maps to one of the
+dataclasses below (``[data]`` -> :class:`DataConfig`, ...).  Command-line flags are
+applied on top as dotted overrides (``train.epochs=3``).  Every value is type-checked
+when it is loaded, and each component validates itself in ``__post_init__``, so a bad
+value fails at start-up with the field's name instead of hours into a job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hpcvae.errors import ConfigError
+
+ArchName = Literal["vae128", "vae158", "cvae", "cvae2", "fancy_cvae"]
+Flavour = Literal["default", "debug"]
+Engine = Literal["ddp", "deepspeed"]
+Precision = Literal["fp32", "bf16", "fp16"]
+TransformName = Literal["minmax", "asinh"]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "shards/synth-debug"
+    """Shard set folder holding ``manifest.json`` and the tar shards."""
+    batch_size: int = 64
+    """Per-rank batch size (the seed used 64 on one GPU)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 reads in the main process."""
+    shuffle_buffer: int = 1000
+    """Samples held in each worker's shuffle buffer."""
+    transform: TransformName = "minmax"
+    """Normalisation applied to the physical pixels; its parameters come from the manifest."""
+    pin_memory: bool = True
+    """Pin host batches so the copy to the GPU can be non-blocking (ignored on CPU)."""
+    persistent_workers: bool = True
+    """Keep workers alive across epochs instead of re-forking them."""
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead."""
+    gpu_resident: bool = False
+    """Hold the whole train split on the GPU (bf16/fp16) and shuffle there; for small models."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        _check(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    arch: ArchName = "cvae2"
+    """Architecture name from the model registry."""
+    flavour: Flavour = "default"
+    """``default`` reproduces the seed; ``debug`` is a tiny model for tests and the CPU demo."""
+    image_size: int | None = None
+    """Input side in pixels; ``None`` takes it from the shard manifest (or the arch's default)."""
+    nf: int | None = None
+    """Base number of conv filters; ``None`` takes the flavour's default (64 for the seed)."""
+    z_dim: int | None = None
+    """Latent size; ``None`` takes the flavour's default (32 for the seed)."""
+    recon_reduction: Literal["sum", "mean"] = "sum"
+    """``sum`` is the seed's MSE(sum); ``mean`` averages over pixels (keeps loss scale size-free)."""
+    redshift_weight: float = 1000.0
+    """k in fancy_cvae's ``k * MSE(z_pred, z)`` term (seed: 1000)."""
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            _check(self.image_size >= 16, f"model.image_size must be >= 16, got {self.image_size}")
+        if self.nf is not None:
+            _check(self.nf >= 1, f"model.nf must be >= 1, got {self.nf}")
+        if self.z_dim is not None:
+            _check(self.z_dim >= 1, f"model.z_dim must be >= 1, got {self.z_dim}")
+        _check(self.redshift_weight >= 0, "model.redshift_weight must be >= 0")
+
+
+@dataclass(kw_only=True)
+class BetaConfig:
+    kind: Literal["constant", "list", "linear_warmup", "cyclical"] = "constant"
+    """How β evolves over epochs."""
+    value: float = 0.1
+    """β for ``constant``; the final β for ``linear_warmup`` and the peak for ``cyclical``."""
+    values: list[float] = field(default_factory=list)
+    """Per-epoch β for ``list`` (the seed's β arrays); the last value holds afterwards."""
+    start: float = 0.0
+    """Starting β for ``linear_warmup`` and ``cyclical``."""
+    warmup_epochs: int = 0
+    """Epochs of linear ramp for ``linear_warmup``."""
+    cycle_epochs: int = 4
+    """Period of ``cyclical``; the ramp takes half the period, then β holds."""
+
+    def __post_init__(self) -> None:
+        _check(self.value >= 0, f"beta.value must be >= 0, got {self.value}")
+        _check(self.start >= 0, f"beta.start must be >= 0, got {self.start}")
+        _check(all(v >= 0 for v in self.values), f"beta.values must all be >= 0, got {self.values}")
+        if self.kind == "list":
+            _check(len(self.values) > 0, "beta.kind = 'list' needs a non-empty beta.values")
+        _check(self.warmup_epochs >= 0, "beta.warmup_epochs must be >= 0")
+        _check(self.cycle_epochs >= 1, "beta.cycle_epochs must be >= 1")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Adam learning rate (seed: 1e-3)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW when > 0)."""
+    fused: bool | None = None
+    """Fused Adam kernel; ``None`` uses it where the device supports it."""
+    grad_clip: float = 0.0
+    """Clip the global grad norm to this value; 0 disables."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    kind: Literal["constant", "cosine", "step"] = "constant"
+    """LR decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear LR warm-up from 0, in optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of ``optim.lr``."""
+    step_epochs: int = 10
+    """``step``: multiply the LR by ``gamma`` every this many epochs."""
+    gamma: float = 0.5
+    """``step`` decay factor."""
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps >= 0, "scheduler.warmup_steps must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "scheduler.min_lr_ratio must be in [0, 1]")
+        _check(self.step_epochs >= 1, "scheduler.step_epochs must be >= 1")
+        _check(0 < self.gamma <= 1, "scheduler.gamma must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 10
+    """Passes over the train split."""
+    seed: int = 0
+    """Seeds weights, shuffling and the reparameterisation noise."""
+    engine: Engine = "ddp"
+    """``ddp`` (torch DistributedDataParallel) or ``deepspeed``."""
+    precision: Precision = "fp32"
+    """``bf16``/``fp16`` run under autocast; ``fp16`` adds dynamic loss scaling."""
+    channels_last: bool = False
+    """NHWC memory format: faster convolutions on GPUs and on recent CPUs."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    deterministic: bool = False
+    """Deterministic kernels (bit-reproducible on CPU); slower."""
+    log_every: int = 20
+    """Optimizer steps between metric logs (one host sync each)."""
+    max_steps_per_epoch: int = 0
+    """Cap steps per epoch (0 = none); for smoke runs and benchmarks."""
+    val_every: int = 1
+    """Validate every this many epochs (and always after the last)."""
+    sample_grid: bool = True
+    """Write a PNG grid of samples at the end of the run."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
+        _check(self.val_every >= 1, "train.val_every must be >= 1")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    """Save every this many optimizer steps (0 = only at epoch ends and on request)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted after a new one is complete."""
+    resume: str = "auto"
+    """``auto`` resumes from the latest complete checkpoint if any, ``none`` starts fresh, else a path."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage 0-3."""
+    initial_scale_power: int = 16
+    """fp16 dynamic loss scale starts at 2**this."""
+    loss_scale_window: int = 1000
+    """Overflow-free steps before the fp16 scale grows."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {self.zero_stage}")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A whole training run: what ``configs/<name>.toml`` describes."""
+
+    name: str = "run"
+    """Run name, used in logs and job names."""
+    out: str = "runs/run"
+    """Run folder: checkpoints, metrics, the consolidated model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    beta: BetaConfig = field(default_factory=BetaConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading, overriding and dumping
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where TOML/CLI is lossy."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a (TOML) dict, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{where}.{k}" if where else k
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - kw_only mismatch
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict form (TOML/JSON-safe: tuples become lists, ``None`` is dropped)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if x is not None}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(dataclasses.asdict(cfg))
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a CLI override value the way TOML would (``3``, ``1e-3``, ``true``, ``[1, 2]``)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as ``cosine`` or a path
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
+    """Return a copy of ``cfg`` with dotted-key overrides applied and re-validated.
+
+    ``overrides`` is a mapping (``{"train.epochs": 3}``) or ``key=value`` strings as
+    given on the command line.
+    """
+    if isinstance(overrides, list):
+        pairs: dict[str, Any] = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = _parse_scalar(v.strip())
+        overrides = pairs
+    data = dataclasses.asdict(cfg)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"unknown config key {key}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key}")
+        node[parts[-1]] = value
+    return from_dict(type(cfg), data)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> JobConfig:
+    """Load a ``JobConfig`` from TOML (or defaults) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: invalid TOML: {exc}") from None
+    try:
+        cfg = from_dict(JobConfig, data)
+    except ConfigError as exc:
+        where = f"config file {path}: " if path else ""
+        raise ConfigError(f"{where}{exc}") from None
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def dump_toml(cfg: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(cfg))

@@ -1,0 +1,162 @@
+"""Distributed set-up in one place.
+
+Reads the rank layout from torchrun (RANK / LOCAL_RANK / WORLD_SIZE), from submitit or
+``srun`` (SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS), or falls back to a single
+process, then picks the device and the backend: NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from hpcvae.errors import DistributedError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str = "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError:
+                raise DistributedError(f"environment variable {n}={v!r} is not an integer") from None
+    return None
+
+
+def _slurm_master_addr() -> str:
+    """First host of the allocation, as ``scontrol show hostnames`` names it."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
+        return out[0] if out else "127.0.0.1"
+    except (OSError, subprocess.SubprocessError):
+        return nodelist.split(",")[0]
+
+
+def read_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun, SLURM, or a single process."""
+    world = _env_int("WORLD_SIZE")
+    if world is not None:
+        rank = _env_int("RANK") or 0
+        local = _env_int("LOCAL_RANK") or 0
+    elif _env_int("SLURM_NTASKS") is not None and _env_int("SLURM_PROCID") is not None:
+        world = _env_int("SLURM_NTASKS") or 1
+        rank = _env_int("SLURM_PROCID") or 0
+        local = _env_int("SLURM_LOCALID") or 0
+        if world > 1:
+            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+            job = _env_int("SLURM_JOB_ID") or 0
+            os.environ.setdefault("MASTER_PORT", str(20000 + job % 20000))
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("LOCAL_RANK", str(local))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+    else:
+        return 0, 0, 1
+    if not 0 <= rank < world:
+        raise DistributedError(f"rank {rank} is outside world size {world}")
+    return rank, local, world
+
+
+def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the process group if there is more than one rank; pick device and backend.
+
+    ``device`` forces ``cpu`` or ``cuda``; by default CUDA is used when present.
+    """
+    rank, local, world = read_env()
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise DistributedError("device 'cuda' requested but no CUDA device is visible")
+        n = torch.cuda.device_count()
+        dev = torch.device("cuda", local % n)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev = torch.device("cpu")
+        backend = "gloo"
+    if world > 1 and not tdist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        try:
+            tdist.init_process_group(
+                backend=backend,
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=dev if backend == "nccl" else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - re-raised with context
+            raise DistributedError(
+                f"could not join process group as rank {rank}/{world} via "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({backend}): {exc}"
+            ) from exc
+    return DistInfo(rank=rank, local_rank=local, world_size=world, device=dev, backend=backend)
+
+
+def cleanup() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on global rank 0 only."""
+    if get_rank() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        tdist.barrier()
+
+
+def all_reduce_flag(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank if any rank passed True (used to agree on stopping/saving)."""
+    if get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device or torch.device("cpu"))
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
