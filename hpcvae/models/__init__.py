@@ -1,0 +1,135 @@
+"""Model registry: the seed's five architectures by name, each with a ``default`` and a ``debug`` flavour.
+
+``default`` reproduces the seed layer for layer (nf=64, z_dim=32, 128 or 158 pixels);
+``debug`` (nf=8, z_dim=8, 64 pixels) is small enough to train on a laptop CPU in seconds,
+for tests and the demo.  Any flavour takes overrides of ``image_size``, ``nf``, ``z_dim``,
+``recon_reduction`` and ``redshift_weight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hpcvae.config import ModelConfig
+from hpcvae.errors import ModelError
+from hpcvae.models.base import GalaxyVAE, ModelSpec, VAEOutput
+from hpcvae.models.cvae import CVAE, CVAE2, FancyCVAE
+from hpcvae.models.vae import VAE128, VAE158
+
+__all__ = [
+    "MODEL_REGISTRY",
+    "ArchSpec",
+    "GalaxyVAE",
+    "ModelSpec",
+    "VAEOutput",
+    "build_model",
+    "list_models",
+    "model_from_config",
+]
+
+OVERRIDABLE = ("image_size", "nf", "z_dim", "recon_reduction", "redshift_weight")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ArchSpec:
+    """One registry entry: the constructor and each flavour's defaults."""
+
+    name: str
+    cls: type[GalaxyVAE]
+    description: str
+    flavours: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def conditional(self) -> bool:
+        return self.cls.conditional
+
+    def resolve(self, flavour: str = "default", **overrides: Any) -> ModelSpec:
+        """Flavour defaults with ``overrides`` on top (``None`` values keep the default)."""
+        if flavour not in self.flavours:
+            raise ModelError(
+                f"model {self.name}: unknown flavour {flavour!r} (choices: {', '.join(self.flavours)})"
+            )
+        unknown = sorted(set(overrides) - set(OVERRIDABLE))
+        if unknown:
+            raise ModelError(
+                f"model {self.name}: unknown option {unknown[0]!r} (choices: {', '.join(OVERRIDABLE)})"
+            )
+        values = {"recon_reduction": "sum", "redshift_weight": 1000.0, **self.flavours[flavour]}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return ModelSpec(arch=self.name, flavour=flavour, **values)
+
+    def build(self, flavour: str = "default", **overrides: Any) -> GalaxyVAE:
+        return self.cls(self.resolve(flavour, **overrides))
+
+
+def _entry(name: str, cls: type[GalaxyVAE], description: str, image_size: int) -> ArchSpec:
+    return ArchSpec(
+        name=name,
+        cls=cls,
+        description=description,
+        flavours={
+            "default": {"image_size": image_size, "nf": 64, "z_dim": 32},
+            "debug": {"image_size": 64, "nf": 8, "z_dim": 8},
+        },
+    )
+
+
+MODEL_REGISTRY: dict[str, ArchSpec] = {
+    s.name: s
+    for s in (
+        _entry("vae128", VAE128, "unconditional, Hubble Deep Field 128x128", 128),
+        _entry("vae158", VAE158, "unconditional, COSMOS 158x158", 158),
+        _entry("cvae", CVAE, "redshift as 2nd image channel and 2nd latent row", 158),
+        _entry("cvae2", CVAE2, "redshift joined to encoder features and z (seed's pick)", 158),
+        _entry("fancy_cvae", FancyCVAE, "cvae that also predicts the redshift", 158),
+    )
+}
+
+
+def list_models() -> list[str]:
+    """Registered architecture names."""
+    return list(MODEL_REGISTRY)
+
+
+def get_arch(arch: str) -> ArchSpec:
+    if arch not in MODEL_REGISTRY:
+        raise ModelError(f"unknown model {arch!r} (choices: {', '.join(MODEL_REGISTRY)})")
+    return MODEL_REGISTRY[arch]
+
+
+def build_model(
+    arch: str | None = None, flavour: str = "default", *, name: str | None = None, **overrides: Any
+) -> GalaxyVAE:
+    """A freshly initialised model; ``build_model(**model.config)`` rebuilds ``model``'s architecture."""
+    if arch is None:
+        arch = name
+    elif name is not None and name != arch:
+        raise ModelError(f"build_model: got both arch={arch!r} and name={name!r}")
+    if arch is None:
+        raise ModelError(f"build_model needs a model name (choices: {', '.join(MODEL_REGISTRY)})")
+    return get_arch(arch).build(flavour, **overrides)
+
+
+def model_from_config(model_cfg: ModelConfig, image_size: int | None = None) -> GalaxyVAE:
+    """The model a training config asks for; ``image_size`` is the shard set's side.
+
+    ``None`` fields of the config take the flavour's defaults; an explicit
+    ``model.image_size`` must agree with the data, since a mismatch would only surface
+    as a shape error in the first step.
+    """
+    size = model_cfg.image_size
+    if size is not None and image_size is not None and size != image_size:
+        raise ModelError(
+            f"model.image_size = {size} but the data holds {image_size}x{image_size} images; "
+            "drop model.image_size or re-shard at that size"
+        )
+    return build_model(
+        model_cfg.arch,
+        model_cfg.flavour,
+        image_size=size if size is not None else image_size,
+        nf=model_cfg.nf,
+        z_dim=model_cfg.z_dim,
+        recon_reduction=model_cfg.recon_reduction,
+        redshift_weight=model_cfg.redshift_weight,
+    )

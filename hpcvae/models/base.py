@@ -1,0 +1,448 @@
+"""The interface every hpcvae model shares, and the size-generic conv stacks.
+
+The seed had one notebook per model, each with its own calling convention (2-channel
+inputs built in the training loop, ``.squeeze()``-ed outputs, the KL stored on the
+encoder).  Here every architecture is a :class:`GalaxyVAE`: the same ``forward``,
+losses and generation API, so the trainer, the evaluation and the users never branch
+on the architecture name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcvae.errors import ModelError
+
+Reduction = Literal["sum", "mean"]
+MIN_IMAGE_SIZE = 16
+
+
+class VAEOutput(NamedTuple):
+    """What ``forward`` returns.  A NamedTuple, so DDP and torch.compile treat it as a pytree."""
+
+    recon: torch.Tensor
+    """Reconstruction in normalised [0, 1] space, (B, 1, H, W)."""
+    mu: torch.Tensor
+    """Posterior means, (B, z_dim)."""
+    logvar: torch.Tensor
+    """Posterior log-variances, (B, z_dim)."""
+    z_pred: torch.Tensor | None = None
+    """Predicted redshift, (B,); only ``fancy_cvae`` has one."""
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """The resolved hyper-parameters of one model: enough to rebuild it with ``build_model(**spec)``."""
+
+    arch: str
+    flavour: str = "default"
+    image_size: int
+    nf: int
+    z_dim: int
+    recon_reduction: Reduction = "sum"
+    redshift_weight: float = 1000.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
+            raise ModelError(
+                f"model {self.arch}: image_size must be an integer >= {MIN_IMAGE_SIZE}, got {self.image_size!r}"
+            )
+        if not isinstance(self.nf, int) or self.nf < 1:
+            raise ModelError(f"model {self.arch}: nf must be an integer >= 1, got {self.nf!r}")
+        if not isinstance(self.z_dim, int) or self.z_dim < 1:
+            raise ModelError(f"model {self.arch}: z_dim must be an integer >= 1, got {self.z_dim!r}")
+        if self.recon_reduction not in ("sum", "mean"):
+            raise ModelError(
+                f"model {self.arch}: recon_reduction must be 'sum' or 'mean', got {self.recon_reduction!r}"
+            )
+        if not isinstance(self.redshift_weight, (int, float)) or self.redshift_weight < 0:
+            raise ModelError(f"model {self.arch}: redshift_weight must be >= 0, got {self.redshift_weight!r}")
+        self.redshift_weight = float(self.redshift_weight)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------
+# Size-generic conv stacks
+
+
+def down_kernel(n: int) -> int:
+    """Kernel of a stride-2, padding-1 conv that maps ``n`` to ``ceil(n/2)``.
+
+    Kernel 4 halves an even side exactly; kernel 3 maps an odd side ``n`` to ``(n+1)/2``.
+    The matching transposed convs (same kernel, stride 2, padding 1) map back to ``n``:
+    TConv(4,2,1) doubles, TConv(3,2,1) gives ``2m - 1``.  This is the rule the seed's
+    vae158 follows (158 -> 79 -> 40 -> 20 -> 10 -> 5).
+    """
+    return 4 if n % 2 == 0 else 3
+
+
+def down_sizes(size: int, n: int) -> list[int]:
+    """Sides after each of ``n`` stride-2 layers, starting with ``size`` itself."""
+    sizes = [size]
+    for _ in range(n):
+        sizes.append(math.ceil(sizes[-1] / 2))
+    return sizes
+
+
+@dataclass(kw_only=True, frozen=True)
+class Geometry:
+    """Where the conv stack goes for one image size.
+
+    ``sizes[:5]`` are the sides entering the five encoder convs; the last four of them
+    are stride 2 with kernel :func:`down_kernel`.  The fifth ("head") conv maps ``sizes[4]``
+    to ``latent_side`` with ``(head_kernel, head_stride, head_padding)``; the decoder mirrors
+    every layer with a ConvTranspose2d of the same kernel, stride and padding.
+    """
+
+    sizes: tuple[int, ...]
+    head_kernel: int
+    head_stride: int
+    head_padding: int
+    latent_side: int
+
+    @property
+    def n_features(self) -> int:
+        """Flattened size of the 1-channel latent map (25 for the seed's 5x5)."""
+        return self.latent_side * self.latent_side
+
+
+def geometry_halving(size: int) -> Geometry:
+    """vae158 style: five stride-2 convs, each ``ceil(n/2)``."""
+    s = down_sizes(size, 5)
+    return Geometry(
+        sizes=tuple(s[:5]), head_kernel=down_kernel(s[4]), head_stride=2, head_padding=1, latent_side=s[5]
+    )
+
+
+def geometry_valid_head(size: int) -> Geometry:
+    """vae128 style: four stride-2 convs, then one stride-1 unpadded conv.
+
+    The seed's 128 path ends 8 -> Conv(5,1,0) -> 4.  For any size the head maps the last
+    side ``m`` to ``ceil(m/2)`` (kernel ``m - ceil(m/2) + 1``), so the latent map stays small
+    but is never empty: 64 -> 4 -> 2 (kernel 3), 96 -> 6 -> 3 (kernel 4), 32 -> 2 -> 1 (kernel 2).
+    """
+    s = down_sizes(size, 4)
+    m = s[4]
+    out = math.ceil(m / 2)
+    return Geometry(sizes=tuple(s), head_kernel=m - out + 1, head_stride=1, head_padding=0, latent_side=out)
+
+
+def build_encoder(in_channels: int, nf: int, geo: Geometry) -> nn.Sequential:
+    """Conv trunk: in -> nf -> 2nf -> 4nf -> 8nf -> 1 channel, BN after the middle three (seed)."""
+    chans = [in_channels, nf, 2 * nf, 4 * nf, 8 * nf]
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers.append(nn.Conv2d(chans[i], chans[i + 1], down_kernel(geo.sizes[i]), 2, 1, bias=False))
+        if i > 0:
+            layers.append(nn.BatchNorm2d(chans[i + 1]))
+        layers.append(nn.LeakyReLU(0.2, inplace=True))
+    layers.append(nn.Conv2d(8 * nf, 1, geo.head_kernel, geo.head_stride, geo.head_padding, bias=False))
+    return nn.Sequential(*layers)
+
+
+def build_decoder(in_channels: int, out_channels: int, nf: int, geo: Geometry) -> nn.Sequential:
+    """Mirror of :func:`build_encoder`; only the first TConv has a bias (seed).  No final activation."""
+    layers: list[nn.Module] = [
+        nn.ConvTranspose2d(
+            in_channels, 8 * nf, geo.head_kernel, geo.head_stride, geo.head_padding, bias=True
+        ),
+        nn.BatchNorm2d(8 * nf),
+        nn.ReLU(inplace=True),
+    ]
+    chans = [out_channels, nf, 2 * nf, 4 * nf, 8 * nf]
+    for i in range(3, -1, -1):  # 8nf -> 4nf -> 2nf -> nf -> out
+        layers.append(nn.ConvTranspose2d(chans[i + 1], chans[i], down_kernel(geo.sizes[i]), 2, 1, bias=False))
+        if i > 0:
+            layers.append(nn.BatchNorm2d(chans[i]))
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------------------
+# The shared interface
+
+
+class GalaxyVAE(nn.Module):
+    """Base class of the five architectures.
+
+    Subclasses build their layers and implement ``_encode(x, r) -> (mu, logvar)`` and
+    ``_decode(z, r) -> (logits_image, z_pred | None)``; everything users call lives here.
+    Images are (B, 1, H, W) in normalised [0, 1] space unless a transform is attached with
+    :meth:`set_normalisation`.
+    """
+
+    arch: ClassVar[str] = ""
+    conditional: ClassVar[bool] = False
+    predicts_redshift: ClassVar[bool] = False
+    geometry_rule: ClassVar[str] = "halving"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.geometry = (
+            geometry_valid_head(spec.image_size)
+            if self.geometry_rule == "valid_head"
+            else (geometry_halving(spec.image_size))
+        )
+        self.transform: Any = None
+        self.flow_prior: nn.Module | None = None
+
+    # -- configuration ----------------------------------------------------------------
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``build_model(**model.config)`` rebuilds this architecture (weights not included)."""
+        return self.spec.to_dict()
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    @property
+    def z_dim(self) -> int:
+        return self.spec.z_dim
+
+    def set_normalisation(self, transform: Any) -> GalaxyVAE:
+        """Attach a ``hpcvae.transforms`` transform (or ``None`` to detach).
+
+        With one attached, ``sample``/``reconstruct``/``interpolate`` speak physical flux,
+        which is what astronomers compare against catalogs; ``normalized=True`` opts out.
+        """
+        if transform is not None and not (hasattr(transform, "forward") and hasattr(transform, "inverse")):
+            raise ModelError(
+                f"set_normalisation: {type(transform).__name__} has no forward/inverse; "
+                "pass a transform from hpcvae.transforms.get_transform"
+            )
+        self.transform = transform
+        return self
+
+    # -- argument checks --------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check_image(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(x):
+            raise ModelError(f"{self.arch}: images must be a torch tensor, got {type(x).__name__}")
+        if x.dim() == 3:  # (B, H, W), as the seed's loaders produced
+            x = x.unsqueeze(1)
+        s = self.spec.image_size
+        if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != s or x.shape[3] != s:
+            raise ModelError(f"{self.arch}: expected images of shape (B, 1, {s}, {s}), got {tuple(x.shape)}")
+        return x
+
+    def _redshift(self, redshift: Any, n: int, device: torch.device, what: str) -> torch.Tensor | None:
+        """Validate the condition against the architecture; return a float32 (n,) tensor or None."""
+        if not self.conditional:
+            if redshift is not None:
+                raise ModelError(
+                    f"{self.arch} is unconditional but {what} was given a redshift; "
+                    "use cvae, cvae2 or fancy_cvae to condition on redshift"
+                )
+            return None
+        if redshift is None:
+            raise ModelError(f"{self.arch} is conditional: {what} needs a redshift (one value per image)")
+        r = torch.as_tensor(redshift, dtype=torch.float32, device=device)
+        if r.dim() == 0:
+            r = r.expand(n)
+        elif r.dim() == 2 and r.shape[1] == 1:
+            r = r[:, 0]
+        if r.dim() != 1 or r.shape[0] != n:
+            raise ModelError(
+                f"{self.arch}: {what} needs a redshift of shape ({n},) or ({n}, 1), got {tuple(r.shape)}"
+            )
+        return r.to(dtype=torch.float32)
+
+    # -- the model --------------------------------------------------------------------
+
+    def _encode(self, x: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _decode(self, z: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, redshift: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior (mu, logvar), each (B, z_dim), for normalised images."""
+        x = self._check_image(x)
+        r = self._redshift(redshift, x.shape[0], x.device, "encode")
+        return self._encode(x, r)
+
+    def decode(self, z: torch.Tensor, redshift: Any = None) -> torch.Tensor:
+        """Normalised images (B, 1, H, W) for latents (B, z_dim)."""
+        if z.dim() != 2 or z.shape[1] != self.spec.z_dim:
+            raise ModelError(
+                f"{self.arch}: decode expects latents of shape (B, {self.spec.z_dim}), got {tuple(z.shape)}"
+            )
+        r = self._redshift(redshift, z.shape[0], z.device, "decode")
+        logits, _ = self._decode(z, r)
+        return torch.sigmoid(logits)
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + exp(logvar/2) * eps; eps from the global RNG of mu's device (torch.manual_seed)."""
+        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    def forward(self, x: torch.Tensor, redshift: Any = None, sample_latent: bool | None = None) -> VAEOutput:
+        """Encode, draw z, decode.
+
+        ``sample_latent=None`` draws z in training mode and uses z = mu in eval mode, so
+        validation losses are deterministic; pass ``True`` for the seed's stochastic
+        validation loss.
+        """
+        x = self._check_image(x)
+        r = self._redshift(redshift, x.shape[0], x.device, "forward")
+        mu, logvar = self._encode(x, r)
+        draw = self.training if sample_latent is None else sample_latent
+        z = self.reparameterize(mu, logvar) if draw else mu
+        logits, z_pred = self._decode(z, r)
+        return VAEOutput(torch.sigmoid(logits), mu, logvar, z_pred)
+
+    # -- losses -----------------------------------------------------------------------
+
+    def compute_loss(
+        self, out: VAEOutput, x: torch.Tensor, redshift: Any = None, beta: float | torch.Tensor = 0.1
+    ) -> dict[str, torch.Tensor]:
+        """The seed's objective, always in fp32 (autocast outputs are upcast first).
+
+        ``sum`` (seed): recon = MSE summed over batch and pixels, kl = -0.5 * sum(1 + logvar
+        - mu^2 - exp(logvar)) over batch and latents, total = recon + beta * kl
+        (+ k * redshift for fancy_cvae, redshift = summed squared error of z_pred).
+        ``mean``: every term is divided by the number of pixels in the batch, so total is
+        the seed's objective times a constant: same optimum, beta keeps its meaning, and the
+        loss scale no longer grows with image size or batch.
+        """
+        x = self._check_image(x).float()
+        recon = out.recon.float()
+        mu, logvar = out.mu.float(), out.logvar.float()
+        recon_sum = F.mse_loss(recon, x, reduction="sum")
+        kl_sum = -0.5 * torch.sum(1.0 + logvar - mu.pow(2) - logvar.exp())
+        scale = 1.0 if self.spec.recon_reduction == "sum" else 1.0 / x.numel()
+        losses = {"recon": recon_sum * scale, "kl": kl_sum * scale}
+        total = losses["recon"] + beta * losses["kl"]
+        if self.predicts_redshift:
+            r = self._redshift(redshift, x.shape[0], x.device, "compute_loss")
+            if out.z_pred is None:
+                raise ModelError(f"{self.arch}: compute_loss needs the z_pred of forward's output")
+            losses["redshift"] = F.mse_loss(out.z_pred.float(), r, reduction="sum") * scale
+            total = total + self.spec.redshift_weight * losses["redshift"]
+        losses["total"] = total
+        return losses
+
+    def loss(self, batch: dict[str, Any], beta: float | torch.Tensor = 0.1) -> dict[str, torch.Tensor]:
+        """forward + compute_loss on a loader batch; unconditional models ignore its redshifts."""
+        x = batch["image"]
+        r = batch.get("redshift") if self.conditional else None
+        out = self(x, r)
+        return self.compute_loss(out, x, r, beta)
+
+    # -- generation -------------------------------------------------------------------
+
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode (BatchNorm running stats) and no autograd, restoring the caller's mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    def _physical(self, normalized: bool | None) -> bool:
+        """Whether to speak physical flux: the default once a transform is attached."""
+        if normalized is None:
+            return self.transform is not None
+        if not normalized and self.transform is None:
+            raise ModelError(
+                f"{self.arch}: normalized=False needs a transform; attach one with model.set_normalisation(t)"
+            )
+        return not normalized
+
+    def _out(self, images: torch.Tensor, physical: bool) -> torch.Tensor:
+        return self.transform.inverse(images) if physical else images
+
+    def _prior_sample(
+        self, n: int, r: torch.Tensor | None, generator: torch.Generator | None, prior: str | None
+    ) -> torch.Tensor:
+        device = self._device()
+        dtype = next(self.parameters()).dtype
+        kind = prior or "normal"
+        if kind == "normal":
+            gen_device = generator.device if generator is not None else device
+            z = torch.randn(n, self.spec.z_dim, generator=generator, device=gen_device, dtype=dtype)
+            return z.to(device)
+        if kind == "flow":
+            if self.flow_prior is None:
+                raise ModelError(f"{self.arch}: model has no flow prior (prior='flow'); use prior='normal'")
+            # The flow owns its base distribution; it gets the condition for conditional models.
+            return self.flow_prior.sample(n, redshift=r, generator=generator).to(device=device, dtype=dtype)
+        raise ModelError(f"{self.arch}: unknown prior {kind!r} (choices: normal, flow)")
+
+    def sample(
+        self,
+        n: int,
+        redshift: Any = None,
+        generator: torch.Generator | None = None,
+        normalized: bool | None = None,
+        prior: str | None = None,
+    ) -> torch.Tensor:
+        """``n`` new galaxies (n, 1, H, W) from z ~ prior; conditional models need a redshift (float or n)."""
+        if n < 1:
+            raise ModelError(f"{self.arch}: sample needs n >= 1, got {n}")
+        physical = self._physical(normalized)
+        with self._inference():
+            r = self._redshift(redshift, n, self._device(), "sample")
+            z = self._prior_sample(n, r, generator, prior)
+            return self._out(self.decode(z, r), physical)
+
+    def reconstruct(
+        self, x: torch.Tensor, redshift: Any = None, normalized: bool | None = None
+    ) -> torch.Tensor:
+        """Decode the posterior mean (no noise): the model's best guess of ``x``."""
+        physical = self._physical(normalized)
+        with self._inference():
+            if physical:
+                x = self.transform.forward(x)
+            x = self._check_image(torch.as_tensor(x, device=self._device()))
+            r = self._redshift(redshift, x.shape[0], x.device, "reconstruct")
+            mu, _ = self._encode(x, r)
+            return self._out(self.decode(mu, r), physical)
+
+    def interpolate(
+        self,
+        redshifts: Sequence[float] | torch.Tensor,
+        z: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        normalized: bool | None = None,
+    ) -> torch.Tensor:
+        """One galaxy structure (latent ``z``, drawn from N(0, I) if omitted) at each redshift: (len, 1, H, W)."""
+        if not self.conditional:
+            raise ModelError(f"{self.arch} is unconditional: interpolate needs cvae, cvae2 or fancy_cvae")
+        physical = self._physical(normalized)
+        with self._inference():
+            r = torch.as_tensor(redshifts, dtype=torch.float32, device=self._device()).reshape(-1)
+            if r.numel() == 0:
+                raise ModelError(f"{self.arch}: interpolate needs at least one redshift")
+            if z is None:
+                z = self._prior_sample(1, r[:1], generator, "normal")
+            z = torch.as_tensor(z, device=self._device()).reshape(-1)
+            if z.numel() != self.spec.z_dim:
+                raise ModelError(
+                    f"{self.arch}: interpolate needs one latent of size {self.spec.z_dim}, got {z.numel()}"
+                )
+            zs = z.to(next(self.parameters()).dtype).unsqueeze(0).expand(r.numel(), -1)
+            return self._out(self.decode(zs, r), physical)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"arch={s.arch}, flavour={s.flavour}, image_size={s.image_size}, nf={s.nf}, z_dim={s.z_dim}"
