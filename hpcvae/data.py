@@ -1,0 +1,640 @@
+"""The loader: tar shards -> exact, deterministic, resumable epochs of batches.
+
+Pipeline, in the style of WebDataset's small generator stages::
+
+    plan_epoch (shard order, split by rank, split by worker)
+      -> read_raw   (tar members of the wanted samples only; others are seeked over)
+      -> reorder    (a seeded shuffle buffer, simulated on indices up front)
+      -> decode     (.npy header parse + frombuffer, meta.json for the redshift)
+      -> transform  (the normalisation, per image)
+      -> collate    (one np.stack per batch, done inside the worker)
+
+Why the shuffle is simulated on indices: a batch's content is then a pure function of
+``(seed, epoch, rank, world_size, num_workers, batch_size, shuffle_buffer, step)``, so a
+resumed epoch can start at any step, skip the consumed samples without decoding them, and
+still reproduce the uninterrupted epoch bit for bit.  Reading stays sequential and at most
+``shuffle_buffer`` raw samples are held, exactly like a streaming shuffle buffer.
+
+Step ``t`` of an epoch belongs to "virtual worker" ``t % num_workers``; each virtual worker
+owns a contiguous sample range (few shards per worker).  PyTorch's DataLoader takes batches
+from its workers round-robin, starting at worker 0, and a worker that runs out only ends its
+own stream; so DataLoader worker ``p`` of a loader started at step ``k`` plays virtual
+worker ``(k + p) % num_workers`` from its first batch at or after ``k``, and the batches
+arrive in step order.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from hpcvae.config import DataConfig
+from hpcvae.errors import ConfigError, ShardError
+from hpcvae.manifest import Manifest, sha256_file
+
+__all__ = [
+    "EpochPlan",
+    "ShardData",
+    "buffer_shuffle",
+    "decode_npy",
+    "plan_epoch",
+    "val_ranges",
+]
+
+_SHARD_ORDER_TAG = 0
+_WORKER_SHUFFLE_TAG = 1
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    """A generator whose stream depends on every part (PCG64 streams are stable across numpy versions)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(p) % (1 << 63) for p in parts])))
+
+
+# -- planning (pure functions: no I/O) -------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochPlan:
+    """The global sample layout of one epoch, as seen by one rank."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    batch_size: int
+    num_workers: int
+    """Virtual workers (>= 1; a loader with ``num_workers=0`` has one)."""
+    shard_order: tuple[int, ...]
+    """Indices into the split's shard list, in the order they are concatenated this epoch."""
+    shard_starts: tuple[int, ...]
+    """Global index of the first sample of each shard in ``shard_order``."""
+    shard_counts: tuple[int, ...]
+    """Sample count of each shard in ``shard_order``."""
+    total: int
+    steps: int
+    dropped: int
+    rank_range: tuple[int, int]
+    worker_ranges: tuple[tuple[int, int], ...]
+    """Contiguous global sample range of each virtual worker (whole batches)."""
+    worker_steps: tuple[int, ...]
+    """Number of batches of each virtual worker."""
+
+    def step_owner(self, step: int) -> tuple[int, int]:
+        """(virtual worker, its local batch index) that produces global step ``step``."""
+        return step % self.num_workers, step // self.num_workers
+
+    def first_local_batch(self, worker: int, start_step: int) -> int:
+        """The first local batch of ``worker`` whose step is >= ``start_step``."""
+        return max(0, -(-(start_step - worker) // self.num_workers))
+
+    def spans(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(position in shard_order, first, end) local sample spans covering global ``[lo, hi)``."""
+        out = []
+        for pos, (start, count) in enumerate(zip(self.shard_starts, self.shard_counts)):
+            a, b = max(lo, start), min(hi, start + count)
+            if a < b:
+                out.append((pos, a - start, b - start))
+        return out
+
+
+def plan_epoch(
+    shard_counts: Sequence[int],
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_workers: int,
+    max_steps: int = 0,
+) -> EpochPlan:
+    """Lay out epoch ``epoch`` for ``rank``: shard order, its contiguous range, the workers' ranges.
+
+    All ranks compute the same ``steps`` from the manifest counts alone, so no rank can run
+    an extra step and hang the others in a collective.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside world_size {world_size}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    nw = max(1, num_workers)
+    order = _rng(seed, epoch, _SHARD_ORDER_TAG).permutation(len(shard_counts)).tolist()
+    counts = [int(shard_counts[i]) for i in order]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist() if counts else []
+    total = sum(counts)
+    steps = total // (world_size * batch_size)
+    if max_steps > 0:
+        steps = min(steps, max_steps)
+    per_rank = steps * batch_size
+    r0 = rank * per_rank
+    wsteps = [steps // nw + (1 if w < steps % nw else 0) for w in range(nw)]
+    wranges = []
+    a = r0
+    for n in wsteps:
+        wranges.append((a, a + n * batch_size))
+        a += n * batch_size
+    return EpochPlan(
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        num_workers=nw,
+        shard_order=tuple(order),
+        shard_starts=tuple(starts),
+        shard_counts=tuple(counts),
+        total=total,
+        steps=steps,
+        dropped=total - world_size * per_rank,
+        rank_range=(r0, r0 + per_rank),
+        worker_ranges=tuple(wranges),
+        worker_steps=tuple(wsteps),
+    )
+
+
+def buffer_shuffle(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a streaming shuffle buffer of ``buffer`` items emits items ``0..n-1``.
+
+    Same algorithm as ``webdataset.filters.shuffle`` (fill, then swap a random slot out per
+    new item, drain at the end); computed on indices so it can be replayed without data.
+    """
+    u = rng.random(n)
+    out = np.empty(n, dtype=np.int64)
+    buf: list[int] = []
+    k = 0
+    for i in range(n):
+        buf.append(i)
+        if len(buf) >= buffer:
+            j = int(u[k] * len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            out[k] = buf.pop()
+            k += 1
+    while buf:
+        j = int(u[k] * len(buf))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        out[k] = buf.pop()
+        k += 1
+    return out
+
+
+def val_ranges(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous share of the val split (the first ``total % world_size`` get one more)."""
+    base, extra = divmod(total, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+# -- decoding --------------------------------------------------------------------------------------
+
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Parse ``.npy`` bytes without np.load's file machinery (headers repeat, so they are cached)."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy file (bad magic)")
+    major = data[6]
+    if major == 1:
+        off = 10 + int.from_bytes(data[8:10], "little")
+    elif major in (2, 3):
+        off = 12 + int.from_bytes(data[8:12], "little")
+    else:
+        raise ValueError(f"unsupported .npy version {major}")
+    head = data[:off]
+    parsed = _NPY_HEADERS.get(head)
+    if parsed is None:
+        start = 10 if major == 1 else 12
+        try:
+            d = ast.literal_eval(head[start:].decode("latin1"))
+            dtype = np.dtype(d["descr"])
+            shape = tuple(int(s) for s in d["shape"])
+            fortran = bool(d["fortran_order"])
+        except (ValueError, SyntaxError, KeyError, TypeError) as exc:
+            raise ValueError(f"bad .npy header: {exc}") from None
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed")
+        parsed = (dtype, shape, fortran, math.prod(shape))
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[head] = parsed
+    dtype, shape, fortran, n = parsed
+    if len(data) - off != n * dtype.itemsize:
+        raise ValueError(f"truncated .npy: {len(data) - off} data bytes, expected {n * dtype.itemsize}")
+    arr = np.frombuffer(data, dtype=dtype, count=n, offset=off)
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Raw:
+    index: int
+    key: str
+    shard: str
+    files: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A worker's ShardError, sent as data: torch would re-raise it with a multi-line traceback."""
+
+    message: str
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+@dataclass(kw_only=True)
+class _Source:
+    """Everything a worker needs to read one split; small and picklable (spawn/forkserver workers)."""
+
+    root: str
+    names: list[str]
+    counts: list[int]
+    image_size: int
+    has_redshift: bool
+    transform: Callable[[np.ndarray], Any] | None
+    batch_size: int
+
+    def path(self, name: str) -> Path:
+        return Path(self.root) / name
+
+    # stage: raw samples -------------------------------------------------------------------------
+    def read_raw(
+        self,
+        names: Sequence[str],
+        starts: Sequence[int],
+        counts: Sequence[int],
+        lo: int,
+        hi: int,
+        want: np.ndarray,
+    ) -> Iterator[_Raw]:
+        """Raw samples with global index in ``[lo, hi)`` and ``want[index - lo]``, in tar order."""
+        for name, start, count in zip(names, starts, counts):
+            a, b = max(lo, start), min(hi, start + count)
+            if a < b:
+                yield from self._read_shard(name, count, a - start, b - start, start, want[a - lo : b - lo])
+
+    def _read_shard(
+        self, name: str, count: int, first: int, end: int, base: int, want: np.ndarray
+    ) -> Iterator[_Raw]:
+        path = self.path(name)
+        key: str | None = None
+        idx = -1
+        cur: dict[str, bytes] | None = None
+        try:
+            # "r:" (not streaming) so that tarfile seeks over members it does not extract.
+            with tarfile.open(path, "r:") as tf:
+                while (m := tf.next()) is not None:
+                    if not m.isfile():
+                        continue
+                    k, _, ext = m.name.rpartition("/")[2].partition(".")
+                    if k != key:
+                        if cur is not None:
+                            yield _Raw(index=base + idx, key=key or "", shard=str(path), files=cur)
+                            cur = None
+                        key, idx = k, idx + 1
+                        if idx >= end:
+                            return
+                        if idx >= first and want[idx - first]:
+                            cur = {}
+                    if cur is not None:
+                        f = tf.extractfile(m)
+                        if f is None:
+                            raise ShardError(f"{path}: sample {key}: member {m.name} is unreadable")
+                        cur[ext] = f.read()
+                if cur is not None:
+                    yield _Raw(index=base + idx, key=key or "", shard=str(path), files=cur)
+        except ShardError:
+            raise
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            at = f" (at sample {key})" if key else ""
+            raise ShardError(f"{path}: corrupt or truncated shard{at}: {exc}") from None
+        if idx + 1 < end:
+            raise ShardError(
+                f"{path}: truncated shard: holds {idx + 1} samples, the manifest says {count}"
+                + (f" (last complete key {key})" if key else "")
+            )
+
+    # stage: decode + transform ------------------------------------------------------------------
+    def decode(self, raw: _Raw) -> tuple[str, np.ndarray, float]:
+        img = raw.files.get("image.npy")
+        if img is None:
+            raise ShardError(f"{raw.shard}: sample {raw.key} has no image.npy (has {sorted(raw.files)})")
+        try:
+            x = decode_npy(img)
+        except ValueError as exc:
+            raise ShardError(f"{raw.shard}: sample {raw.key}: image.npy: {exc}") from None
+        if x.shape != (self.image_size, self.image_size):
+            raise ShardError(
+                f"{raw.shard}: sample {raw.key}: image shape {x.shape}, the manifest says "
+                f"{self.image_size}x{self.image_size}"
+            )
+        x = x.astype(np.float32, copy=False)
+        if self.transform is not None:
+            fwd = getattr(self.transform, "forward", self.transform)
+            x = np.asarray(fwd(x), dtype=np.float32)
+        z = math.nan
+        if self.has_redshift:
+            meta = raw.files.get("meta.json")
+            if meta is None:
+                raise ShardError(
+                    f"{raw.shard}: sample {raw.key} has no meta.json but the manifest has redshifts"
+                )
+            try:
+                zv = json.loads(meta).get("zphot")
+                z = float(zv) if zv is not None else math.nan
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise ShardError(f"{raw.shard}: sample {raw.key}: bad meta.json: {exc}") from None
+            if not math.isfinite(z):
+                raise ShardError(
+                    f"{raw.shard}: sample {raw.key}: zphot is {zv!r} but the manifest has redshifts"
+                )
+        return raw.key, x, z
+
+    # stage: everything, for one worker ----------------------------------------------------------
+    def batches(
+        self,
+        *,
+        names: Sequence[str],
+        starts: Sequence[int],
+        counts: Sequence[int],
+        order: np.ndarray,
+        sizes: Sequence[int],
+    ) -> Iterator[dict[str, Any] | _Failure]:
+        """Emit the samples of ``order`` (global indices, emission order) as batches of ``sizes``."""
+        if len(order) == 0:
+            return
+        lo, hi = int(order.min()), int(order.max()) + 1
+        want = np.zeros(hi - lo, dtype=bool)
+        want[order - lo] = True
+        raw = self.read_raw(names, starts, counts, lo, hi, want)
+        pending: dict[int, _Raw] = {}
+        pos = 0
+        try:
+            for size in sizes:
+                keys, imgs, zs = [], [], []
+                for g in order[pos : pos + size].tolist():
+                    while g not in pending:
+                        r = next(raw, None)
+                        if r is None:
+                            raise ShardError(
+                                f"{self.root}: sample index {g} was never read (shard counts wrong?)"
+                            )
+                        pending[r.index] = r
+                    k, x, z = self.decode(pending.pop(g))
+                    keys.append(k)
+                    imgs.append(x)
+                    zs.append(z)
+                pos += size
+                batch: dict[str, Any] = {"image": torch.from_numpy(np.stack(imgs)).unsqueeze(1), "key": keys}
+                if self.has_redshift:
+                    batch["redshift"] = torch.tensor(zs, dtype=torch.float32)
+                yield batch
+        except ShardError as exc:
+            yield _Failure(str(exc))
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class _TrainStream(IterableDataset):
+    """One rank's train epoch; epoch and start step come from a shared tensor.
+
+    Shared memory instead of attributes because persistent workers keep their own copy of
+    the dataset: the main process writes ``(epoch, start_step)`` before each ``iter()``, and
+    every worker reads it when its iterator restarts.
+    """
+
+    def __init__(self, *, source: _Source, state: torch.Tensor, seed: int, rank: int, world_size: int,
+                 num_workers: int, shuffle_buffer: int, max_steps: int) -> None:  # fmt: skip
+        self.source, self.state, self.seed = source, state, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.shuffle_buffer, self.max_steps = shuffle_buffer, max_steps
+
+    def plan(self, epoch: int) -> EpochPlan:
+        s = self.source
+        return plan_epoch(s.counts, epoch, self.seed, self.rank, self.world_size, s.batch_size,
+                          self.num_workers, self.max_steps)  # fmt: skip
+
+    def __iter__(self) -> Iterator[dict[str, Any] | _Failure]:
+        epoch, start = (int(v) for v in self.state.tolist())
+        p, nw = _worker()
+        plan = self.plan(epoch)
+        if nw != plan.num_workers:
+            yield _Failure(f"loader has {nw} workers but the epoch was planned for {plan.num_workers}")
+            return
+        v = (start + p) % nw
+        j0 = plan.first_local_batch(v, start)
+        n_batches = plan.worker_steps[v] - j0
+        if n_batches <= 0:
+            return
+        b = plan.batch_size
+        a, e = plan.worker_ranges[v]
+        rng = _rng(self.seed, epoch, _WORKER_SHUFFLE_TAG, self.rank, v)
+        order = a + buffer_shuffle(e - a, self.shuffle_buffer, rng)
+        names = [self.source.names[i] for i in plan.shard_order]
+        yield from self.source.batches(
+            names=names, starts=plan.shard_starts, counts=plan.shard_counts,
+            order=order[j0 * b :], sizes=[b] * n_batches,
+        )  # fmt: skip
+
+
+class _ValStream(IterableDataset):
+    """One rank's val share, in manifest order; batch ``t`` comes from worker ``t % num_workers``."""
+
+    def __init__(self, *, source: _Source, rank: int, world_size: int) -> None:
+        self.source, self.rank, self.world_size = source, rank, world_size
+
+    def chunks(self) -> list[tuple[int, int]]:
+        lo, hi = val_ranges(sum(self.source.counts), self.rank, self.world_size)
+        b = self.source.batch_size
+        return [(a, min(a + b, hi)) for a in range(lo, hi, b)]
+
+    def __iter__(self) -> Iterator[dict[str, Any] | _Failure]:
+        p, nw = _worker()
+        mine = self.chunks()[p::nw]
+        if not mine:
+            return
+        order = np.concatenate([np.arange(a, e) for a, e in mine])
+        counts = self.source.counts
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        yield from self.source.batches(
+            names=self.source.names, starts=starts, counts=counts, order=order, sizes=[e - a for a, e in mine]
+        )
+
+
+class EpochLoader:
+    """An iterable over one epoch's batches with ``len()`` = batches still to come.
+
+    Raises ShardError in the main process with the worker's one-line message, and checks
+    that exactly ``len()`` batches came out, since a short rank would hang the others.
+    """
+
+    def __init__(
+        self, loader: Iterable[Any] | None, n: int, before: Callable[[], None] | None = None
+    ) -> None:
+        self._loader, self._n, self._before = loader, n, before
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._before is not None:
+            self._before()
+        got = 0
+        if self._n > 0 and self._loader is not None:
+            for batch in self._loader:
+                if isinstance(batch, _Failure):
+                    raise ShardError(batch.message)
+                got += 1
+                if got > self._n:
+                    break
+                yield batch
+        if got != self._n:
+            raise ShardError(f"loader produced {got} batches, expected {self._n}")
+
+
+class ShardData:
+    """Train and val loaders over one shard set for one rank.
+
+    ``samples_per_epoch`` counts all ranks (``world_size * steps * batch_size``);
+    ``dropped_per_epoch`` is the remainder no rank sees that epoch (a different subset each
+    epoch, since the shard order and the rank ranges move).
+
+    With ``num_workers > 0`` and ``cfg.persistent_workers`` the train workers live across
+    epochs (the epoch reaches them through shared memory) and the val workers likewise, so
+    up to ``2 * num_workers`` worker processes stay alive per rank.  Only one train epoch
+    may be iterated at a time.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        manifest: Manifest,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        transform: Callable[[np.ndarray], Any] | None = None,
+        max_steps: int = 0,
+        verify: bool = False,
+    ) -> None:
+        self.cfg, self.manifest = cfg, manifest
+        self.rank, self.world_size, self.seed, self.max_steps = rank, world_size, seed, max_steps
+        manifest.check_files()
+        if verify:
+            for split in manifest.splits:
+                for s in manifest.shards(split):
+                    if s.sha256 and sha256_file(manifest.root / s.name) != s.sha256:
+                        raise ShardError(f"{manifest.root / s.name}: sha256 differs from {manifest.path}")
+        self._train_src = self._source("train", transform)
+        self._plan0 = plan_epoch(self._train_src.counts, 0, seed, rank, world_size, cfg.batch_size,
+                                 cfg.num_workers, max_steps)  # fmt: skip
+        if self._plan0.steps == 0:
+            raise ConfigError(
+                f"{manifest.path}: train split has {self._plan0.total} samples, fewer than "
+                f"world_size*batch_size = {world_size}*{cfg.batch_size}; lower data.batch_size"
+            )
+        self._val_src = self._source("val", transform) if "val" in manifest.splits else None
+        self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._train_dl: DataLoader | None = None
+        self._val_dl: DataLoader | None = None
+
+    def _source(self, split: str, transform: Callable[[np.ndarray], Any] | None) -> _Source:
+        shards = self.manifest.shards(split)
+        return _Source(
+            root=str(self.manifest.root),
+            names=[s.name for s in shards],
+            counts=[s.count for s in shards],
+            image_size=self.manifest.image_size,
+            has_redshift=self.manifest.has_redshift,
+            transform=transform,
+            batch_size=self.cfg.batch_size,
+        )
+
+    # -- sizes -----------------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._plan0.steps
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        return self._plan0.dropped
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.world_size * self._plan0.steps * self.cfg.batch_size
+
+    @property
+    def val_count(self) -> int:
+        """Val samples on this rank."""
+        if self._val_src is None:
+            return 0
+        lo, hi = val_ranges(sum(self._val_src.counts), self.rank, self.world_size)
+        return hi - lo
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self._train_src.counts, epoch, self.seed, self.rank, self.world_size,
+                          self.cfg.batch_size, self.cfg.num_workers, self.max_steps)  # fmt: skip
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _dataloader(self, dataset: IterableDataset) -> DataLoader:
+        nw = self.cfg.num_workers
+        kw: dict[str, Any] = {}
+        if nw > 0:
+            kw = {
+                "persistent_workers": self.cfg.persistent_workers,
+                "prefetch_factor": self.cfg.prefetch_factor,
+            }
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=nw,
+            collate_fn=_identity,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            **kw,
+        )
+
+    def train_loader(self, epoch: int, start_step: int = 0) -> EpochLoader:
+        """Batches ``start_step .. steps_per_epoch - 1`` of ``epoch``, the same as an uninterrupted run's."""
+        steps = self.steps_per_epoch
+        if not 0 <= start_step <= steps:
+            raise ConfigError(f"start_step {start_step} is outside the epoch's {steps} steps")
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch}")
+        if self._train_dl is None:
+            self._train_dl = self._dataloader(
+                _TrainStream(
+                    source=self._train_src,
+                    state=self._state,
+                    seed=self.seed,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    num_workers=self.cfg.num_workers,
+                    shuffle_buffer=self.cfg.shuffle_buffer,
+                    max_steps=self.max_steps,
+                )
+            )
+
+        def before() -> None:
+            self._state[0], self._state[1] = epoch, start_step
+
+        return EpochLoader(self._train_dl, steps - start_step, before)
+
+    def val_loader(self) -> EpochLoader:
+        """This rank's share of the val split, in order, no drop (last batch may be smaller)."""
+        if self._val_src is None:
+            return EpochLoader(None, 0)
+        if self._val_dl is None:
+            self._val_dl = self._dataloader(
+                _ValStream(source=self._val_src, rank=self.rank, world_size=self.world_size)
+            )
+        return EpochLoader(self._val_dl, -(-self.val_count // self.cfg.batch_size))
