@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from hpcvae.config import BetaConfig, to_dict
+from hpcvae.config import BetaConfig, SchedulerConfig, to_dict
 from hpcvae.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------
@@ -75,3 +75,39 @@ def beta_schedule(cfg: BetaConfig | float | Sequence[float]) -> BetaSchedule:
             raise ConfigError(f"β list must hold numbers, got {list(cfg)!r}") from None
         return BetaSchedule(BetaConfig(kind="list", values=values))
     raise ConfigError(f"β must be a number, a list of numbers or a BetaConfig, got {cfg!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# LR schedules (per optimizer step)
+
+
+def lr_factor(step: int, cfg: SchedulerConfig, *, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of ``optim.lr`` after ``step`` optimizer steps.
+
+    A pure function of the step, so a resumed run continues the curve exactly.  Warm-up is
+    linear from ``1/warmup_steps`` (never 0: a zero LR would waste the first step); then
+    ``constant``, ``cosine`` (to ``min_lr_ratio`` at ``total_steps``) or ``step`` (times
+    ``gamma`` every ``step_epochs`` epochs).
+    """
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.kind == "constant":
+        return 1.0
+    if cfg.kind == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg.kind == "step":
+        epoch = step // max(1, steps_per_epoch)
+        return cfg.gamma ** (epoch // cfg.step_epochs)
+    raise ConfigError(f"unknown scheduler.kind {cfg.kind!r} (choices: constant, cosine, step)")
+
+
+def lr_scheduler(optimizer: Any, cfg: SchedulerConfig, *, total_steps: int, steps_per_epoch: int) -> Any:
+    """A ``LambdaLR`` over :func:`lr_factor`; its state_dict is just the step count."""
+    from functools import partial
+
+    from torch.optim.lr_scheduler import LambdaLR
+
+    fn = partial(lr_factor, cfg=cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return LambdaLR(optimizer, lr_lambda=fn)
