@@ -1,0 +1,41 @@
+"""``python -m hpcvae.evaluate``: how good is a trained model, in pictures and numbers.
+
+Notebook API: :func:`evaluate` writes the whole report; :func:`moments` and the
+``plot_*`` functions (each returns a matplotlib Figure) work on plain arrays.
+"""
+
+from __future__ import annotations
+
+from hpcvae.evaluate.moments import LANUSSE2021, STATS, compare, fit_slope, moments
+from hpcvae.evaluate.plots import (
+    plot_generation_grid,
+    plot_latent_corner,
+    plot_losses,
+    plot_population,
+    plot_reconstructions,
+    plot_redshift_sweep,
+    plot_redshift_trends,
+    read_metrics,
+)
+from hpcvae.evaluate.report import EvalConfig, evaluate, iter_split, main, render_markdown
+
+__all__ = [
+    "LANUSSE2021",
+    "STATS",
+    "EvalConfig",
+    "compare",
+    "evaluate",
+    "fit_slope",
+    "iter_split",
+    "main",
+    "moments",
+    "plot_generation_grid",
+    "plot_latent_corner",
+    "plot_losses",
+    "plot_population",
+    "plot_reconstructions",
+    "plot_redshift_sweep",
+    "plot_redshift_trends",
+    "read_metrics",
+    "render_markdown",
+]
