@@ -37,6 +37,8 @@ class DataConfig:
     """Shard set folder holding ``manifest.json`` and the tar shards."""
     batch_size: int = 64
     """Per-rank batch size (the seed used 64 on one GPU)."""
+    global_batch_size: int = 0
+    """If > 0: the batch summed over all ranks; must divide by the world size and replaces batch_size."""
     num_workers: int = 2
     """DataLoader worker processes per rank; 0 reads in the main process."""
     shuffle_buffer: int = 1000
@@ -54,6 +56,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.global_batch_size >= 0, f"data.global_batch_size must be >= 0, got {self.global_batch_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
@@ -158,6 +161,8 @@ class TrainConfig:
     """Seeds weights, shuffling and the reparameterisation noise."""
     engine: Engine = "ddp"
     """``ddp`` (torch DistributedDataParallel) or ``deepspeed``."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` uses CUDA when a GPU is visible."""
     precision: Precision = "fp32"
     """``bf16``/``fp16`` run under autocast; ``fp16`` adds dynamic loss scaling."""
     channels_last: bool = False

@@ -1,0 +1,261 @@
+"""Atomic, resumable checkpoints.
+
+Layout of one checkpoint, ``RUN/checkpoints/step-000000123/``::
+
+    meta.json            position (epoch, step in epoch, global step), arch, model config,
+                         engine, world size, manifest digest, transform, training summary
+    config.toml          the resolved JobConfig
+    model.safetensors    ddp: the model (incl. BatchNorm buffers)
+    optimizer.pt         ddp: optimizer + GradScaler state
+    deepspeed/           deepspeed: its own checkpoint (every rank writes its ZeRO partition)
+    train_state.pt       LR scheduler and other named components (torchtitan style)
+    rank-00000.pt ...    per rank: RNG states of torch (+CUDA), numpy, python
+    COMPLETE             written last; a folder without it is ignored
+
+Why the dance: a job can be killed at any instant (SIGKILL after the grace period, node
+failure).  All ranks write into ``.tmp-step-N``; after a barrier rank 0 renames it to
+``step-N`` and only then writes ``COMPLETE``.  A crash at any point leaves the previous
+complete checkpoint untouched, and the leftovers are removed by the next save.  The run
+folder must be on a filesystem all ranks share (as on any SLURM cluster).
+
+Everything but DeepSpeed's own files loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from hpcvae.dist import DistInfo, barrier
+from hpcvae.errors import CheckpointError
+
+CHECKPOINT_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+META = "meta.json"
+FORMAT = "hpcvae-checkpoint/1"
+_PREFIX = "step-"
+_TMP_PREFIX = ".tmp-"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def step_name(step: int) -> str:
+    return f"{_PREFIX}{step:09d}"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE).is_file() and (folder / META).is_file()
+
+
+def list_checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit():
+            if not complete_only or is_complete(p):
+                out.append(p)
+    return sorted(out, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """The checkpoint folder ``--resume`` means: ``none``, ``auto`` (latest here, if any) or a path.
+
+    A path may be a checkpoint folder or a run folder (its latest complete checkpoint).
+    An explicit path without a complete checkpoint is an error, never a silent fresh start.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    p = Path(resume)
+    if not p.exists():
+        raise CheckpointError(f"--resume {p}: no such file or folder")
+    if (p / META).exists() or p.name.startswith(_PREFIX):
+        if not is_complete(p):
+            raise CheckpointError(
+                f"--resume {p}: checkpoint is incomplete (no {COMPLETE} marker); it was cut off while saving"
+            )
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"--resume {p}: no complete checkpoint in {p / CHECKPOINT_DIR}")
+    return latest
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not is_complete(folder):
+        raise CheckpointError(f"{folder}: not a complete hpcvae checkpoint (needs {META} and {COMPLETE})")
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / META}: unreadable: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+# -- RNG states ----------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },  # fmt: skip
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- saving and loading ----------------------------------------------------------------------------
+
+
+def _before_commit(folder: Path) -> None:
+    """Fault-injection point: runs on rank 0 after all files are written, before the rename.
+
+    Tests replace it with a slow function and SIGKILL the process to prove a checkpoint
+    cut off mid-save never shadows the previous one.
+    """
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints; every method is called on all ranks together."""
+
+    def __init__(self, run_dir: str | Path, *, keep_last: int, dist: DistInfo) -> None:
+        self.root = Path(run_dir) / CHECKPOINT_DIR
+        self.keep_last = keep_last
+        self.dist = dist
+
+    def save(
+        self,
+        step: int,
+        *,
+        engine: Any,
+        components: dict[str, Stateful],
+        meta: dict[str, Any],
+        config_toml: str,
+    ) -> Path:
+        final = self.root / step_name(step)
+        if is_complete(final):  # e.g. preempted again right after resuming: nothing new to save
+            return final
+        tmp = self.root / f"{_TMP_PREFIX}{step_name(step)}"
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for p in self.root.iterdir():  # leftovers of saves that were killed
+                if p.name.startswith(_TMP_PREFIX):
+                    shutil.rmtree(p, ignore_errors=True)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.mkdir()
+        barrier()
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / f"rank-{self.dist.rank:05d}.pt")
+        if self.dist.is_main:
+            torch.save({k: c.state_dict() for k, c in components.items()}, tmp / "train_state.pt")
+            (tmp / "config.toml").write_text(config_toml)
+            full = {"format": FORMAT, "step": step, "world_size": self.dist.world_size,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta}  # fmt: skip
+            (tmp / META).write_text(json.dumps(full, indent=1))
+        barrier()
+        if self.dist.is_main:
+            _before_commit(tmp)
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            with open(final / COMPLETE, "w") as f:
+                f.write(f"{step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(final)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = list_checkpoints(self.root.parent)
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            (old / COMPLETE).unlink(missing_ok=True)  # incomplete first, so a crash mid-delete is harmless
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(
+        self, folder: Path, *, engine: Any, components: dict[str, Stateful], expect: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Restore engine, components and this rank's RNG; returns the checkpoint's meta.
+
+        ``expect`` holds values that must match (arch, engine, ...), each refused with a clear error.
+        """
+        meta = read_meta(folder)
+        for key, want in expect.items():
+            have = meta.get(key)
+            if have != want:
+                raise CheckpointError(
+                    f"{folder}: checkpoint has {key} = {have!r} but this run has {key} = {want!r}; "
+                    "resume with the same setting or start fresh with --resume none"
+                )
+        engine.load(folder)
+        state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+        for k, c in components.items():
+            if k not in state:
+                raise CheckpointError(f"{folder / 'train_state.pt'}: no {k!r} state")
+            c.load_state_dict(state[k])
+        rank_file = folder / f"rank-{self.dist.rank:05d}.pt"
+        if rank_file.is_file():
+            set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=True))
+            meta["rng_restored"] = True
+        else:  # a different world size: the RNG streams cannot continue exactly
+            meta["rng_restored"] = False
+        return meta

@@ -1,0 +1,495 @@
+"""The training loop: ``Trainer.train()`` -> ``train_step()`` -> ``forward_backward_step()``.
+
+One loop for every engine and precision (the differences live in ``hpcvae.engines``).
+Rules it keeps:
+
+* Exact epochs: every rank runs ``ShardData.steps_per_epoch`` steps; a resumed epoch
+  starts at the consumed step, so a preempted-and-resumed run matches an uninterrupted one
+  bit for bit (same data order, same RNG streams, same optimizer state).
+* No host sync on the hot path: metrics accumulate in a device tensor and are read every
+  ``train.log_every`` steps.
+* Preemption: SIGUSR2/SIGTERM (or ``request_stop()``) only set a flag; at the next step
+  boundary the ranks agree on it (one CPU all-reduce), save together and return
+  ``preempted``.
+* Data loading never touches the global torch RNG (DataLoader draws its base seed from
+  it), so the reparameterisation noise stream depends only on the training steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from hpcvae import __version__
+from hpcvae.checkpoint import Checkpointer, resolve_resume
+from hpcvae.config import JobConfig, dump_toml
+from hpcvae.dist import DistInfo, barrier, print0
+from hpcvae.engines import Engine, build_engine
+from hpcvae.errors import ConfigError, HpcvaeError
+from hpcvae.manifest import Manifest
+from hpcvae.schedules import beta_schedule, lr_scheduler
+
+METRICS = ("loss", "recon", "kl", "redshift")
+
+
+@dataclass(kw_only=True)
+class RunResult:
+    status: Literal["completed", "preempted"]
+    out: Path
+    """The run folder."""
+    epoch: int = 0
+    """Epoch the run stopped in (``train.epochs`` when completed)."""
+    global_step: int = 0
+    checkpoint: Path | None = None
+    """Last checkpoint written (the one to resume from when preempted)."""
+    model_path: Path | None = None
+    """``model.safetensors`` when completed."""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Independent per-rank streams that do not overlap another seed's rank 0."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _next_batch(it: Any) -> dict[str, Any]:
+    """``next(it)`` without letting DataLoader draw from the global torch RNG."""
+    with torch.random.fork_rng(devices=[]):
+        return next(it)
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, dist: DistInfo) -> None:
+        from hpcvae.data import ShardData
+        from hpcvae.models import model_from_config
+        from hpcvae.transforms import get_transform
+
+        self.cfg, self.dist = cfg, dist
+        self.out = Path(cfg.out)
+        self._stop_requested = False
+        self._apply_determinism()
+
+        self.manifest = Manifest.load(cfg.data.path)
+        size = self.manifest.image_size
+        if cfg.model.image_size is not None and cfg.model.image_size != size:
+            raise ConfigError(
+                f"{self.manifest.path}: images are {size}x{size} but model.image_size = {cfg.model.image_size}; "
+                "drop model.image_size or re-shard at that size"
+            )
+        self.transform = get_transform(cfg.data.transform, self.manifest.stats("train"))
+        self.data = ShardData(cfg.data, self.manifest, rank=dist.rank, world_size=dist.world_size,
+                              seed=cfg.train.seed, transform=self.transform,
+                              max_steps=cfg.train.max_steps_per_epoch)  # fmt: skip
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = model_from_config(cfg.model, size)
+        if model.conditional and not self.manifest.has_redshift:
+            raise ConfigError(
+                f"{self.manifest.path}: model {cfg.model.arch} is conditioned on redshift but the shard set has none; "
+                "use vae128/vae158 or re-shard with redshifts"
+            )
+        self.model = model
+        rs = _rank_seed(cfg.train.seed, dist.rank)
+        torch.manual_seed(rs)
+        np.random.seed(rs % (1 << 32))
+        import random
+
+        random.seed(rs)
+
+        self.engine: Engine = build_engine(cfg, model, dist)
+        self.steps_per_epoch = self.data.steps_per_epoch
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.scheduler = lr_scheduler(self.engine.optimizer, cfg.scheduler, total_steps=self.total_steps,
+                                      steps_per_epoch=self.steps_per_epoch)  # fmt: skip
+        self.beta = beta_schedule(cfg.beta)
+        self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, dist=dist)
+        # Control collectives (stop flag) on the CPU: no GPU sync at the step boundary.
+        self._ctrl_group = None
+        if dist.distributed and dist.backend != "gloo":
+            self._ctrl_group = tdist.new_group(backend="gloo")
+
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.last_checkpoint: Path | None = None
+        self.summary: dict[str, Any] = {"images_per_s": None, "train": {}, "val": {}}
+        self._acc = torch.zeros(len(METRICS), device=dist.device)
+        self._acc_steps = 0
+        self._wait = 0.0
+        self._window_t0 = time.perf_counter()
+        self._images_seen = 0
+        self._train_time = 0.0
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(dump_toml(cfg))
+            if cfg.train.engine == "deepspeed":
+                (self.out / "deepspeed_config.json").write_text(json.dumps(self.engine.ds_config, indent=1))
+        self._resume()
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _apply_determinism(self) -> None:
+        if self.cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        elif self.dist.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def _expect(self) -> dict[str, Any]:
+        return {
+            "arch": self.cfg.model.arch,
+            "model_config": self.model.config,
+            "engine": self.cfg.train.engine,
+        }
+
+    def _resume(self) -> None:
+        folder = resolve_resume(self.cfg.checkpoint.resume, self.out)
+        if folder is None:
+            return
+        meta = self.checkpointer.load(folder, engine=self.engine, components={"scheduler": self.scheduler},
+                                      expect=self._expect())  # fmt: skip
+        self.global_step = int(meta["global_step"])
+        self.epoch, self.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
+        self.summary = meta.get("summary", self.summary)
+        self._images_seen = int(self.summary.get("images_seen", 0))
+        self._train_time = float(self.summary.get("train_time_s", 0.0))
+        same_layout = (meta.get("world_size"), meta.get("batch_size"), meta.get("steps_per_epoch")) == (
+            self.dist.world_size, self.cfg.data.batch_size, self.steps_per_epoch)  # fmt: skip
+        if self.step_in_epoch > 0 and not same_layout:
+            # Another rank layout splits the epoch differently: continuing mid-epoch would
+            # repeat or skip samples, so start the next epoch instead.
+            print0(f"resume: {folder} was written with world_size={meta.get('world_size')}, "
+                   f"batch_size={meta.get('batch_size')}; skipping the rest of epoch {self.epoch}")  # fmt: skip
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.last_checkpoint = folder
+        print0(f"resumed from {folder} at epoch {self.epoch}, step {self.step_in_epoch}/{self.steps_per_epoch} "
+               f"(global step {self.global_step})")  # fmt: skip
+
+    # -- stopping -------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the loop to checkpoint and stop at the next step boundary (signal- and thread-safe)."""
+        self._stop_requested = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def _install_signals(self) -> dict[int, Any]:
+        old: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return old  # the launcher calls request_stop() instead
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda signum, frame: self.request_stop())
+        return old
+
+    def _agree_stop(self) -> bool:
+        if not self.dist.distributed:
+            return self._stop_requested
+        t = torch.tensor([int(self._stop_requested)], dtype=torch.int32)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self._ctrl_group)
+        return bool(t.item())
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> RunResult:
+        cfg = self.cfg
+        old = self._install_signals()
+        try:
+            self._open_logs()
+            print0(
+                f"{cfg.model.arch} ({cfg.model.flavour}, {self.model.image_size}px) on {self.dist.world_size} rank(s), "
+                f"engine {cfg.train.engine}, {cfg.train.precision}: {self.steps_per_epoch} steps/epoch of "
+                f"{self.dist.world_size}x{cfg.data.batch_size}, {self.data.dropped_per_epoch} of "
+                f"{self.manifest.count('train')} train samples dropped per epoch"
+            )
+            while self.epoch < cfg.train.epochs:
+                if not self._train_epoch():
+                    return self._result("preempted")
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.save_checkpoint()
+            model_path = self._finish()
+            return self._result("completed", model_path)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self._close_logs()
+
+    def _train_epoch(self) -> bool:
+        """One epoch from ``step_in_epoch``; False when stopped early (checkpoint written)."""
+        epoch = self.epoch
+        beta = self.beta(epoch)
+        loader = self.data.train_loader(epoch, start_step=self.step_in_epoch)
+        if self._bar is not None:
+            self._bar.reset(total=self.steps_per_epoch)
+            self._bar.update(self.step_in_epoch)
+            self._bar.set_description(f"epoch {epoch + 1}/{self.cfg.train.epochs}")
+        self._window_t0, self._wait = time.perf_counter(), 0.0
+        it = iter(loader)
+        every = self.cfg.checkpoint.every_steps
+        self.engine.module.train()
+        while self.step_in_epoch < self.steps_per_epoch:
+            t0 = time.perf_counter()
+            batch = _next_batch(it)
+            self._wait += time.perf_counter() - t0
+            self.train_step(batch, beta)
+            if self._bar is not None:
+                self._bar.update(1)
+            if self._acc_steps >= self.cfg.train.log_every:
+                self._log_train(beta)
+            if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                self.save_checkpoint()
+            if self._agree_stop():
+                if self._acc_steps:
+                    self._log_train(beta)
+                self.save_checkpoint()
+                print0(
+                    f"stop requested: checkpoint {self.last_checkpoint} written at step {self.global_step}"
+                )
+                return False
+        try:  # let the loader finish: it checks that it gave exactly the planned batches
+            _next_batch(it)
+            raise HpcvaeError(
+                f"epoch {epoch}: the loader gave more batches than the {self.steps_per_epoch} planned"
+            )
+        except StopIteration:
+            pass
+        if self._acc_steps:
+            self._log_train(beta)
+        if (epoch + 1) % self.cfg.train.val_every == 0 or epoch + 1 == self.cfg.train.epochs:
+            self.validate(beta)
+        return True
+
+    def train_step(self, batch: dict[str, Any], beta: float) -> None:
+        """One optimizer step on one batch, plus the bookkeeping (no host sync)."""
+        x = self.engine.prepare(batch["image"])
+        r = None
+        if self.model.conditional:
+            r = batch["redshift"].to(self.dist.device, non_blocking=True)
+        losses = self.forward_backward_step(x, r, beta)
+        self.engine.step()
+        self.scheduler.step()
+        w = 1.0 if self.model.spec.recon_reduction == "sum" else float(x.shape[0])
+        zero = losses["total"].new_zeros(())
+        self._acc += (
+            torch.stack(
+                [losses["total"], losses["recon"], losses["kl"], losses.get("redshift", zero)]
+            ).detach()
+            * w
+        )
+        self._acc_steps += 1
+        self.step_in_epoch += 1
+        self.global_step += 1
+        self._images_seen += x.shape[0] * self.dist.world_size
+
+    def forward_backward_step(
+        self, x: torch.Tensor, redshift: torch.Tensor | None, beta: float
+    ) -> dict[str, torch.Tensor]:
+        """Forward through the distributed wrapper (its hooks all-reduce gradients), loss, backward."""
+        out = self.engine.forward(x, redshift)
+        losses = self.model.compute_loss(out, x, redshift, beta)
+        self.engine.backward(losses["total"])
+        return losses
+
+    @torch.no_grad()
+    def validate(self, beta: float) -> dict[str, float]:
+        """Loss over the whole val split: per-rank sums all-reduced, so every rank gets the same numbers."""
+        module = self.engine.module
+        module.eval()
+        sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=self.dist.device)
+        lockstep = self.cfg.train.engine == "deepspeed" and self.cfg.deepspeed.zero_stage == 3
+        it = iter(self.data.val_loader())
+        size = self.model.image_size
+        filler = {"image": torch.zeros(1, 1, size, size), "redshift": torch.full((1,), 0.5)}
+        while True:
+            batch = next(it, None)
+            # ZeRO-3 gathers parameters collectively, so with uneven val shares the ranks that
+            # run out keep doing (discarded) forwards until every rank is done.
+            if not (self._any(batch is not None) if lockstep else batch is not None):
+                break
+            real = batch is not None
+            batch = batch if real else filler
+            x = self.engine.prepare(batch["image"])
+            r = batch["redshift"].to(self.dist.device) if self.model.conditional else None
+            with self.engine.autocast():
+                out = module(x, r)
+            losses = module.compute_loss(out, x, r, beta)
+            if not real:
+                continue
+            w = 1.0 if self.model.spec.recon_reduction == "sum" else float(x.shape[0])
+            zero = losses["total"].new_zeros(())
+            vals = [losses["total"], losses["recon"], losses["kl"], losses.get("redshift", zero)]
+            sums[:-1] += torch.stack([v.double() for v in vals]) * w
+            sums[-1] += x.shape[0]
+        if self.dist.distributed:
+            tdist.all_reduce(sums)
+        module.train()
+        s = sums.tolist()
+        n = s[-1]
+        res = {k: (s[i] / n if n else float("nan")) for i, k in enumerate(METRICS)}
+        if not self.model.predicts_redshift:
+            res.pop("redshift")
+        res["count"] = int(n)
+        self.summary["val"] = res
+        self._write_metrics(
+            {"kind": "val", "epoch": self.epoch, "step": self.global_step, "beta": beta, **res}
+        )
+        print0(
+            f"epoch {self.epoch + 1}: val loss {res['loss']:.6g} (recon {res['recon']:.6g}, kl {res['kl']:.6g}) on {int(n)} images"
+        )
+        return res
+
+    def _any(self, flag: bool) -> bool:
+        if not self.dist.distributed:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self._ctrl_group)
+        return bool(t.item())
+
+    # -- logging ------------------------------------------------------------------------------
+    def _open_logs(self) -> None:
+        if not self.dist.is_main:
+            return
+        self._jsonl = open(self.out / "metrics.jsonl", "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.out / "tb"))
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=self.steps_per_epoch, unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr
+        )
+        self._write_metrics({"kind": "start", "step": self.global_step, "epoch": self.epoch,
+                             "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
+                             "batch_size": self.cfg.data.batch_size,
+                             "dropped_per_epoch": self.data.dropped_per_epoch,
+                             "train_count": self.manifest.count("train")})  # fmt: skip
+
+    def _close_logs(self) -> None:
+        for obj in (self._bar, self._tb, self._jsonl):
+            if obj is not None:
+                obj.close()
+        self._bar = self._tb = self._jsonl = None
+
+    def _write_metrics(self, rec: dict[str, Any]) -> None:
+        if self._jsonl is None:
+            return
+        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            kind = rec.get("kind")
+            for k, v in rec.items():
+                if k not in ("kind", "step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{kind}/{k}", v, rec.get("step", 0))
+
+    def _log_train(self, beta: float) -> None:
+        """One host sync: turn the accumulated device metrics into numbers and write them."""
+        n = self._acc_steps
+        vals = (self._acc / n).tolist()
+        skipped = int(self.engine.skipped.item())
+        dt = time.perf_counter() - self._window_t0
+        self._train_time += dt
+        images = n * self.cfg.data.batch_size * self.dist.world_size
+        per_image = 1.0 if self.model.spec.recon_reduction == "mean" else 1.0 / self.cfg.data.batch_size
+        m = {k: v * per_image for k, v in zip(METRICS, vals)}
+        if not self.model.predicts_redshift:
+            m.pop("redshift")
+        if self.dist.distributed:  # report the mean over ranks, not rank 0's share
+            t = torch.tensor(list(m.values()), dtype=torch.float64)
+            tdist.all_reduce(t, group=self._ctrl_group)
+            m = dict(zip(m, (t / self.dist.world_size).tolist()))
+        rec = {"kind": "train", "epoch": self.epoch, "step": self.global_step, **m, "lr": self.engine.lr(),
+               "beta": beta, "step_time_s": dt / n, "images_per_s": images / dt if dt > 0 else None,
+               "data_wait_share": self._wait / dt if dt > 0 else 0.0, "skipped_steps": skipped,
+               "dropped_samples": self.data.dropped_per_epoch}  # fmt: skip
+        self.summary["train"] = m
+        self.summary["images_per_s"] = rec["images_per_s"]
+        self.summary["skipped_steps"] = skipped
+        self._write_metrics(rec)
+        if self._bar is not None:
+            self._bar.set_postfix(
+                loss=f"{m['loss']:.4g}", img_s=f"{rec['images_per_s'] or 0:.0f}", refresh=False
+            )
+        self._acc.zero_()
+        self._acc_steps = 0
+        self._wait = 0.0
+        self._window_t0 = time.perf_counter()
+
+    # -- checkpoints and the end of the run ---------------------------------------------------
+    def _summary(self) -> dict[str, Any]:
+        return {**self.summary, "epochs": self.epoch, "steps": self.global_step, "images_seen": self._images_seen,
+                "train_time_s": self._train_time, "world_size": self.dist.world_size,
+                "engine": self.cfg.train.engine, "precision": self.cfg.train.precision}  # fmt: skip
+
+    def save_checkpoint(self) -> Path:
+        meta = {
+            "global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch, "batch_size": self.cfg.data.batch_size,
+            "arch": self.cfg.model.arch, "model_config": self.model.config, "engine": self.cfg.train.engine,
+            "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.train.precision,
+            "manifest_digest": self.manifest.digest, "transform": self.transform.to_dict(),
+            "beta": self.beta.to_dict(), "summary": self._summary(), "hpcvae_version": __version__,
+        }  # fmt: skip
+        self.last_checkpoint = self.checkpointer.save(
+            self.global_step, engine=self.engine, components={"scheduler": self.scheduler}, meta=meta,
+            config_toml=dump_toml(self.cfg),
+        )  # fmt: skip
+        return self.last_checkpoint
+
+    def _finish(self) -> Path:
+        """Consolidated fp32 model + sample grid (rank 0), from the final state."""
+        from hpcvae.consolidate import MODEL_FILE, write_model
+
+        sd = self.engine.full_state_dict(self.last_checkpoint)
+        path = self.out / MODEL_FILE
+        if self.dist.is_main:
+            write_model(self.out, sd, model_config=self.model.config, transform=self.transform.to_dict(),
+                        training=self._summary(), manifest_digest=self.manifest.digest,
+                        beta_schedule=self.beta.to_dict())  # fmt: skip
+            if self.cfg.train.sample_grid:
+                write_samples(self.out)
+        barrier()
+        return path
+
+    def _result(self, status: Literal["completed", "preempted"], model_path: Path | None = None) -> RunResult:
+        return RunResult(status=status, out=self.out, epoch=self.epoch, global_step=self.global_step,
+                         checkpoint=self.last_checkpoint, model_path=model_path, summary=self._summary())  # fmt: skip
+
+
+def write_samples(run_dir: Path, n: int = 64, redshift: float = 0.7, seed: int = 0) -> Path:
+    """An 8x8 grid of generated galaxies from the consolidated model (fixed redshift for conditional models)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hpcvae.consolidate import load_model
+
+    model = load_model(run_dir)
+    g = torch.Generator().manual_seed(seed)
+    imgs = model.sample(n, redshift=redshift if model.conditional else None, generator=g, normalized=True)
+    imgs = imgs[:, 0].float().numpy()
+    side = int(math.ceil(math.sqrt(n)))
+    fig, axes = plt.subplots(side, side, figsize=(side, side))
+    for i, ax in enumerate(np.asarray(axes).ravel()):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(imgs[i], cmap="gray", origin="lower", vmin=0, vmax=1)
+    title = f"{model.config['arch']} samples" + (f" at z = {redshift}" if model.conditional else "")
+    fig.suptitle(title, fontsize=8)
+    path = Path(run_dir) / "samples.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
