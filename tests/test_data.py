@@ -16,7 +16,15 @@ import torch
 from helpers_shards import ShardSet, write_shard_set
 
 from hpcvae.config import DataConfig
-from hpcvae.data import ShardData, buffer_shuffle, decode_npy, plan_epoch, val_ranges
+from hpcvae.data import (
+    GpuResidentData,
+    ShardData,
+    buffer_shuffle,
+    decode_npy,
+    make_data,
+    plan_epoch,
+    val_ranges,
+)
 from hpcvae.errors import ConfigError, ShardError
 from hpcvae.manifest import Manifest
 
@@ -314,3 +322,41 @@ def test_two_gloo_ranks_two_workers_exact_epoch(shards: ShardSet, tmp_path: Path
     assert all(len(b) == 4 for r in res for b in r["keys"])
     assert len(flat) == len(set(flat)) == total - res[0]["dropped"]
     assert set(flat) <= set(shards.train_keys)
+
+
+def test_gpu_resident_exact_epoch_resume_and_pixels(shards: ShardSet) -> None:
+    world, cfg = 3, _cfg(shards, batch_size=6, gpu_resident=True)
+    ranks = [
+        GpuResidentData(
+            cfg, shards.manifest, rank=r, world_size=world, seed=2, device="cpu", dtype=torch.float32
+        )
+        for r in range(world)
+    ]
+    epochs = []
+    for epoch in (0, 1):
+        seen: list[str] = []
+        for data in ranks:
+            batches = list(data.train_loader(epoch))
+            assert len(batches) == data.steps_per_epoch == len(shards.train_keys) // 18
+            for b in batches:
+                for i, k in enumerate(b["key"]):
+                    np.testing.assert_array_equal(b["image"][i, 0].numpy(), shards.images[k], strict=True)
+                    assert b["redshift"][i].item() == np.float32(shards.redshifts[k])
+                seen += b["key"]
+        assert len(seen) == len(set(seen)) == len(shards.train_keys) - ranks[0].dropped_per_epoch
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]
+    full = _keys(ranks[1].train_loader(1))
+    assert _keys(ranks[1].train_loader(1, start_step=4)) == full[4:]
+    assert [k for r in ranks for b in _keys(r.val_loader()) for k in b] == shards.val_keys
+
+
+def test_gpu_resident_fp16_is_close_and_make_data_dispatches(shards: ShardSet) -> None:
+    cfg = _cfg(shards, gpu_resident=True)
+    data = make_data(cfg, shards.manifest, rank=0, world_size=1, seed=0, device="cpu")
+    assert isinstance(data, GpuResidentData)
+    b = next(iter(data.train_loader(0)))
+    assert b["image"].dtype == torch.float32
+    ref = np.stack([shards.images[k] for k in b["key"]])
+    np.testing.assert_allclose(b["image"][:, 0].numpy(), ref, rtol=1e-3, atol=1e-7)
+    assert isinstance(make_data(_cfg(shards), shards.manifest, rank=0, world_size=1, seed=0), ShardData)
