@@ -21,6 +21,7 @@ from hpcvae.synth import (
     SynthConfig,
     _sersic_scale,
     composite_hlr,
+    draw_noiseless,
     draw_params,
     main,
     make_synthetic,
@@ -126,6 +127,19 @@ def test_rendered_sizes_and_fluxes_track_truth(synth: Path) -> None:
     assert failed <= N // 10
     assert stats.spearmanr(sigmas, hlrs).statistic > 0.7
     assert stats.spearmanr(cat["stamp_flux"], truth["flux"]).statistic > 0.8
+
+
+def test_pixel_noise_matches_noise_variance(synth: Path) -> None:
+    """Stamp minus the same galaxy drawn without noise is white noise of NOISE_VARIANCE."""
+    rgc = galsim.RealGalaxyCatalog(str(synth))
+    cat = fitsio.read(str(synth), ext=1)
+    params = draw_params(7, 0, 8, SIZE)
+    for i, p in enumerate(params):
+        resid = rgc.getGalImage(i).array - draw_noiseless(p)
+        assert resid.var() / cat["NOISE_VARIANCE"][i] == pytest.approx(1.0, abs=0.15)
+        assert abs(resid.mean()) < 4 * np.sqrt(cat["NOISE_VARIANCE"][i] / resid.size)
+        lag1 = np.corrcoef(resid[:, 1:].ravel(), resid[:, :-1].ravel())[0, 1]
+        assert abs(lag1) < 0.1
 
 
 def test_truth_follows_documented_redshift_relations() -> None:
