@@ -323,6 +323,38 @@ def test_channels_last_and_bf16_autocast_are_finite(name):
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
+def test_torch_compile_fullgraph():
+    """No graph breaks in forward or the loss: the output type and the checks are traceable."""
+    m = build_model("fancy_cvae", "debug")
+    x, r = _inputs(m, b=4)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(1)
+    out = compiled(x, r)
+    assert isinstance(out, VAEOutput) and out.z_pred.shape == (4,)
+    losses = torch.compile(m.compute_loss, backend="aot_eager", fullgraph=True)(out, x, r, 0.1)
+    losses["total"].backward()
+    torch.manual_seed(1)
+    torch.testing.assert_close(out.recon, m(x, r).recon)
+
+
+def test_ddp_wrapped_forward(tmp_path):
+    """Training calls the DDP wrapper, then module.compute_loss; the NamedTuple output must pass through."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        m = build_model("cvae2", "debug")
+        ddp = DDP(m)
+        x, r = _inputs(m, b=4)
+        out = ddp(x, r)
+        assert isinstance(out, VAEOutput)
+        ddp.module.compute_loss(out, x, r, 0.1)["total"].backward()
+        assert all(p.grad is not None for p in m.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_no_device_baked_in():
     m = build_model("cvae", "debug").to(torch.float64)
     assert all(p.device.type == "cpu" for p in m.parameters())

@@ -231,6 +231,9 @@ class GalaxyVAE(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     def _check_image(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(x):
             raise ModelError(f"{self.arch}: images must be a torch tensor, got {type(x).__name__}")
@@ -375,7 +378,7 @@ class GalaxyVAE(nn.Module):
         self, n: int, r: torch.Tensor | None, generator: torch.Generator | None, prior: str | None
     ) -> torch.Tensor:
         device = self._device()
-        dtype = next(self.parameters()).dtype
+        dtype = self._dtype()
         kind = prior or "normal"
         if kind == "normal":
             gen_device = generator.device if generator is not None else device
@@ -413,7 +416,7 @@ class GalaxyVAE(nn.Module):
         with self._inference():
             if physical:
                 x = self.transform.forward(x)
-            x = self._check_image(torch.as_tensor(x, device=self._device()))
+            x = self._check_image(torch.as_tensor(x, device=self._device(), dtype=self._dtype()))
             r = self._redshift(redshift, x.shape[0], x.device, "reconstruct")
             mu, _ = self._encode(x, r)
             return self._out(self.decode(mu, r), physical)
@@ -440,7 +443,7 @@ class GalaxyVAE(nn.Module):
                 raise ModelError(
                     f"{self.arch}: interpolate needs one latent of size {self.spec.z_dim}, got {z.numel()}"
                 )
-            zs = z.to(next(self.parameters()).dtype).unsqueeze(0).expand(r.numel(), -1)
+            zs = z.to(self._dtype()).unsqueeze(0).expand(r.numel(), -1)
             return self._out(self.decode(zs, r), physical)
 
     def extra_repr(self) -> str:
