@@ -217,32 +217,14 @@ def _galaxy_rngs(seed: int, i: int) -> tuple[np.random.Generator, np.random.Gene
     return np.random.default_rng(params), np.random.default_rng(noise)
 
 
+# One uniform/normal/... per field, drawn in this order from galaxy i's own stream.
+_RAW_FIELDS = "z g_re u_m bd btt ratio n cos_i beta psf g_var dx dy jx jy".split()
+
+
 def draw_params(seed: int, start: int, stop: int, size: int) -> np.ndarray:
     """Truth and stamp geometry of galaxies ``start..stop-1`` (a record array)."""
     m = stop - start
-    raw = np.zeros(
-        m,
-        dtype=[
-            (k, "f8")
-            for k in (
-                "z",
-                "g_re",
-                "u_m",
-                "bd",
-                "btt",
-                "ratio",
-                "n",
-                "cos_i",
-                "beta",
-                "psf",
-                "g_var",
-                "dx",
-                "dy",
-                "jx",
-                "jy",
-            )
-        ],
-    )
+    raw = np.zeros(m, dtype=[(k, "f8") for k in _RAW_FIELDS])
     k_gamma = (cosmo.SMAIL_ALPHA + 1.0) / cosmo.SMAIL_BETA
     for j in range(m):
         rng, _ = _galaxy_rngs(seed, start + j)
@@ -471,15 +453,24 @@ def _header(cfg: SynthConfig) -> list[dict]:
     return [{"name": k, "value": v, "comment": c} for k, v, c in items]
 
 
+def _available_cores() -> int:
+    """Cores this process may use: under SLURM/cgroups that is fewer than os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def run(cfg: SynthConfig) -> SynthResult:
     """Render ``cfg.n`` galaxies into ``cfg.out``; the catalog is written last, atomically."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     _prepare_out(cfg.out)
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or _available_cores()
     chunk = max(1, min(50, math.ceil(cfg.n / (workers * 8))))
     jobs = [(cfg.seed, s, min(s + chunk, cfg.n), cfg.size) for s in range(0, cfg.n, chunk)]
+    workers = min(workers, len(jobs))
 
     catalog = np.zeros(cfg.n, dtype=CATALOG_DTYPE)
     truth = np.zeros(cfg.n, dtype=TRUTH_DTYPE)
@@ -573,7 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=int, required=True, help="nominal stamp side in pixels (>= 16)")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="processes (default: every core this process may use)"
+    )
     ap.add_argument("--per-file", type=int, default=1000, help="HDUs per image file")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
