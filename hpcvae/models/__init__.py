@@ -24,6 +24,7 @@ __all__ = [
     "ModelSpec",
     "VAEOutput",
     "build_model",
+    "get_arch",
     "list_models",
     "model_from_config",
 ]

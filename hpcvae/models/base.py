@@ -192,7 +192,7 @@ class GalaxyVAE(nn.Module):
         self.geometry = (
             geometry_valid_head(spec.image_size)
             if self.geometry_rule == "valid_head"
-            else (geometry_halving(spec.image_size))
+            else geometry_halving(spec.image_size)
         )
         self.transform: Any = None
         self.flow_prior: nn.Module | None = None
