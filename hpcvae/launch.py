@@ -635,11 +635,10 @@ def build_executor(opts: LaunchOptions, profile: SiteProfile, folder: Path, job_
             params["slurm_additional_parameters"] = dict(profile.sbatch)
     elif opts.cluster == "local":
         params["local_setup"] = setup_lines(profile, opts, env)
-        params["local_signal_delay_s"] = profile.signal_delay_s
     try:
         ex.update_parameters(**params)
     except (ValueError, NameError, AssertionError) as exc:
-        raise LaunchError(f"submitit rejected the job parameters: {exc}") from None
+        raise LaunchError(f"submitit rejected the job parameters: {str(exc).splitlines()[0]}") from None
     return ex
 
 
@@ -670,10 +669,12 @@ def check_controller() -> None:
     r = _slurm(["scontrol", "ping"])
     if r.returncode != 0 or "UP" not in r.stdout:
         conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
-        detail = (r.stdout + r.stderr).strip().splitlines()
+        lines = [
+            ln.strip() for ln in (r.stdout + r.stderr).splitlines() if ln.strip() and not ln.startswith("*")
+        ]
         raise LaunchError(
             f"the SLURM controller is not reachable (SLURM_CONF={conf}): "
-            f"{detail[-1] if detail else 'scontrol ping failed'}; for the dev cluster run slurm/dev-cluster/start.sh"
+            f"{lines[0] if lines else 'scontrol ping failed'}; for the dev cluster run slurm/dev-cluster/start.sh"
         )
 
 
