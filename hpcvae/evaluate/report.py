@@ -252,7 +252,6 @@ def evaluate(
     _check_device(cfg.device)
     t0 = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     figures: dict[str, str] = {}
 
@@ -274,6 +273,7 @@ def evaluate(
             f"{where}: {m.config.get('arch')} is conditional on redshift but shard set {manifest.path} has none"
         )
     transform = _transform(m, manifest, notes)
+    out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(cfg.device)
     dtype = next(m.parameters()).dtype
 
@@ -321,6 +321,8 @@ def evaluate(
         raise ShardError(
             f"{manifest.path}: split {cfg.split!r} has {n_real} usable galaxies; need at least 2"
         )
+    if n_real < cfg.n:
+        notes.append(f"split {cfg.split!r} has {n_real} usable galaxies, fewer than the {cfg.n} asked for")
     if skipped:
         notes.append(f"{len(skipped)} galaxies of split {cfg.split!r} skipped (see report.json data.skipped)")
 

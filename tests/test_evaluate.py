@@ -1,0 +1,240 @@
+"""hpcvae.evaluate: HSM moments, the full report on tiny trained models, and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcvae.evaluate import EvalConfig, compare, evaluate, fit_slope, main, moments
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+EXPECTED_PNGS = {"losses.png", "reconstructions.png", "latent_corner.png", "population.png"}
+
+
+def _train(shards: Path, out: Path, arch: str) -> Path:
+    from hpcvae.train import main as train_main
+
+    rc = train_main([
+        "--arch", arch, "--flavour", "debug", "--data", str(shards), "--out", str(out), "--epochs", "2",
+        "--batch-size", "16", "--seed", "0",
+        "--set", "data.num_workers=0", "--set", "data.persistent_workers=false", "--set", "train.log_every=1",
+    ])  # fmt: skip
+    assert rc == 0
+    assert (out / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def synth_shards(tmp_path_factory) -> Path:
+    """A synthetic shard set (known zphot -> size/flux relation), 32 px, ~50 val galaxies."""
+    from hpcvae.shard import main as shard_main
+    from hpcvae.synth import make_synthetic
+
+    root = tmp_path_factory.mktemp("evaldata")
+    cat = make_synthetic(120, SIZE, root / "synth", seed=1, workers=1, progress=False)
+    assert "synth" in cat.name
+    rc = shard_main(["--catalog", str(cat), "--out", str(root / "shards"), "--size", str(SIZE),
+                     "--val-fraction", "0.4"])  # fmt: skip
+    assert rc in (0, None)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def cvae2_run(synth_shards, tmp_path_factory) -> Path:
+    return _train(synth_shards, tmp_path_factory.mktemp("runs") / "cvae2", "cvae2")
+
+
+@pytest.fixture(scope="module")
+def vae_run(synth_shards, tmp_path_factory) -> Path:
+    return _train(synth_shards, tmp_path_factory.mktemp("runs") / "vae158", "vae158")
+
+
+def _numbers(obj, path=""):
+    """Every (json-path, value) leaf of a report."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+# -- HSM moments ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25])
+def test_hsm_recovers_gaussian_sigma_and_shape(sigma):
+    import galsim
+
+    flux, g1, g2 = 2.5, 0.15, -0.1
+    gal = galsim.Gaussian(sigma=sigma, flux=flux).shear(g1=g1, g2=g2)
+    img = gal.drawImage(nx=96, ny=96, scale=0.03, method="no_pixel").array
+    res = moments(img, pixel_scale=0.03)
+    assert res["ok"].tolist() == [True]
+    # A shear keeps the area, so det(M)^(1/4) is the round sigma.
+    assert res["sigma_arcsec"][0] == pytest.approx(sigma, rel=0.01)
+    assert res["e1"][0] == pytest.approx(g1, abs=0.005)
+    assert res["e2"][0] == pytest.approx(g2, abs=0.005)
+    assert res["g"][0] == pytest.approx(math.hypot(g1, g2), abs=0.005)
+    assert res["flux"][0] == pytest.approx(flux, rel=0.01)
+
+
+def test_hsm_failures_are_kept_and_counted():
+    import galsim
+
+    good = galsim.Gaussian(sigma=0.2).drawImage(nx=48, ny=48, scale=0.03, method="no_pixel").array
+    bad = np.zeros_like(good)
+    nan = good.copy()
+    nan[3, 3] = np.nan
+    res = moments(np.stack([good, bad, nan])[:, None], pixel_scale=0.03)  # (N, 1, H, W) like a batch
+    assert res["ok"].tolist() == [True, False, False]
+    assert np.isnan(res["sigma_arcsec"][1:]).all()
+    assert len(res["errors"]) == 2 and res["errors"][1].startswith("2:")
+
+
+def test_compare_and_slope_follow_their_definitions():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, 500)
+    b = a + 0.3  # a pure shift: W1 equals the shift
+    c = compare(a, np.concatenate([b, [np.nan]]))
+    assert c["w1"] == pytest.approx(0.3)
+    assert c["mean_diff"] == pytest.approx(0.3)
+    assert c["n_generated"] == 500
+    assert c["mean_diff_se"] == pytest.approx(math.sqrt(2 * a.var(ddof=1) / 500))
+    x = np.linspace(0, 3, 50)
+    s = fit_slope(x, 0.7 - 0.25 * x + rng.normal(0, 0.01, 50))
+    assert s["slope"] == pytest.approx(-0.25, abs=3 * s["slope_se"] + 1e-3)
+    assert compare([], [1.0])["w1"] is None
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = main([str(cvae2_run), "--data", str(synth_shards), "--n", "64", "--out", str(out), "--seed", "3"])
+    assert rc == 0
+    assert "wrote" in capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    pngs = {p.name for p in out.glob("*.png")}
+    grids = {f"generations_z{z:g}.png" for z in (0.3, 0.7, 1.5, 2.5)}
+    assert EXPECTED_PNGS | grids | {"redshift_sweep.png", "redshift_trends.png"} <= pngs
+    assert set(rep["figures"].values()) == pngs
+    md = (out / "report.md").read_text()
+    for name in pngs:
+        assert f"]({name})" in md
+
+    n_val = rep["data"]["n_used"]
+    assert n_val == min(
+        64, json.loads((synth_shards / "manifest.json").read_text())["splits"]["val"]["count"]
+    )
+    assert rep["data"]["synthetic"] is True and rep["data"]["pixel_scale_arcsec"] == pytest.approx(0.03)
+    # Every number is finite (JSON has no NaN); undefined ones are null only where HSM had no data.
+    for where, v in _numbers(rep):
+        if isinstance(v, float):
+            assert math.isfinite(v), where
+    pop = rep["population"]
+    assert pop["n_real"] == pop["n_generated"] == n_val
+    assert pop["hsm_failures"]["real"] < n_val and pop["hsm_failures"]["generated"] < n_val
+    for stat, c in pop["stats"].items():
+        assert c["w1"] is not None and c["w1"] >= 0, stat
+        assert c["mean_diff_se"] is not None, stat
+    assert pop["reference_lanusse2021"]["real"]["mean_g"] == 0.248
+    assert "0.248" in md and "0.189" in md
+    assert rep["reconstruction"]["mse_per_pixel_mean"] >= 0
+    assert rep["losses"]["final"]["train"]["step"] > 0
+    for key in ("sigma_arcsec", "flux"):
+        for who in ("truth", "real", "generated"):
+            assert rep["redshift_trends"]["slopes_vs_z"][key][who]["slope"] is not None
+    # The true relation: sizes and fluxes of synthetic galaxies fall with redshift.
+    assert rep["redshift_trends"]["slopes_vs_z"]["sigma_arcsec"]["truth"]["slope"] < 0
+    assert rep["redshift_trends"]["slopes_vs_z"]["flux"]["truth"]["slope"] < 0
+    assert len(rep["redshift_sweep"]["mean_pixel_sum_flux_per_column"]) == len(
+        rep["redshift_sweep"]["redshifts"]
+    )
+
+
+@pytest.mark.slow
+def test_unconditional_bare_model_skips_redshift_parts(vae_run, synth_shards, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        shutil.copy(vae_run / name, bare / name)
+    out = tmp_path / "report"
+    cfg = EvalConfig(n=40, seed=0)
+    rep = evaluate(bare / "model.safetensors", synth_shards, out, config=cfg)
+    pngs = {p.name for p in out.glob("*.png")}
+    assert {"generations.png", "reconstructions.png", "latent_corner.png", "population.png"} <= pngs
+    assert not pngs & {"redshift_sweep.png", "redshift_trends.png", "losses.png"}
+    assert "unconditional" in rep["redshift_sweep"]["skipped"]
+    assert "redshift" in rep["redshift_trends"]["skipped"]
+    assert "metrics.jsonl" in rep["losses"]["skipped"]
+    md = (out / "report.md").read_text()
+    assert md.count("Skipped:") == 3
+    assert rep["population"]["generated_redshifts"] is None
+    assert rep["population"]["n_generated"] == 40
+
+
+@pytest.mark.slow
+def test_fancy_cvae_in_memory_model_reports_predicted_redshift(synth_shards, tmp_path):
+    """A model object (no file): uses its attached normalisation; fancy_cvae adds z_pred numbers."""
+    import torch
+
+    from hpcvae.manifest import Manifest
+    from hpcvae.models import build_model
+    from hpcvae.transforms import get_transform
+
+    torch.manual_seed(0)
+    m = build_model("fancy_cvae", flavour="debug", image_size=SIZE)
+    m.set_normalisation(get_transform("minmax", Manifest.load(synth_shards).stats("train")))
+    cfg = EvalConfig(n=24, grid_redshifts=(0.5,), sweep_redshifts=(0.3, 1.0, 2.0), sweep_rows=2)
+    rep = evaluate(m, synth_shards, tmp_path / "r", config=cfg)
+    p = rep["reconstruction"]["redshift_prediction"]
+    assert p["rmse"] >= 0 and p["bias"] is not None
+    assert rep["model"]["path"] is None and rep["model"]["predicts_redshift"] is True
+    assert (tmp_path / "r" / "generations_z0.5.png").is_file()
+    assert "Predicted redshift" in (tmp_path / "r" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_image_size_mismatch_is_a_one_line_cli_error(synth_shards, tmp_path):
+    from hpcvae.consolidate import write_model
+    from hpcvae.models import build_model
+
+    m = build_model("cvae2", flavour="debug", image_size=48)
+    write_model(tmp_path / "m48", m.state_dict(), model_config=m.config, transform=None, training={},
+                manifest_digest=None, beta_schedule=None)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "HPCVAE_TRACEBACK"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcvae.evaluate", str(tmp_path / "m48"), "--data", str(synth_shards),
+         "--n", "8", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith("hpcvae.evaluate: error:")
+    assert "48x48" in err and f"{SIZE}x{SIZE}" in err and "manifest.json" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_shard_set_is_a_shard_error(tmp_path):
+    from hpcvae.errors import ShardError
+    from hpcvae.models import build_model
+
+    with pytest.raises(ShardError, match="does not exist"):
+        evaluate(
+            build_model("vae158", flavour="debug", image_size=SIZE), tmp_path / "nope", tmp_path / "r", n=8
+        )
