@@ -150,16 +150,42 @@ class _JobResult:
     noise_vars: list[float] = field(default_factory=list)
 
 
-class _HashingWriter:
-    """Computes the shard's sha256 while it is written, instead of re-reading it."""
+class _TarShardWriter:
+    """A plain (ustar) tar writer that hashes while writing.
 
-    def __init__(self, f: io.BufferedWriter) -> None:
-        self.f = f
+    ``tarfile``'s stream mode copies every member through 10 kB chunks; writing
+    header + data + padding in one call is ~2x faster per galaxy, and computing the
+    sha256 on the way out saves re-reading the shard.  Fixed member metadata (mtime 0,
+    no owner) makes shards byte-reproducible from the same input.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "wb", buffering=1 << 20)  # closed in close() / abort()
         self.h = hashlib.sha256()
+        self.size = 0
 
-    def write(self, b: bytes) -> int:
+    def _write(self, b: bytes) -> None:
         self.h.update(b)
-        return self.f.write(b)
+        self.f.write(b)
+        self.size += len(b)
+
+    def add(self, name: str, data: bytes) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        ti.mode = 0o444
+        header = ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        self._write(header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+
+    def close(self) -> str:
+        """Write the end-of-archive blocks (padded to a whole record, like tarfile) and return the sha256."""
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self.size + end) % tarfile.RECORDSIZE
+        self._write(b"\0" * end)
+        self.f.close()
+        return self.h.hexdigest()
+
+    def abort(self) -> None:
+        self.f.close()
 
 
 _NPY_HEADERS: dict[tuple[int, int], bytes] = {}
@@ -174,14 +200,6 @@ def _npy_bytes(img: np.ndarray) -> bytes:
         header = buf.getvalue()[: -img.nbytes]
         _NPY_HEADERS[img.shape] = header
     return header + img.tobytes()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata (mtime 0, no owner) makes shards byte-reproducible from the same input.
-    ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    ti.mode = 0o444
-    tar.addfile(ti, io.BytesIO(data))
 
 
 _READER: StampReader | None = None
@@ -259,58 +277,63 @@ def _run_job(job: _Job) -> _JobResult:
     """Write one shard to its temporary name; returns counts, digest, skips and stats partials."""
     res = _JobResult(split=job.split, index=job.index, tmp_path=job.tmp_path, count=0, sha256="", skipped=[])
     samples: list[np.ndarray] = []
-    npix = job.size * job.size
     try:
-        with open(job.tmp_path, "wb") as f:
-            hw = _HashingWriter(f)
-            with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for r, img in _iter_images(job):
-                    if not isinstance(img, np.ndarray):
-                        if not job.skip_bad:
-                            raise img
-                        res.skipped.append(_skip_record(r, img.problem))
-                        continue
-                    try:
-                        out = fit_to_size(
-                            img, job.size, pad=job.pad, noise_variance=r.noise_variance, seed=r.seed
-                        )
-                    except ValueError as exc:
-                        err = _row_error(str(exc), r, job.source)
-                        if not job.skip_bad:
-                            raise err from None
-                        res.skipped.append(_skip_record(r, str(exc)))
-                        continue
-                    meta = {
-                        "ident": r.ident,
-                        "row": r.row,
-                        "zphot": r.zphot,
-                        "mag": r.mag,
-                        "pixel_scale": r.pixel_scale,
-                        "noise_variance": r.noise_variance,
-                        "orig_shape": [int(img.shape[0]), int(img.shape[1])],
-                        "file": r.file,
-                        "hdu": r.hdu,
-                    }
-                    key = sample_key(r.row)
-                    _add(tar, f"{key}.image.npy", _npy_bytes(out))
-                    _add(tar, f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
-                    res.count += 1
-                    if job.stats_pixels:
-                        _accumulate(res, out)
-                        if r.noise_variance is not None and r.noise_variance >= 0:
-                            res.noise_vars.append(r.noise_variance)
-                        if job.stats_pixels >= npix:
-                            samples.append(out.ravel())
-                        else:
-                            idx = np.random.default_rng(r.seed ^ 0x5EED).integers(0, npix, job.stats_pixels)
-                            samples.append(out.ravel()[idx])
-        res.sha256 = hw.h.hexdigest()
+        tar = _TarShardWriter(job.tmp_path)
+        try:
+            for r, img in _iter_images(job):
+                _write_row(job, tar, res, samples, r, img)
+        except BaseException:
+            tar.abort()
+            raise
+        res.sha256 = tar.close()
     except BaseException:
         Path(job.tmp_path).unlink(missing_ok=True)
         raise
     if samples:
         res.samples = np.concatenate(samples)
     return res
+
+
+def _write_row(
+    job: _Job, tar: _TarShardWriter, res: _JobResult, samples: list[np.ndarray], r: _Row, img: Any
+) -> None:
+    if not isinstance(img, np.ndarray):
+        if not job.skip_bad:
+            raise img
+        res.skipped.append(_skip_record(r, img.problem))
+        return
+    try:
+        out = fit_to_size(img, job.size, pad=job.pad, noise_variance=r.noise_variance, seed=r.seed)
+    except ValueError as exc:
+        if not job.skip_bad:
+            raise _row_error(str(exc), r, job.source) from None
+        res.skipped.append(_skip_record(r, str(exc)))
+        return
+    meta = {
+        "ident": r.ident,
+        "row": r.row,
+        "zphot": r.zphot,
+        "mag": r.mag,
+        "pixel_scale": r.pixel_scale,
+        "noise_variance": r.noise_variance,
+        "orig_shape": [int(img.shape[0]), int(img.shape[1])],
+        "file": r.file,
+        "hdu": r.hdu,
+    }
+    key = sample_key(r.row)
+    tar.add(f"{key}.image.npy", _npy_bytes(out))
+    tar.add(f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
+    res.count += 1
+    if job.stats_pixels:
+        _accumulate(res, out)
+        if r.noise_variance is not None and r.noise_variance >= 0:
+            res.noise_vars.append(r.noise_variance)
+        npix = out.size
+        if job.stats_pixels >= npix:
+            samples.append(out.ravel())
+        else:
+            idx = np.random.default_rng(r.seed ^ 0x5EED).integers(0, npix, job.stats_pixels)
+            samples.append(out.ravel()[idx])
 
 
 def _skip_record(r: _Row, reason: str) -> dict[str, Any]:
@@ -323,7 +346,8 @@ def _accumulate(res: _JobResult, img: np.ndarray) -> None:
     n_b = d.size
     m_b = float(d.mean())
     d -= m_b
-    m2_b = float(d @ d)
+    # einsum, not d @ d: BLAS threads on a busy node turn a 25k-element dot into milliseconds.
+    m2_b = float(np.einsum("i,i->", d, d))
     _merge(res, n_b, m_b, m2_b, float(img.min()), float(img.max()))
 
 
