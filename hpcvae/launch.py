@@ -422,8 +422,9 @@ class TrainJob:
                     "master": f"{dist_env.master_addr}:{dist_env.master_port}",
                 },
             )
+        node = os.environ.get("SLURMD_NODENAME", job_env.hostname)  # emulated nodes share a hostname
         print(
-            f"hpcvae.launch: task {rank}/{dist_env.world_size} on {job_env.hostname} "
+            f"hpcvae.launch: task {rank}/{dist_env.world_size} on {node} "
             f"(job {job_env.job_id}, requeue {self.requeues}/{self.max_requeues}, "
             f"master {dist_env.master_addr}:{dist_env.master_port})",
             flush=True,
