@@ -238,3 +238,27 @@ def test_missing_shard_set_is_a_shard_error(tmp_path):
         evaluate(
             build_model("vae158", flavour="debug", image_size=SIZE), tmp_path / "nope", tmp_path / "r", n=8
         )
+
+
+def test_real_style_data_skips_truth_trends_and_survives_hsm_failures(tmp_path):
+    """Non-synthetic shards (truth unknown) of pure noise: HSM fails often; the report says so, no NaN."""
+    import torch
+    from helpers_shards import write_shard_set
+
+    from hpcvae.models import build_model
+    from hpcvae.transforms import MinMax
+
+    write_shard_set(tmp_path / "s", train_counts=[8], val_counts=[7, 5], size=16)
+    torch.manual_seed(0)
+    m = build_model("cvae2", flavour="debug", image_size=16)
+    m.set_normalisation(MinMax(lo=-0.03, hi=0.03))
+    cfg = EvalConfig(n=64, grid_size=2, grid_redshifts=(1.0,), sweep_redshifts=(0.5, 2.0), sweep_rows=1)
+    rep = evaluate(m, tmp_path / "s", tmp_path / "r", config=cfg)
+    assert rep["data"]["n_used"] == 12 and rep["data"]["synthetic"] is False
+    assert "not synthetic" in rep["redshift_trends"]["skipped"]
+    assert any("fewer than the 64" in n for n in rep["notes"])
+    fails = rep["population"]["hsm_failures"]
+    assert 0 <= fails["real"] <= 12 and 0 <= fails["generated"] <= 12
+    text = (tmp_path / "r" / "report.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert "Skipped: data is not synthetic" in (tmp_path / "r" / "report.md").read_text()

@@ -257,8 +257,10 @@ def plot_population(
         if hi <= lo:
             lo, hi = lo - 0.5, hi + 0.5
         edges = np.linspace(lo, hi, bins + 1)
-        ax.hist(r, bins=edges, density=True, histtype="stepfilled", alpha=0.4, label=f"real ({r.size})")
-        ax.hist(g, bins=edges, density=True, histtype="step", lw=1.5, label=f"generated ({g.size})")
+        if r.size:
+            ax.hist(r, bins=edges, density=True, histtype="stepfilled", alpha=0.4, label=f"real ({r.size})")
+        if g.size:
+            ax.hist(g, bins=edges, density=True, histtype="step", lw=1.5, label=f"generated ({g.size})")
         ax.set_xlabel(STAT_LABELS[key])
         if comparison and key in comparison and comparison[key].get("w1") is not None:
             c = comparison[key]
