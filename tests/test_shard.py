@@ -167,6 +167,15 @@ def test_cosmos_redshift_handling(shared_data: Path, tmp_path: Path) -> None:
     assert not m.has_redshift
     with pytest.raises(CatalogError, match="missing redshift column 'zspec'"):
         build_shards(cat, tmp_path / "out3", size=32, redshift_column="zspec")
+    fits = folder / Path(COSMOS_FITS).name
+    t = fitsio.read(str(fits), ext=1)
+    t["zphot"][5] = np.nan
+    fitsio.write(str(fits), t, clobber=True)
+    with pytest.raises(CatalogError, match=r"_fits\.fits, row 5 \(IDENT \d+\): redshift zphot is nan"):
+        build_shards(cat, tmp_path / "out4", size=32)
+    m = build_shards(cat, tmp_path / "out4", size=32, skip_bad=True)
+    assert m.data["n_skipped"] == 1 and m.data["skipped"][0]["row"] == 5
+    assert m.count("train") + m.count("val") == 99
 
 
 def test_cosmos_without_images(shared_data: Path, tmp_path: Path) -> None:
