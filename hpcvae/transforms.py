@@ -56,15 +56,18 @@ def _sinh(x: Any) -> Any:
     return x.sinh() if _is_torch(x) else np.sinh(x)
 
 
-def _stat(stats: dict[str, float], key: str | float, name: str) -> float:
+def _stat(stats: dict[str, float], key: str | float | tuple[str, ...], name: str) -> float:
+    """A number, a stat key, or a tuple of keys tried in order (robust percentile, then the fallback)."""
     if isinstance(key, int | float):
         return float(key)
-    if key not in stats:
-        have = ", ".join(sorted(stats)) or "none"
-        raise ConfigError(
-            f"transform {name!r} needs stat {key!r}, which the manifest stats lack (have: {have})"
-        )
-    return float(stats[key])
+    keys = (key,) if isinstance(key, str) else tuple(key)
+    for k in keys:
+        if k in stats and stats[k] is not None:
+            return float(stats[k])
+    have = ", ".join(sorted(stats)) or "none"
+    raise ConfigError(
+        f"transform {name!r} needs stat {' or '.join(repr(k) for k in keys)}, which the manifest stats lack (have: {have})"
+    )
 
 
 @dataclass(kw_only=True)
@@ -103,7 +106,8 @@ class MinMax(Transform):
     """The seed's normalisation: y = (x - lo) / (hi - lo), clipped to [0, 1] for a Sigmoid decoder.
 
     lo/hi default to the 0.1 and 99.9 percentiles of the train pixels rather than the
-    min/max, so one hot pixel in 300k galaxies does not squash every image towards 0.
+    min/max (used only when a manifest lacks percentiles), so one hot pixel in 300k
+    galaxies does not squash every image towards 0.
     """
 
     name: ClassVar[str] = "minmax"
@@ -116,7 +120,11 @@ class MinMax(Transform):
 
     @classmethod
     def from_stats(
-        cls, stats: dict[str, float], *, lo: str | float = "p0.1", hi: str | float = "p99.9"
+        cls,
+        stats: dict[str, float],
+        *,
+        lo: str | float | tuple[str, ...] = ("p0.1", "min"),
+        hi: str | float | tuple[str, ...] = ("p99.9", "max"),
     ) -> MinMax:
         return cls(lo=_stat(stats, lo, cls.name), hi=_stat(stats, hi, cls.name))
 
@@ -156,15 +164,16 @@ class Asinh(Transform):
         cls,
         stats: dict[str, float],
         *,
-        a: str | float | None = None,
-        lo: str | float = "p0.1",
-        hi: str | float = "max",
+        a: str | float | tuple[str, ...] | None = None,
+        lo: str | float | tuple[str, ...] = ("p0.1", "min"),
+        hi: str | float | tuple[str, ...] = "max",
     ) -> Asinh:
         if a is None:
-            a = next((k for k in ("noise_std", "mad_std") if stats.get(k, 0) > 0), None)
+            # std is a last resort (for stats without robust estimates): it overestimates the noise.
+            a = next((k for k in ("noise_std", "mad_std", "std") if (stats.get(k) or 0) > 0), None)
             if a is None:
                 raise ConfigError(
-                    "asinh transform: manifest stats have no positive noise_std or mad_std; pass a="
+                    "asinh transform: manifest stats have no positive noise_std, mad_std or std; pass a="
                 )
         return cls(a=_stat(stats, a, cls.name), lo=_stat(stats, lo, cls.name), hi=_stat(stats, hi, cls.name))
 

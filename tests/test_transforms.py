@@ -91,8 +91,14 @@ def test_dict_round_trip_is_json_safe() -> None:
 def test_errors() -> None:
     with pytest.raises(ConfigError, match="unknown transform 'log'"):
         get_transform("log", STATS)
-    with pytest.raises(ConfigError, match="needs stat 'p99.9'"):
+    with pytest.raises(ConfigError, match="needs stat 'p99.9' or 'max'"):
         get_transform("minmax", {"p0.1": 0.0})
+    with pytest.raises(ConfigError, match="needs stat 'p9'"):
+        get_transform("minmax", STATS, hi="p9")
+    # stats without percentiles (older / hand-made manifests) fall back to min/max and std
+    bare = {"min": -0.05, "max": 0.05, "mean": 0.0, "std": 0.01}
+    assert get_transform("minmax", bare) == MinMax(lo=-0.05, hi=0.05)
+    assert get_transform("asinh", bare) == Asinh(a=0.01, lo=-0.05, hi=0.05)
     with pytest.raises(ConfigError, match="lo < hi"):
         MinMax(lo=1.0, hi=1.0)
     with pytest.raises(ConfigError, match="a > 0"):
