@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import fitsio
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from torch import nn
 
 from hpcvae.config import ModelConfig
@@ -16,7 +15,7 @@ from hpcvae.models import MODEL_REGISTRY, VAEOutput, build_model, list_models, m
 
 ALL = ["vae128", "vae158", "cvae", "cvae2", "fancy_cvae"]
 CONDITIONAL = ["cvae", "cvae2", "fancy_cvae"]
-AEGIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "aegis-real"
+AEGIS = SHARED_DATA / "aegis-real"
 
 
 def _inputs(m, b=2, seed=0):

@@ -10,6 +10,7 @@ import fitsio
 import galsim
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from scipy import integrate, stats
 
 from hpcvae import cosmology as cosmo
@@ -27,7 +28,7 @@ from hpcvae.synth import (
     make_synthetic,
 )
 
-REAL = Path(__file__).parents[2] / "shared" / "data" / "cosmos-23.5-example"
+REAL = SHARED_DATA / "cosmos-23.5-example"
 SIZE = 48
 N = 60
 
