@@ -58,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = ["--workers", str(args.workers)] if args.workers else []
     t0 = time.perf_counter()
 
-    _run([py, "-m", "hpcvae.synth", "--n", str(args.n), "--size", str(args.size), "--out", str(raw), *workers])
+    _run(
+        [py, "-m", "hpcvae.synth", "--n", str(args.n), "--size", str(args.size), "--out", str(raw), *workers]
+    )
     _run(
         [py, "-m", "hpcvae.shard", "--catalog", str(raw / "real_galaxy_catalog_synth.fits"),
          "--size", str(args.size), "--out", str(shards), "--overwrite", *workers]

@@ -55,7 +55,11 @@ def _slurm_master_addr() -> str:
 
     try:
         out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout.split()
         return out[0] if out else "127.0.0.1"
     except (OSError, subprocess.SubprocessError):
@@ -114,7 +118,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
                 timeout=datetime.timedelta(seconds=timeout_s),
                 device_id=dev if backend == "nccl" else None,
             )
-        except Exception as exc:  # noqa: BLE001 - re-raised with context
+        except Exception as exc:
             raise DistributedError(
                 f"could not join process group as rank {rank}/{world} via "
                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({backend}): {exc}"

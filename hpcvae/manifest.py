@@ -59,7 +59,9 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ShardError(f"{path}: unreadable manifest: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ShardError(f"{path}: not an hpcvae manifest (format {data.get('format')!r}, expected {FORMAT!r})")
+            raise ShardError(
+                f"{path}: not an hpcvae manifest (format {data.get('format')!r}, expected {FORMAT!r})"
+            )
         for key in ("image", "splits"):
             if key not in data:
                 raise ShardError(f"{path}: manifest lacks '{key}'")
