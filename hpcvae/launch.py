@@ -712,15 +712,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def job_state(cluster: str, job_id: str, folder: Path) -> tuple[str, int]:
-    """State of a job of any kind, by its id and submitit folder."""
+def job_state(cluster: str, job_id: str, folder: Path, job: Any = None) -> tuple[str, int]:
+    """State of a job of any kind, by its id and submitit folder (and its ``Job`` when we hold it)."""
     if cluster == "slurm":
         return slurm_state(job_id)
-    if (folder / f"{job_id}_0_result.pkl").exists():
-        return "COMPLETED", 0
-    if cluster == "local" and job_id.isdigit() and _pid_alive(int(job_id)):
+    proc = getattr(job, "_process", None)
+    if proc is not None:  # our own child: poll() also reaps it, a zombie would look alive
+        running = proc.poll() is None
+    else:
+        running = job_id.isdigit() and _pid_alive(int(job_id))
+    if running:
         return "RUNNING", 0
-    return "FAILED", 0
+    return ("COMPLETED" if (folder / f"{job_id}_0_result.pkl").exists() else "FAILED"), 0
 
 
 def read_result(folder: Path, job_id: str) -> tuple[str, Any] | None:
@@ -740,7 +743,13 @@ def read_result(folder: Path, job_id: str) -> tuple[str, Any] | None:
 
 
 def follow(
-    run: Path, cluster: str, job_id: str, folder: Path, timeout_s: float = 0.0, poll_s: float = 2.0
+    run: Path,
+    cluster: str,
+    job_id: str,
+    folder: Path,
+    timeout_s: float = 0.0,
+    poll_s: float = 2.0,
+    job: Any = None,
 ) -> int:
     """Stream rank 0's log until the job ends; 0 if it completed, 1 otherwise."""
     log = folder / f"{job_id}_0_log.out"
@@ -766,7 +775,7 @@ def follow(
         now = time.monotonic()
         if now - last_check >= poll_s:
             last_check = now
-            state, _ = job_state(cluster, job_id, folder)
+            state, _ = job_state(cluster, job_id, folder, job)
             base = state.split("+")[0]
             if base in TERMINAL_STATES:
                 # The result file can trail the state by a moment on shared file systems.
@@ -809,7 +818,12 @@ def status(run: Path) -> dict[str, Any]:
     job = hist["jobs"][-1]
     cluster, job_id = job["cluster"], str(job["job_id"])
     folder = Path(job["folder"])
-    state, restarts = job_state(cluster, job_id, folder) if cluster != "debug" else (job.get("state", "?"), 0)
+    if cluster == "debug":  # in-process: only the history knows
+        mine = [e["event"] for e in hist["events"] if str(e.get("job_id")) == job_id]
+        state = {"completed": "COMPLETED", "gave_up": "FAILED"}.get(mine[-1] if mine else "", "UNKNOWN")
+        restarts = 0
+    else:
+        state, restarts = job_state(cluster, job_id, folder)
     requeues = sum(
         1 for e in hist["events"] if e.get("event") == "requeue" and str(e.get("job_id")) == job_id
     )
@@ -947,9 +961,10 @@ def submit(opts: LaunchOptions) -> Submitted:
         job = ex.submit(plan.fn)
     except FailedJobError as exc:
         m = re.search(r"(sbatch: error: .*)", str(exc))
-        raise LaunchError(
-            f"sbatch refused the job: {m.group(1).strip() if m else ' '.join(str(exc).split())}"
-        ) from None
+        msg = m.group(1).strip() if m else " ".join(str(exc).split())
+        if "gres" in msg.lower() and plan.profile.gpus:
+            msg += "; on a cluster without GPUs use a profile with gpus = false (e.g. slurm/dev-cluster.toml)"
+        raise LaunchError(f"sbatch refused the job: {msg}") from None
     run = plan.target.out
     record(
         run,
@@ -992,7 +1007,9 @@ def launch(opts: LaunchOptions) -> int:
     print(f"hpcvae.launch: rank 0 log {sub.log}")
     print(f"hpcvae.launch: status: python -m hpcvae.launch --status {shlex.quote(str(sub.run))}", flush=True)
     if opts.follow:
-        return follow(sub.run, sub.cluster, sub.job_id, sub.folder, timeout_s=opts.follow_timeout_s)
+        return follow(
+            sub.run, sub.cluster, sub.job_id, sub.folder, timeout_s=opts.follow_timeout_s, job=sub.job
+        )
     return 0
 
 

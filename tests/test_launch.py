@@ -275,7 +275,7 @@ def test_debug_cluster_trains_in_process_and_status_reads_it(
     events = [e["event"] for e in json.loads((run / "launch.json").read_text())["events"]]
     assert events == ["start", "completed"]
     info = status(run)
-    assert info["cluster"] == "debug" and info["requeues"] == 0
+    assert info["cluster"] == "debug" and info["state"] == "COMPLETED" and info["requeues"] == 0
     assert info["last_checkpoint"] == latest_checkpoint(run).name
     assert isinstance(info["images_per_s"], float) and info["images_per_s"] > 0
     capsys.readouterr()
