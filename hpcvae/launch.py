@@ -1000,6 +1000,13 @@ def launch(opts: LaunchOptions) -> int:
     if opts.cluster == "debug":
         plan = _plan(opts)
         return _run_debug(plan.fn, plan.target.out)
+    minutes = parse_time_minutes(opts.time or load_profile(opts.profile).time)
+    if minutes <= 10:
+        print(
+            f"hpcvae.launch: note: with --time of {minutes} min (<= 10) submitit counts every preemption as a "
+            f"time-out; both are limited by --max-requeues {opts.max_requeues}",
+            file=sys.stderr,
+        )
     sub = submit(opts)
     print(
         f"hpcvae.launch: submitted job {sub.job_id} ({opts.cluster}, {opts.nodes}x{opts.gpus_per_node} tasks)"

@@ -102,6 +102,22 @@ def test_cli_dry_run_prints_the_same_script_and_submits_nothing(
     assert not (run / "slurm").exists() and not (run / "launch.json").exists()
 
 
+def test_dry_run_works_without_slurm_installed(tiny_shards: Path, tmp_path: Path) -> None:
+    """A laptop without SLURM can still print the script it would submit."""
+    run = tmp_path / "runs" / "galaxy-vae"
+    r = subprocess.run(
+        [sys.executable, "-m", "hpcvae.launch", "--nodes", "4", "--gpus-per-node", "4", "--dry-run"]
+        + ["--profile", str(EXAMPLE_PROFILE), "--data", str(tiny_shards), "--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=dict(os.environ, PATH=str(Path(sys.executable).parent)),
+    )
+    assert r.returncode == 0, r.stderr
+    assert _normalise(r.stdout, run) == (GOLDEN / "sbatch_4x4_example_site.sh").read_text()
+
+
 def test_cpu_profile_requests_tasks_not_gpus(tiny_shards: Path, tmp_path: Path) -> None:
     script = dry_run_script(
         _opts(tiny_shards, tmp_path / "r", nodes=2, gpus_per_node=3, profile=str(DEV_PROFILE), dry_run=True)
