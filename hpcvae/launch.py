@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hpcvae.errors import ConfigError, HpcvaeError, LaunchError, ShardError
+from hpcvae.errors import ConfigError, LaunchError, ShardError
 
 ClusterKind = Literal["slurm", "local", "debug"]
 
@@ -1070,7 +1070,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "DEFAULT_ENV",
-    "HpcvaeError",
     "LaunchOptions",
     "SiteProfile",
     "TrainJob",
