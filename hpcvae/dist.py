@@ -90,6 +90,35 @@ def read_env() -> tuple[int, int, int]:
     return rank, local, world
 
 
+def _local_world_size(world: int) -> int:
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        v = os.environ.get(name, "")
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    tpn = os.environ.get("SLURM_TASKS_PER_NODE", "")  # e.g. "2(x4)" or "2"
+    head = tpn.split("(")[0].split(",")[0]
+    if head.isdigit() and int(head) > 0:
+        return int(head)
+    return world  # torchrun without LOCAL_WORLD_SIZE or plain env: assume one host
+
+
+def set_cpu_threads(world: int) -> int:
+    """Give each CPU rank its share of the cores, unless OMP_NUM_THREADS says otherwise.
+
+    torch defaults every process to all cores; two ranks on two cores then spin-wait
+    on each other's OpenMP threads and run ~30x slower than with one thread each.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    n = max(1, cores // max(1, _local_world_size(world)))
+    torch.set_num_threads(n)
+    return n
+
+
 def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> DistInfo:
     """Initialise the process group if there is more than one rank; pick device and backend.
 
@@ -107,6 +136,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
     else:
         dev = torch.device("cpu")
         backend = "gloo"
+        set_cpu_threads(world)
     if world > 1 and not tdist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
