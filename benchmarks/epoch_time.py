@@ -109,6 +109,8 @@ class EpochTimeConfig:
     seed_steps: int | None = None
     variant_timeout_s: float = 900.0
     workdir: str | None = None
+    profile: bool = False
+    """Profile one extra step of each variant with torch.profiler and report the top ops."""
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -176,23 +178,27 @@ def time_ours(variant: Variant, job: dict[str, Any]) -> dict[str, Any]:
     model = step.trainer.model
     n_params = sum(p.numel() for p in model.parameters())
     flops = flops_per_batch(variant.arch, job, step.trainer.manifest.image_size)
+    mm = _matmul_now(device, variant.precision)
     common.reset_peak_memory(device)
     _reset_rss_peak()
     warmup = job["warmup"] + (1 if variant.compile else 0)
     times = _run_steps(step, step.trainer.data, device, warmup, job["steps"])
     peak, peak_kind = _peak_memory(device)
+    profile = _profile_step(step, step.trainer.data, device) if job.get("profile") else None
     step.close()
     return {
         "variant": asdict(variant),
         "n_params": n_params,
         "flops_per_batch": flops,
         "steps_per_epoch_in_set": step.trainer.steps_per_epoch,
-        "first_s": times.first_s,
-        "step_s": times.step_s,
-        "wait_s": times.wait_s,
+        "warmup_times_s": times.first_s,
+        "step_times_s": times.step_s,
+        "wait_times_s": times.wait_s,
+        "matmul_tflops": mm,
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
         "engine_info": step.info,
+        "profile": profile,
     }
 
 
@@ -280,6 +286,32 @@ def _run_steps(step, data, device: torch.device, warmup: int, steps: int) -> Ste
     return out
 
 
+def _profile_step(step, data, device: torch.device, top: int = 12) -> list[dict[str, Any]]:
+    """torch.profiler over one more step: the ops that take the time, with their input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    it = iter(data.train_loader(1))
+    batch = next(it)
+    with profile(activities=acts, record_shapes=True) as prof:
+        step(batch)
+        common.sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    return [
+        {
+            "op": e.key,
+            "shapes": str(e.input_shapes)[:120],
+            "calls": e.count,
+            "self_ms": getattr(e, attr) / 1e3,
+            "share": getattr(e, attr) / total,
+        }
+        for e in ranked
+    ]
+
+
 def flops_per_batch(arch: str, job: dict[str, Any], size: int) -> int:
     """Forward+backward FLOPs of one batch, counted on the meta device (no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -325,6 +357,7 @@ def time_seed(arch: str, job: dict[str, Any]) -> dict[str, Any]:
     model = build_seed_model(arch, nf, z_dim)
     params = job["transform"]["params"]
     loader = seed_loader(job["seed_h5"], params["lo"], params["hi"], batch_size=job["batch_size"])
+    mm = _matmul_now(device, "fp32")
     common.reset_peak_memory(device)
     _reset_rss_peak()
     run = run_seed_loop(model, loader, device, steps=job["seed_steps"], warmup=job["warmup"])
@@ -333,13 +366,21 @@ def time_seed(arch: str, job: dict[str, Any]) -> dict[str, Any]:
         "arch": arch,
         "n_params": sum(p.numel() for p in model.parameters()),
         "flops_per_batch": seed_flops_per_batch(arch, job["batch_size"], nf, z_dim),
-        "step_s": run.step_times,
-        "wait_s": run.data_wait,
-        "first_s": [],
+        "step_times_s": run.step_times,
+        "wait_times_s": run.data_wait,
+        "warmup_times_s": [],
+        "matmul_tflops": mm,
         "final_loss": run.losses[-1] if run.losses else None,
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
     }
+
+
+def _matmul_now(device: torch.device, precision: str) -> float:
+    """The matmul rate right now, in this process: on a shared machine the rate moves with the load,
+    so each row's MFU is taken against a rate measured moments before its own steps."""
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    return common.matmul_tflops(device, dtype, reps=3)
 
 
 def _reset_rss_peak() -> None:
@@ -398,15 +439,15 @@ def _spawn(kind: str, what: str, job: dict[str, Any], workdir: Path, timeout_s: 
 
 def _derive(res: dict[str, Any], batch: int, env: dict[str, Any], precision: str) -> dict[str, Any]:
     """Per-step times -> images/s, epoch seconds, MFU, data-wait share."""
-    steps = np.asarray(res.get("step_s") or [], dtype=np.float64)
-    waits = np.asarray(res.get("wait_s") or [], dtype=np.float64)
+    steps = np.asarray(res.get("step_times_s") or [], dtype=np.float64)
+    waits = np.asarray(res.get("wait_times_s") or [], dtype=np.float64)
     if steps.size == 0:
         return {}
     mean = float(steps.mean())
     flops = res.get("flops_per_batch") or 0
-    mm = env["matmul_tflops"]["bf16" if precision in ("bf16", "fp16") else "fp32"]
+    mm = res.get("matmul_tflops") or env["matmul_tflops"]["bf16" if precision in ("bf16", "fp16") else "fp32"]
     peak = env.get("bf16_peak_tflops")
-    first = res.get("first_s") or []
+    first = res.get("warmup_times_s") or []
     d = {
         "step_s": mean,
         "step_s_median": float(np.median(steps)),
@@ -421,7 +462,10 @@ def _derive(res: dict[str, Any], batch: int, env: dict[str, Any], precision: str
         "achieved_tflops": flops / mean / 1e12,
         "mfu_vs_matmul": flops / mean / 1e12 / mm if mm else None,
         "mfu_vs_bf16_peak": flops / mean / 1e12 / peak if peak else None,
-        "compile_s": max(0.0, first[0] - mean) if first else None,
+        "warmup_overhead_s": max(0.0, first[0] - mean) if first else None,
+        "compile_s": max(0.0, first[0] - mean)
+        if first and res.get("variant", {}).get("option", "").endswith("compile")
+        else None,
         "first_step_s": first[0] if first else None,
     }
     return d
@@ -463,22 +507,22 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
             "z_dim": cfg.z_dim,
             "num_workers": cfg.num_workers,
             "seed_steps": cfg.seed_steps or cfg.steps,
+            "profile": cfg.profile,
         }
         rows: list[dict[str, Any]] = []
-        seeds: dict[str, dict[str, Any]] = {}
+        seed_jobs: dict[str, dict[str, Any]] = {}
         if cfg.seed_baseline:
-            wanted = sorted({SEED_REF[v.arch] for v in cfg.variants})
-            for arch in wanted:
-                info = data.get(158) or next(iter(data.values()))
-                if info["image_size"] != 158:
+            for arch in sorted({SEED_REF[v.arch] for v in cfg.variants}):
+                info = data.get(158)
+                if info is None:
                     print(f"epoch_time: seed {arch} skipped: the seed's modules are fixed at 158x158")
                     continue
-                job = {**base_job, "transform": info["transform"], "seed_h5": info["seed_h5"]}
-                res = _spawn("seed", arch, job, workdir, cfg.variant_timeout_s)
-                res.update(_derive(res, cfg.batch_size, env, "fp32"))
-                res["name"] = f"seed {arch} (fp32, h5py loader, .item() per step)"
-                seeds[arch] = res
-                _print_row(res["name"], res)
+                seed_jobs[arch] = {**base_job, "transform": info["transform"], "seed_h5": info["seed_h5"]}
+        # The seed runs before and after our variants: on a shared machine the load drifts, and
+        # bracketing keeps the ratio from hanging on one moment's load.
+        first_seed = {a: _spawn("seed", a, j, workdir, cfg.variant_timeout_s) for a, j in seed_jobs.items()}
+        for a, r in first_seed.items():
+            _print_row(f"seed {a} (before)", {**r, **_derive(r, cfg.batch_size, env, "fp32")})
         for v in cfg.variants:
             size = cfg.image_size or (128 if v.arch == "vae128" else 158)
             info = data[size]
@@ -487,13 +531,20 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
             res.update(_derive(res, cfg.batch_size, env, v.precision))
             res["name"] = v.name
             res.update(asdict(v))
-            ref = seeds.get(SEED_REF[v.arch])
-            if ref and res.get("images_per_s") and ref.get("images_per_s"):
-                res["seed_ref"] = SEED_REF[v.arch]
-                res["speedup_vs_seed"] = res["images_per_s"] / ref["images_per_s"]
-                res["compute_speedup_vs_seed"] = ref["compute_step_s"] / res["compute_step_s"]
             rows.append(res)
             _print_row(v.name, res)
+        seeds: dict[str, dict[str, Any]] = {}
+        for a, j in seed_jobs.items():
+            after = _spawn("seed", a, j, workdir, cfg.variant_timeout_s)
+            seeds[a] = _merge_seed_runs(a, first_seed[a], after, cfg.batch_size, env)
+            _print_row(seeds[a]["name"], seeds[a])
+        for res in rows:
+            ref = seeds.get(SEED_REF[res["arch"]])
+            if ref and res.get("images_per_s") and ref.get("images_per_s"):
+                res["seed_ref"] = SEED_REF[res["arch"]]
+                res["speedup_vs_seed"] = res["images_per_s"] / ref["images_per_s"]
+                res["speedup_vs_seed_best_step"] = ref["step_s_min"] / res["step_s_min"]
+                res["compute_speedup_vs_seed"] = ref["compute_step_s"] / res["compute_step_s"]
     env["loadavg_end"] = common.loadavg()
     seed_cvae2 = seeds.get("cvae2", {})
     flop_check = {
@@ -521,6 +572,24 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
     return payload
 
 
+def _merge_seed_runs(
+    arch: str, before: dict[str, Any], after: dict[str, Any], batch: int, env: dict[str, Any]
+) -> dict[str, Any]:
+    """One seed row from its two bracketing runs: all timed steps pooled, each run's mean kept."""
+    runs = [r for r in (before, after) if "error" not in r]
+    if not runs:
+        return {**before, "name": f"seed {arch}"}
+    merged = dict(runs[0])
+    for key in ("step_times_s", "wait_times_s"):
+        merged[key] = [t for r in runs for t in r.get(key, [])]
+    merged["matmul_tflops"] = float(np.mean([r["matmul_tflops"] for r in runs]))
+    merged["peak_memory_mb"] = max(r["peak_memory_mb"] for r in runs)
+    merged["run_means_s"] = [float(np.mean(r["step_times_s"])) for r in runs]
+    merged.update(_derive(merged, batch, env, "fp32"))
+    merged["name"] = f"seed {arch} (fp32, h5py loader, .item() per step)"
+    return merged
+
+
 def _print_row(name: str, r: dict[str, Any]) -> None:
     if "error" in r:
         print(f"  {name:45s} FAILED: {r['error']}")
@@ -540,7 +609,7 @@ COLUMNS = [
     ("epoch_s_81k", "s/epoch 81,499"),
     ("epoch_s_314k", "s/epoch 314,000"),
     ("speedup_vs_seed", "× seed (img/s)"),
-    ("compute_speedup_vs_seed", "× seed (compute)"),
+    ("speedup_vs_seed_best_step", "× seed (best step)"),
     ("gflop_per_image", "GFLOP/img f+b"),
     ("achieved_tflops", "TFLOP/s"),
     ("mfu_vs_matmul", "MFU vs matmul"),
@@ -549,6 +618,10 @@ COLUMNS = [
     ("compile_s", "compile s"),
     ("peak_memory_mb", "peak MB"),
 ]
+
+
+PROFILE_COLUMNS = [("op", "op"), ("shapes", "input shapes"), ("calls", "calls"), ("self_ms", "self ms"),
+                   ("share", "share")]  # fmt: skip
 
 
 def render_md(p: dict[str, Any]) -> str:
@@ -591,14 +664,28 @@ def render_md(p: dict[str, Any]) -> str:
         "",
         "Epoch seconds = mean timed step × (galaxies // batch), drop_last. `× seed (img/s)` divides our images/s by the "
         "seed loop's (cvae and fancy_cvae against the seed's cvae2, vae128 against its vae158: the baseline copies only "
-        "those two); `× seed (compute)` compares step times with the time spent waiting for the batch removed. "
+        "those two); the seed ran before and after our variants and its row pools both runs (this machine is shared, "
+        "the load drifts); `× seed (best step)` compares the fastest single steps, the figure least disturbed by "
+        "other processes. "
+        "MFU vs matmul: achieved FLOP/s over a big matmul timed in the same process just before the row's steps, in the "
+        "row's precision (bf16 for bf16 rows, fp32 for fp32 rows). `compile s`: the first step's excess over a timed step, for torch.compile rows. "
         f"Peak memory: {mem_kind}.",
         "",
         common.md_table(rows, COLUMNS),
+        "",
+        "Seed step means per run (before, after our variants): "
+        + "; ".join(
+            f"{a}: {', '.join(f'{t:.2f} s' for t in r.get('run_means_s', []))}" for a, r in p["seed"].items()
+        ),
     ]
     if failed:
         lines += ["", "## Variants that failed", ""]
         lines += [f"- `{r['name']}`: {r['error']}" for r in failed]
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += ["", "## Where the step's time goes (torch.profiler, one step after the timed ones)"]
+        for r in profiled:
+            lines += ["", f"### {r['name']}", "", common.md_table(r["profile"], PROFILE_COLUMNS)]
     lines += ["", "Raw per-step times are in the JSON twin of this file."]
     return "\n".join(lines)
 
@@ -649,6 +736,7 @@ def build_config(args: argparse.Namespace) -> EpochTimeConfig:
             seed_steps=args.seed_steps,
             variant_timeout_s=120,
             workdir=args.workdir,
+            profile=args.profile,
         )
     return EpochTimeConfig(
         variants=variants,
@@ -664,6 +752,7 @@ def build_config(args: argparse.Namespace) -> EpochTimeConfig:
         seed_steps=args.seed_steps,
         seed_baseline=not args.no_seed,
         workdir=args.workdir,
+        profile=args.profile,
     )
 
 
@@ -688,6 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--num-workers", type=int)
     ap.add_argument("--pool", type=int, default=64, help="galaxies rendered with hpcvae.synth")
     ap.add_argument("--workdir", help="scratch folder (default: the system temp dir)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over one extra step per variant")
     ap.add_argument(
         "--smoke", action="store_true", help="tiny run (< 1 min on 2 CPU cores): checks the suite works"
     )

@@ -132,7 +132,7 @@ def _check_rows(rows, keys):
 @pytest.mark.slow
 def test_epoch_time_smoke(tmp_path):
     out = tmp_path / "res"
-    assert epoch_main(["--smoke", "--out", str(out), "--workdir", str(tmp_path)]) == 0
+    assert epoch_main(["--smoke", "--profile", "--out", str(out), "--workdir", str(tmp_path)]) == 0
     (jp,) = out.glob("epoch_time-*.json")
     (mp,) = out.glob("epoch_time-*.md")
     p = json.loads(jp.read_text())
@@ -141,14 +141,23 @@ def test_epoch_time_smoke(tmp_path):
     assert len(env["loadavg_start"]) == 3 and _finite(env["matmul_tflops"]["bf16"])
     keys = ["step_s", "images_per_s", "epoch_s_81k", "epoch_s_314k", "gflop_per_image", "mfu_vs_matmul",
             "data_wait_share", "peak_memory_mb"]  # fmt: skip
-    _check_rows(p["results"], [*keys, "speedup_vs_seed", "compile_s"])
+    _check_rows(p["results"], [*keys, "speedup_vs_seed", "warmup_overhead_s"])
     _check_rows(list(p["seed"].values()), keys)
     assert {r["precision"] for r in p["results"]} == {"fp32", "bf16"}
+    assert all(r["profile"] and r["profile"][0]["self_ms"] > 0 for r in p["results"])
     for r in p["results"]:
         assert r["epoch_s_314k"] == pytest.approx(r["step_s"] * (314_000 // 8))
     assert _finite(p["flop_check"]["flopcounter_seed_cvae2_gflop_per_image"])
     md = mp.read_text()
-    for text in ("s/epoch 81,499", "s/epoch 314,000", "MFU vs matmul", "× seed", "load average", "no GPU"):
+    for text in (
+        "s/epoch 81,499",
+        "s/epoch 314,000",
+        "MFU vs matmul",
+        "× seed",
+        "load average",
+        "no GPU",
+        "profiler",
+    ):
         assert text in md
 
 
