@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpcvae.demo", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=2000, help="synthetic galaxies to render")
     p.add_argument("--size", type=int, default=64, help="stamp size for shards and the model")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--arch", default="cvae2")
     p.add_argument("--ranks", type=int, default=2, help="training processes (gloo DDP on CPU)")
     p.add_argument("--name", default="demo", help="names shards/synth-NAME, runs/NAME, reports/NAME")
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _run(
         [py, "-m", "hpcvae.shard", "--catalog", str(raw / "real_galaxy_catalog_synth.fits"),
-         "--size", str(args.size), "--out", str(shards), "--overwrite", *workers]
+         "--size", str(args.size), "--out", str(shards), "--pad", "noise", "--overwrite", *workers]
     )  # fmt: skip
     _run(
         [py, "-m", "hpcvae.launch", "--cluster", args.cluster, "--nodes", "1",
