@@ -184,6 +184,7 @@ def time_ours(variant: Variant, job: dict[str, Any]) -> dict[str, Any]:
     warmup = job["warmup"] + (1 if variant.compile else 0)
     times = _run_steps(step, step.trainer.data, device, warmup, job["steps"])
     peak, peak_kind = _peak_memory(device)
+    mm_after = _matmul_now(device, variant.precision)
     profile = _profile_step(step, step.trainer.data, device) if job.get("profile") else None
     step.close()
     return {
@@ -195,6 +196,7 @@ def time_ours(variant: Variant, job: dict[str, Any]) -> dict[str, Any]:
         "step_times_s": times.step_s,
         "wait_times_s": times.wait_s,
         "matmul_tflops": mm,
+        "matmul_tflops_after": mm_after,
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
         "engine_info": step.info,
@@ -362,6 +364,7 @@ def time_seed(arch: str, job: dict[str, Any]) -> dict[str, Any]:
     _reset_rss_peak()
     run = run_seed_loop(model, loader, device, steps=job["seed_steps"], warmup=job["warmup"])
     peak, peak_kind = _peak_memory(device)
+    mm_after = _matmul_now(device, "fp32")
     return {
         "arch": arch,
         "n_params": sum(p.numel() for p in model.parameters()),
@@ -370,6 +373,7 @@ def time_seed(arch: str, job: dict[str, Any]) -> dict[str, Any]:
         "wait_times_s": run.data_wait,
         "warmup_times_s": [],
         "matmul_tflops": mm,
+        "matmul_tflops_after": mm_after,
         "final_loss": run.losses[-1] if run.losses else None,
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
@@ -445,7 +449,9 @@ def _derive(res: dict[str, Any], batch: int, env: dict[str, Any], precision: str
         return {}
     mean = float(steps.mean())
     flops = res.get("flops_per_batch") or 0
-    mm = res.get("matmul_tflops") or env["matmul_tflops"]["bf16" if precision in ("bf16", "fp16") else "fp32"]
+    start_mm = env["matmul_tflops"]["bf16" if precision in ("bf16", "fp16") else "fp32"]
+    mm = res.get("matmul_tflops") or start_mm
+    rates = [r for r in (res.get("matmul_tflops"), res.get("matmul_tflops_after")) if r]
     peak = env.get("bf16_peak_tflops")
     first = res.get("warmup_times_s") or []
     d = {
@@ -462,6 +468,7 @@ def _derive(res: dict[str, Any], batch: int, env: dict[str, Any], precision: str
         "achieved_tflops": flops / mean / 1e12,
         "mfu_vs_matmul": flops / mean / 1e12 / mm if mm else None,
         "mfu_vs_bf16_peak": flops / mean / 1e12 / peak if peak else None,
+        "cpu_share": min(rates) / start_mm if rates and start_mm else None,
         "warmup_overhead_s": max(0.0, first[0] - mean) if first else None,
         "compile_s": max(0.0, first[0] - mean)
         if first and res.get("variant", {}).get("option", "").endswith("compile")
@@ -583,6 +590,7 @@ def _merge_seed_runs(
     for key in ("step_times_s", "wait_times_s"):
         merged[key] = [t for r in runs for t in r.get(key, [])]
     merged["matmul_tflops"] = float(np.mean([r["matmul_tflops"] for r in runs]))
+    merged["matmul_tflops_after"] = min(r.get("matmul_tflops_after") or r["matmul_tflops"] for r in runs)
     merged["peak_memory_mb"] = max(r["peak_memory_mb"] for r in runs)
     merged["run_means_s"] = [float(np.mean(r["step_times_s"])) for r in runs]
     merged.update(_derive(merged, batch, env, "fp32"))
@@ -615,6 +623,7 @@ COLUMNS = [
     ("mfu_vs_matmul", "MFU vs matmul"),
     ("mfu_vs_bf16_peak", "MFU vs bf16 peak"),
     ("data_wait_share", "data wait"),
+    ("cpu_share", "matmul rate vs start"),
     ("compile_s", "compile s"),
     ("peak_memory_mb", "peak MB"),
 ]
