@@ -39,8 +39,14 @@ def write_model(
     training: dict[str, Any],
     manifest_digest: str | None,
     beta_schedule: dict[str, Any] | None,
+    lr_schedule: dict[str, Any] | None = None,
+    flow_prior: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the pair into folder ``out`` (atomically: temp files, then rename); returns the weights path."""
+    """Write the pair into folder ``out`` (atomically: temp files, then rename); returns the weights path.
+
+    ``flow_prior`` is the description from ``hpcvae.prior.flow_meta``; the flow's weights are
+    then expected in ``state_dict`` under the ``flow_prior.`` prefix (``model.flow_prior``).
+    """
     from safetensors.torch import save_file
 
     from hpcvae import __version__
@@ -60,6 +66,8 @@ def write_model(
         "manifest_digest": manifest_digest,
         "hpcvae_version": __version__,
         "beta_schedule": beta_schedule,
+        "lr_schedule": lr_schedule,
+        "flow_prior": flow_prior,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     tmp_w, tmp_j = out / f".{MODEL_FILE}.tmp", out / f".{MODEL_JSON}.tmp"
@@ -100,6 +108,9 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: bool = True) -> Any:
     """A ready model in eval mode with its normalisation attached (``sample`` returns flux units).
 
+    A flow prior recorded in ``model.json`` is rebuilt and loaded too, and ``sample`` then
+    draws from it by default.
+
     ``path`` is a run folder, ``model.safetensors`` or ``model.json``.  Weights that do not
     fit the architecture and config in ``model.json`` are refused with the first mismatch.
     """
@@ -128,6 +139,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: 
         model = build_model(**cfg)
     except (HpcvaeError, TypeError) as exc:
         raise CheckpointError(f"{meta_path}: cannot rebuild the model from model_config: {exc}") from None
+    if meta.get("flow_prior"):  # weights under flow_prior.*; rebuilt from JSON, never unpickled
+        from hpcvae.prior import flow_from_meta
+
+        model.flow_prior = flow_from_meta(meta["flow_prior"], where=f"{meta_path}")
     _load_state(model, sd, strict=strict, where=f"{weights} (arch {cfg.get('arch')})")
     if meta.get("transform"):
         from hpcvae.transforms import transform_from_dict
@@ -197,6 +212,7 @@ def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         training=meta.get("summary", {}),
         manifest_digest=meta.get("manifest_digest"),
         beta_schedule=meta.get("beta"),
+        lr_schedule=meta.get("lr_schedule"),
     )
 
 

@@ -33,7 +33,7 @@ import torch.distributed as tdist
 
 from hpcvae import __version__
 from hpcvae.checkpoint import Checkpointer, resolve_resume
-from hpcvae.config import JobConfig, dump_toml
+from hpcvae.config import JobConfig, dump_toml, to_dict
 from hpcvae.dist import DistInfo, barrier, print0
 from hpcvae.engines import Engine, build_engine
 from hpcvae.errors import ConfigError, HpcvaeError
@@ -433,6 +433,12 @@ class Trainer:
                 "train_time_s": self._train_time, "world_size": self.dist.world_size,
                 "engine": self.cfg.train.engine, "precision": self.cfg.train.precision}  # fmt: skip
 
+    def lr_schedule_dict(self) -> dict[str, Any]:
+        """The LR curve for model.json: optimizer, scheduler config and the step counts it was laid over."""
+        return {"optim": to_dict(self.cfg.optim), "scheduler": to_dict(self.cfg.scheduler),
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "last_lr": self.engine.lr()}  # fmt: skip
+
     def save_checkpoint(self) -> Path:
         meta = {
             "global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
@@ -440,7 +446,8 @@ class Trainer:
             "arch": self.cfg.model.arch, "model_config": self.model.config, "engine": self.cfg.train.engine,
             "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.train.precision,
             "manifest_digest": self.manifest.digest, "transform": self.transform.to_dict(),
-            "beta": self.beta.to_dict(), "summary": self._summary(), "hpcvae_version": __version__,
+            "beta": self.beta.to_dict(), "lr_schedule": self.lr_schedule_dict(), "summary": self._summary(),
+            "hpcvae_version": __version__,
         }  # fmt: skip
         self.last_checkpoint = self.checkpointer.save(
             self.global_step, engine=self.engine, components={"scheduler": self.scheduler}, meta=meta,
@@ -457,7 +464,7 @@ class Trainer:
         if self.dist.is_main:
             write_model(self.out, sd, model_config=self.model.config, transform=self.transform.to_dict(),
                         training=self._summary(), manifest_digest=self.manifest.digest,
-                        beta_schedule=self.beta.to_dict())  # fmt: skip
+                        beta_schedule=self.beta.to_dict(), lr_schedule=self.lr_schedule_dict())  # fmt: skip
             if self.cfg.train.sample_grid:
                 write_samples(self.out)
         barrier()

@@ -374,19 +374,27 @@ class GalaxyVAE(nn.Module):
     def _out(self, images: torch.Tensor, physical: bool) -> torch.Tensor:
         return self.transform.inverse(images) if physical else images
 
+    @property
+    def default_prior(self) -> str:
+        """``flow`` once a fitted flow prior is attached (``hpcvae.train_prior``), else ``normal``."""
+        return "normal" if self.flow_prior is None else "flow"
+
     def _prior_sample(
         self, n: int, r: torch.Tensor | None, generator: torch.Generator | None, prior: str | None
     ) -> torch.Tensor:
         device = self._device()
         dtype = self._dtype()
-        kind = prior or "normal"
+        kind = prior or self.default_prior
         if kind == "normal":
             gen_device = generator.device if generator is not None else device
             z = torch.randn(n, self.spec.z_dim, generator=generator, device=gen_device, dtype=dtype)
             return z.to(device)
         if kind == "flow":
             if self.flow_prior is None:
-                raise ModelError(f"{self.arch}: model has no flow prior (prior='flow'); use prior='normal'")
+                raise ModelError(
+                    f"{self.arch}: prior='flow' but this model has no flow prior; fit one with "
+                    "`python -m hpcvae.train_prior MODEL --data SHARDS` or use prior='normal'"
+                )
             # The flow owns its base distribution; it gets the condition for conditional models.
             return self.flow_prior.sample(n, redshift=r, generator=generator).to(device=device, dtype=dtype)
         raise ModelError(f"{self.arch}: unknown prior {kind!r} (choices: normal, flow)")
@@ -399,7 +407,11 @@ class GalaxyVAE(nn.Module):
         normalized: bool | None = None,
         prior: str | None = None,
     ) -> torch.Tensor:
-        """``n`` new galaxies (n, 1, H, W) from z ~ prior; conditional models need a redshift (float or n)."""
+        """``n`` new galaxies (n, 1, H, W) from z ~ prior; conditional models need a redshift (float or n).
+
+        ``prior``: ``"flow"`` (the fitted flow prior; the default when the model has one) or
+        ``"normal"`` (N(0, I), what the VAE was trained against).
+        """
         if n < 1:
             raise ModelError(f"{self.arch}: sample needs n >= 1, got {n}")
         physical = self._physical(normalized)

@@ -1,0 +1,519 @@
+"""``python -m hpcvae.train_prior MODEL --data shards/NAME``: fit a flow prior to a trained VAE.
+
+Two phases, on every rank:
+
+1. encode this rank's share of the train split (one exact epoch of ``ShardData``, model
+   in eval mode, encoder means) and of the val split into in-memory tensors;
+2. train a ``zuko`` flow on those latents (conditioned on zphot for the conditional
+   models) through the same DDP engine, checkpointer and LR schedules as VAE training:
+   seeded per-epoch shuffles of each rank's fixed share, the same number of steps on every
+   rank, atomic keep-last-K checkpoints with ``--resume auto``, SIGUSR2/SIGTERM -> save and
+   exit 3, tqdm on rank 0, ``metrics.jsonl``.
+
+The fitted flow is written into the model files themselves (``model.safetensors`` under
+``flow_prior.``, its description in ``model.json``), so ``load_model(...).sample(n)`` draws
+from it by default.  Work files (checkpoints, metrics) go to ``OUT/prior/``.
+
+    python -m hpcvae.train_prior runs/debug --data shards/synth-debug --epochs 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from hpcvae.checkpoint import Checkpointer, resolve_resume
+from hpcvae.cli import run_cli
+from hpcvae.config import (
+    CheckpointConfig,
+    DataConfig,
+    JobConfig,
+    OptimConfig,
+    SchedulerConfig,
+    TrainConfig,
+    to_dict,
+)
+from hpcvae.dist import DistInfo, all_reduce_flag, barrier, cleanup, init_distributed, print0
+from hpcvae.errors import CheckpointError, ConfigError, ModelError
+from hpcvae.prior import PREFIX, FlowKind, FlowSpec, build_flow, flow_meta, gaussian_nll, vae_digest
+
+EXIT_COMPLETED = 0
+EXIT_PREEMPTED = 3
+WORK_DIR = "prior"
+
+
+@dataclass(kw_only=True)
+class PriorConfig:
+    model: str
+    """The trained VAE: a run folder, ``model.safetensors`` or ``model.json``."""
+    data: str
+    """Shard set whose train split the flow is fitted on (normally the VAE's own)."""
+    out: str | None = None
+    """Folder for the model files with the flow; ``None`` = the model's own folder (updated in place)."""
+    epochs: int = 100
+    """Passes over the train latents."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """LR decay over the whole fit."""
+    batch_size: int = 256
+    """Latents per rank per step."""
+    encode_batch_size: int = 64
+    """Images per encoder batch; also the loader's drop granularity (< world_size * this per epoch)."""
+    kind: FlowKind = "maf"
+    """zuko flow: ``maf`` (affine) or ``nsf`` (splines)."""
+    transforms: int = 4
+    """Autoregressive transforms in the flow."""
+    hidden_features: tuple[int, ...] = (64, 64)
+    """Hidden widths of each transform's MLP."""
+    seed: int = 0
+    """Seeds the flow's initial weights and the per-epoch shuffles."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` uses CUDA when present."""
+    num_workers: int = 0
+    """DataLoader workers for the encoding pass."""
+    max_steps_per_epoch: int = 0
+    """Cap steps per epoch (0 = none); for smoke runs."""
+    log_every: int = 20
+    """Steps between train-metric records."""
+    checkpoint: CheckpointConfig = field(
+        default_factory=lambda: CheckpointConfig(every_steps=500, keep_last=2)
+    )
+    """every_steps / keep_last / resume, as for VAE training."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "encode_batch_size", "transforms", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train_prior: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train_prior: lr must be > 0, got {self.lr}")
+        if self.max_steps_per_epoch < 0 or self.num_workers < 0:
+            raise ConfigError("train_prior: max_steps_per_epoch and num_workers must be >= 0")
+        if self.kind not in ("maf", "nsf"):
+            raise ConfigError(f"train_prior: kind must be 'maf' or 'nsf', got {self.kind!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train_prior: schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not self.hidden_features or min(self.hidden_features) < 1:
+            raise ConfigError(f"train_prior: hidden_features must be positive, got {self.hidden_features}")
+
+
+@dataclass(kw_only=True)
+class PriorResult:
+    status: Literal["completed", "preempted"]
+    model_dir: Path
+    """Folder holding model.safetensors + model.json (with the flow once completed)."""
+    checkpoint: Path | None
+    summary: dict[str, Any]
+
+
+def _model_dir(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def _shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, 0xF10, epoch, rank]).generate_state(1)[0])
+
+
+class PriorTrainer:
+    """Encode once, then fit the flow; every method runs on all ranks together."""
+
+    def __init__(self, cfg: PriorConfig, dist: DistInfo) -> None:
+        from hpcvae.consolidate import load_model
+        from hpcvae.data import ShardData
+        from hpcvae.engines import DDPEngine
+        from hpcvae.manifest import Manifest
+        from hpcvae.schedules import lr_scheduler
+
+        self.cfg, self.dist = cfg, dist
+        src = Path(cfg.model)
+        if not src.exists():
+            raise CheckpointError(f"{src}: no such model file or run folder")
+        self.vae = load_model(src, device=dist.device)
+        self.meta = self.vae.model_info
+        self.vae_sd = {k: v for k, v in self.vae.state_dict().items() if not k.startswith(PREFIX)}
+        self.digest = vae_digest(self.vae_sd)
+        self.out = Path(cfg.out) if cfg.out else _model_dir(src)
+        self.work = self.out / WORK_DIR
+        self._stop = False
+
+        self.manifest = Manifest.load(cfg.data)
+        arch = self.vae.config["arch"]
+        if self.manifest.image_size != self.vae.image_size:
+            raise ModelError(
+                f"{src}: {arch} expects {self.vae.image_size}x{self.vae.image_size} images but "
+                f"{self.manifest.path} holds {self.manifest.image_size}x{self.manifest.image_size}"
+            )
+        if self.vae.conditional and not self.manifest.has_redshift:
+            raise ModelError(f"{src}: {arch} is conditioned on redshift but {self.manifest.path} has none")
+        if self.vae.transform is None:
+            raise CheckpointError(f"{src}: model.json records no normalisation; cannot encode raw shards")
+        if self.meta.get("manifest_digest") not in (None, self.manifest.digest):
+            print0(f"train_prior: note: {self.manifest.path} is not the shard set the VAE was trained on")
+
+        # -- phase 1: latents of this rank's share ---------------------------------------------
+        dcfg = DataConfig(path=cfg.data, batch_size=cfg.encode_batch_size, num_workers=cfg.num_workers,
+                          persistent_workers=False)  # fmt: skip
+        data = ShardData(dcfg, self.manifest, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
+                         transform=self.vae.transform)  # fmt: skip
+        t0 = time.perf_counter()
+        self.z_train, self.c_train = self._encode(data.train_loader(0))
+        self.z_val, self.c_val = self._encode(data.val_loader())
+        self.encode_s = time.perf_counter() - t0
+        self.encode_dropped = data.dropped_per_epoch
+
+        stats = self._global_stats()
+        self.n_train = int(stats["n"])
+        spec = FlowSpec(z_dim=self.vae.z_dim, conditional=bool(self.vae.conditional), kind=cfg.kind,
+                        transforms=cfg.transforms, hidden_features=cfg.hidden_features)  # fmt: skip
+        self.spec = spec
+        torch.manual_seed(cfg.seed)  # identical initial flow on every rank
+        self.flow = build_flow(spec)
+        self.flow.set_standardisation(stats["z_mean"], stats["z_std"], stats["c_mean"], stats["c_std"])
+        self.agg = {"mu_mean": stats["z_mean"].tolist(), "mu_var": (stats["z_std"] ** 2).tolist()}
+
+        # -- phase 2 set-up: the training engine and schedule ----------------------------------
+        n_local = self.z_train.shape[0]
+        steps = torch.tensor([n_local // cfg.batch_size], dtype=torch.int64)
+        if dist.distributed:  # every rank must run the same number of steps
+            tdist.all_reduce(steps, op=tdist.ReduceOp.MIN)
+        self.steps_per_epoch = int(steps.item())
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"{self.manifest.path}: {n_local} train latents on rank {dist.rank}, fewer than "
+                f"--batch-size {cfg.batch_size}; lower it"
+            )
+        job = JobConfig(out=str(self.work), optim=OptimConfig(lr=cfg.lr),
+                        train=TrainConfig(epochs=cfg.epochs, seed=cfg.seed, device=cfg.device))  # fmt: skip
+        self.engine = DDPEngine(job, self.flow, dist)
+        self.sched_cfg = SchedulerConfig(kind=cfg.schedule)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.scheduler = lr_scheduler(self.engine.optimizer, self.sched_cfg, total_steps=self.total_steps,
+                                      steps_per_epoch=self.steps_per_epoch)  # fmt: skip
+        self.checkpointer = Checkpointer(self.work, keep_last=cfg.checkpoint.keep_last, dist=dist)
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.last_checkpoint: Path | None = None
+        self.history: dict[str, Any] = {"train_nll": None, "val_nll": None, "train_time_s": 0.0}
+        self._jsonl: Any = None
+        self._bar: Any = None
+        if dist.is_main:
+            self.work.mkdir(parents=True, exist_ok=True)
+            (self.work / "prior_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        self._resume()
+
+    # -- phase 1 ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, loader: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.vae.eval()
+        zs, cs = [], []
+        for batch in loader:
+            x = batch["image"].to(self.dist.device)
+            r = batch["redshift"].to(self.dist.device) if self.vae.conditional else None
+            mu, _ = self.vae.encode(x, r)
+            zs.append(mu.float().cpu())
+            if r is not None:
+                cs.append(r.float().cpu())
+        z = torch.cat(zs) if zs else torch.zeros(0, self.vae.z_dim)
+        c = (torch.cat(cs) if cs else torch.zeros(0)) if self.vae.conditional else None
+        return z, c
+
+    def _global_stats(self) -> dict[str, Any]:
+        """Mean/std of the train latents (and zphot) over all ranks: the flow's fixed standardisation."""
+        z, c = self.z_train.double(), self.c_train
+        zd = z.shape[1]
+        cs = c.double() if c is not None else torch.zeros(0, dtype=torch.float64)
+        v = torch.cat([torch.tensor([float(z.shape[0])], dtype=torch.float64), z.sum(0), (z**2).sum(0),
+                       torch.stack([cs.sum(), (cs**2).sum()])])  # fmt: skip
+        if self.dist.distributed:
+            dev = self.dist.device if self.dist.backend == "nccl" else torch.device("cpu")
+            t = v.to(dev)
+            tdist.all_reduce(t)
+            v = t.cpu()
+        n = v[0].item()
+        if n < 2:
+            raise ConfigError(f"{self.manifest.path}: only {int(n)} train galaxies were encoded; need >= 2")
+        mean = v[1 : 1 + zd] / n
+        var = (v[1 + zd : 1 + 2 * zd] / n - mean**2).clamp_min(0)
+        c_mean = v[1 + 2 * zd].item() / n
+        c_var = max(v[2 + 2 * zd].item() / n - c_mean**2, 0.0)
+        return {"n": n, "z_mean": mean.float(), "z_std": var.sqrt().float(),
+                "c_mean": c_mean if c is not None else 0.0, "c_std": c_var**0.5 if c is not None else 1.0}  # fmt: skip
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _expect(self) -> dict[str, Any]:
+        return {"checkpoint_of": "flow_prior", "vae_digest": self.digest, "flow": self.spec.to_dict()}
+
+    def _resume(self) -> None:
+        folder = resolve_resume(self.cfg.checkpoint.resume, self.work)
+        if folder is None:
+            return
+        meta = self.checkpointer.load(folder, engine=self.engine, components={"scheduler": self.scheduler},
+                                      expect=self._expect())  # fmt: skip
+        self.global_step = int(meta["global_step"])
+        self.epoch, self.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
+        self.history = meta.get("history", self.history)
+        same = (meta.get("world_size"), meta.get("batch_size"), meta.get("steps_per_epoch")) == (
+            self.dist.world_size, self.cfg.batch_size, self.steps_per_epoch)  # fmt: skip
+        if self.step_in_epoch > 0 and not same:  # another split of the latents: restart at the next epoch
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.last_checkpoint = folder
+        print0(f"train_prior: resumed from {folder} at epoch {self.epoch}, step {self.step_in_epoch}")
+
+    def save_checkpoint(self) -> Path:
+        meta = {**self._expect(), "global_step": self.global_step, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
+                "batch_size": self.cfg.batch_size, "history": self.history}  # fmt: skip
+        self.last_checkpoint = self.checkpointer.save(
+            self.global_step, engine=self.engine, components={"scheduler": self.scheduler}, meta=meta,
+            config_toml=f"# hpcvae.train_prior\n# {json.dumps(to_dict(self.cfg))}\n",
+        )  # fmt: skip
+        return self.last_checkpoint
+
+    # -- phase 2 ---------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def train(self) -> PriorResult:
+        old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR2, signal.SIGTERM):
+                old[sig] = signal.signal(sig, lambda s, f: self.request_stop())
+        try:
+            self._open_logs()
+            print0(
+                f"train_prior: {self.spec.kind} flow ({self.spec.transforms} transforms, hidden "
+                f"{list(self.spec.hidden_features)}, context {'zphot' if self.spec.conditional else 'none'}) on "
+                f"{self.n_train} train latents ({self.encode_dropped} dropped by the loader), "
+                f"{self.dist.world_size} rank(s), {self.steps_per_epoch} steps/epoch of {self.cfg.batch_size}; "
+                f"encoding took {self.encode_s:.1f} s"
+            )
+            while self.epoch < self.cfg.epochs:
+                if not self._train_epoch():
+                    return PriorResult(status="preempted", model_dir=self.out, checkpoint=self.last_checkpoint,
+                                       summary=self.history)  # fmt: skip
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.save_checkpoint()
+            summary = self._finish()
+            return PriorResult(status="completed", model_dir=self.out, checkpoint=self.last_checkpoint,
+                               summary=summary)  # fmt: skip
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            for obj in (self._bar, self._jsonl):
+                if obj is not None:
+                    obj.close()
+            self._bar = self._jsonl = None
+
+    def _train_epoch(self) -> bool:
+        cfg, dev = self.cfg, self.dist.device
+        g = torch.Generator().manual_seed(_shuffle_seed(cfg.seed, self.epoch, self.dist.rank))
+        perm = torch.randperm(self.z_train.shape[0], generator=g)
+        if self._bar is not None:
+            self._bar.reset(total=self.steps_per_epoch)
+            self._bar.update(self.step_in_epoch)
+            self._bar.set_description(f"prior epoch {self.epoch + 1}/{cfg.epochs}")
+        self.engine.module.train()
+        acc, n_acc, t0 = torch.zeros((), device=dev), 0, time.perf_counter()
+        b = cfg.batch_size
+        while self.step_in_epoch < self.steps_per_epoch:
+            idx = perm[self.step_in_epoch * b : (self.step_in_epoch + 1) * b]
+            z = self.z_train[idx].to(dev, non_blocking=True)
+            c = self.c_train[idx].to(dev, non_blocking=True) if self.c_train is not None else None
+            loss = self.engine.forward(z, c)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.scheduler.step()
+            acc += loss.detach()
+            n_acc += 1
+            self.step_in_epoch += 1
+            self.global_step += 1
+            if self._bar is not None:
+                self._bar.update(1)
+            if n_acc >= cfg.log_every or self.step_in_epoch == self.steps_per_epoch:
+                self._log_train(acc, n_acc, time.perf_counter() - t0)
+                acc.zero_()
+                n_acc, t0 = 0, time.perf_counter()
+            every = cfg.checkpoint.every_steps
+            if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                self.save_checkpoint()
+            if all_reduce_flag(self._stop, dev if self.dist.backend == "nccl" else None):
+                if n_acc:
+                    self._log_train(acc, n_acc, time.perf_counter() - t0)
+                self.save_checkpoint()
+                print0(f"train_prior: stop requested: checkpoint {self.last_checkpoint} written")
+                return False
+        self.validate()
+        return True
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.dist.distributed:
+            dev = self.dist.device if self.dist.backend == "nccl" else torch.device("cpu")
+            t = t.to(dev)
+            tdist.all_reduce(t)
+        return t.cpu().tolist()
+
+    @torch.no_grad()
+    def _nll_sum(self, z: torch.Tensor, c: torch.Tensor | None) -> float:
+        module = self.engine.module
+        module.eval()
+        total = 0.0
+        for s in range(0, z.shape[0], 4096):
+            zz = z[s : s + 4096].to(self.dist.device)
+            cc = c[s : s + 4096].to(self.dist.device) if c is not None else None
+            total += float(-module.log_prob(zz, cc).double().sum())
+        module.train()
+        return total
+
+    def validate(self) -> dict[str, float | None]:
+        """Mean NLL per galaxy of the val latents: the flow against N(0, I) and a fitted diagonal Gaussian."""
+        mean = torch.tensor(self.agg["mu_mean"])
+        var = torch.tensor(self.agg["mu_var"]).clamp_min(1e-12)
+        zv = self.z_val
+        s_flow, s_std, s_diag, n = self._reduce([
+            self._nll_sum(zv, self.c_val), float(gaussian_nll(zv).double().sum()),
+            float(gaussian_nll(zv, mean, var).double().sum()), float(zv.shape[0])])  # fmt: skip
+        res = {"nll": s_flow / n if n else None, "nll_standard_normal": s_std / n if n else None,
+               "nll_diag_gaussian": s_diag / n if n else None, "count": int(n)}  # fmt: skip
+        self.history["val_nll"] = res["nll"]
+        self.history["val"] = res
+        self._write({"kind": "val", "epoch": self.epoch, "step": self.global_step, **res})
+        return res
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _open_logs(self) -> None:
+        if not self.dist.is_main:
+            return
+        self._jsonl = open(self.work / "metrics.jsonl", "a")
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self.steps_per_epoch, unit="step", dynamic_ncols=True, mininterval=1.0,
+                         file=sys.stderr)  # fmt: skip
+        self._write({"kind": "start", "epoch": self.epoch, "step": self.global_step,
+                     "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
+                     "batch_size": self.cfg.batch_size, "n_train_latents": self.n_train,
+                     "encode_dropped": self.encode_dropped, "encode_s": self.encode_s})  # fmt: skip
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(rec) + "\n")
+            self._jsonl.flush()
+
+    def _log_train(self, acc: torch.Tensor, n: int, dt: float) -> None:
+        nll = self._reduce([float(acc) / n])[0] / self.dist.world_size
+        self.history["train_nll"] = nll
+        self.history["train_time_s"] = float(self.history.get("train_time_s", 0.0)) + dt
+        self._write({"kind": "train", "epoch": self.epoch, "step": self.global_step, "nll": nll,
+                     "lr": self.engine.lr(), "step_time_s": dt / n})  # fmt: skip
+        if self._bar is not None:
+            self._bar.set_postfix(nll=f"{nll:.4g}", refresh=False)
+
+    # -- the end ---------------------------------------------------------------------------------
+    def _finish(self) -> dict[str, Any]:
+        """Write VAE + flow into the model files (rank 0), with the flow's description in model.json."""
+        from hpcvae.consolidate import write_model
+
+        val = self.history.get("val") or self.validate()
+        training = {
+            "epochs": self.cfg.epochs, "steps": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+            "batch_size_per_rank": self.cfg.batch_size, "world_size": self.dist.world_size,
+            "optimizer": "Adam", "lr": self.cfg.lr, "lr_schedule": to_dict(self.sched_cfg),
+            "seed": self.cfg.seed, "n_train_latents": self.n_train,
+            "encode_dropped_per_rank_layout": self.encode_dropped,
+            "data": str(self.manifest.root), "manifest_digest": self.manifest.digest,
+            "vae_digest": self.digest, "train_nll_last": self.history.get("train_nll"),
+            "train_time_s": self.history.get("train_time_s"),
+        }  # fmt: skip
+        evaluation = {
+            "val_nll": val["nll"], "val_nll_standard_normal": val["nll_standard_normal"],
+            "val_nll_diag_gaussian": val["nll_diag_gaussian"], "val_count": val["count"],
+            "nll_unit": "nats per galaxy, raw latent space",
+            "aggregate_posterior": {"of": "encoder means, train split", **self.agg},
+        }  # fmt: skip
+        block = flow_meta(self.spec, self.flow, training=training, evaluation=evaluation)
+        if self.dist.is_main:
+            m = self.meta
+            sd = {**self.vae_sd, **{PREFIX + k: v for k, v in self.flow.state_dict().items()}}
+            write_model(self.out, sd, model_config=m["model_config"], transform=m.get("transform"),
+                        training=m.get("training") or {}, manifest_digest=m.get("manifest_digest"),
+                        beta_schedule=m.get("beta_schedule"), lr_schedule=m.get("lr_schedule"),
+                        flow_prior=block)  # fmt: skip
+            print0(
+                f"train_prior: val NLL {val['nll']:.4g} nats/galaxy (N(0, I): {val['nll_standard_normal']:.4g}, "
+                f"diagonal Gaussian: {val['nll_diag_gaussian']:.4g}) on {val['count']} galaxies; "
+                f"wrote the flow into {self.out / 'model.safetensors'}"
+            )
+        barrier()
+        return block
+
+
+def run(cfg: PriorConfig) -> PriorResult:
+    """Fit the prior in this process (one rank of however many the environment says)."""
+    dist = init_distributed(device=None if cfg.device == "auto" else cfg.device)
+    try:
+        return PriorTrainer(cfg, dist).train()
+    finally:
+        cleanup()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcvae.train_prior", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="trained VAE: run folder, model.safetensors or model.json")
+    p.add_argument("--data", required=True, help="shard set folder (normally the VAE's training data)")
+    p.add_argument("--out", help="folder for the model files with the flow (default: the model's folder)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--schedule", default="cosine", help="LR schedule: constant or cosine (default)")
+    p.add_argument("--batch-size", type=int, default=256, help="latents per rank per step")
+    p.add_argument("--encode-batch-size", type=int, default=64)
+    p.add_argument("--kind", default="maf", help="maf (default) or nsf")
+    p.add_argument("--transforms", type=int, default=4)
+    p.add_argument("--hidden", default="64,64", help="hidden widths, comma-separated (default 64,64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the encoding pass")
+    p.add_argument("--resume", default="auto", help="auto (latest in OUT/prior), none, or a checkpoint path")
+    p.add_argument("--every-steps", type=int, default=500, help="checkpoint every N steps (0: epoch ends)")
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--max-steps-per-epoch", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=20)
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> PriorConfig:
+    try:
+        hidden = tuple(int(h) for h in str(a.hidden).split(",") if h.strip())
+    except ValueError:
+        raise ConfigError(f"--hidden {a.hidden!r}: expected comma-separated integers like 64,64") from None
+    if a.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {a.device!r} is not one of auto, cpu, cuda")
+    return PriorConfig(
+        model=a.model, data=a.data, out=a.out, epochs=a.epochs, lr=a.lr, schedule=a.schedule,
+        batch_size=a.batch_size, encode_batch_size=a.encode_batch_size, kind=a.kind,
+        transforms=a.transforms, hidden_features=hidden, seed=a.seed, device=a.device,
+        num_workers=a.workers, max_steps_per_epoch=a.max_steps_per_epoch, log_every=a.log_every,
+        checkpoint=CheckpointConfig(every_steps=a.every_steps, keep_last=a.keep_last, resume=a.resume),
+    )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    result = run(config_from_args(parser().parse_args(argv)))
+    return EXIT_COMPLETED if result.status == "completed" else EXIT_PREEMPTED
+
+
+if __name__ == "__main__":
+    run_cli(main, "hpcvae.train_prior")
