@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from hpcvae.checkpoint import Checkpointer, resolve_resume
+from hpcvae.checkpoint import CHECKPOINT_DIR, Checkpointer, resolve_resume
 from hpcvae.cli import run_cli
 from hpcvae.config import (
     CheckpointConfig,
@@ -257,6 +258,13 @@ class PriorTrainer:
         return {"checkpoint_of": "flow_prior", "vae_digest": self.digest, "flow": self.spec.to_dict()}
 
     def _resume(self) -> None:
+        if self.cfg.checkpoint.resume == "none":
+            # A fresh fit must not find an old fit's step-N (the checkpointer keeps complete ones).
+            old = self.work / CHECKPOINT_DIR
+            if self.dist.is_main and old.is_dir():
+                print0(f"train_prior: --resume none: removing the previous fit's checkpoints in {old}")
+                shutil.rmtree(old)
+            barrier()
         folder = resolve_resume(self.cfg.checkpoint.resume, self.work)
         if folder is None:
             return

@@ -57,6 +57,8 @@ class EvalConfig:
     """Side of the generation grids."""
     dpi: int = 110
     """PNG resolution."""
+    prior: str | None = None
+    """Latent prior of generated galaxies: ``flow``, ``normal``, or ``None`` = the model's default (its flow if fitted)."""
 
     def __post_init__(self) -> None:
         if self.n < 2:
@@ -67,6 +69,8 @@ class EvalConfig:
             raise ConfigError("evaluate: sweep_rows, n_recon, latent_dims and grid_size must be >= 1")
         if not self.grid_redshifts or not self.sweep_redshifts:
             raise ConfigError("evaluate: grid_redshifts and sweep_redshifts must not be empty")
+        if self.prior not in (None, "flow", "normal"):
+            raise ConfigError(f"evaluate: prior must be 'flow' or 'normal', got {self.prior!r}")
 
 
 @dataclass(kw_only=True)
@@ -345,14 +349,16 @@ def evaluate(
     real_stats = _merge(acc.stats, pixel_scale)
 
     # -- 2. generate as many galaxies, following the real redshifts ----------------------
+    # Through model.sample, so a fitted flow prior is used unless cfg.prior says otherwise.
+    prior = cfg.prior or getattr(m, "default_prior", "normal")
     gen = torch.Generator().manual_seed(cfg.seed)
     gen_stats_parts = []
     with torch.no_grad():
         for start in range(0, n_real, cfg.batch_size):
             b = min(cfg.batch_size, n_real - start)
-            z = torch.randn(b, m.z_dim, generator=gen).to(dev, dtype)
             r = torch.as_tensor(z_real[start : start + b], device=dev) if conditional else None
-            img = transform.inverse(m.decode(z, r).float().cpu())
+            imgs = m.sample(b, redshift=r, generator=gen, normalized=True, prior=prior)
+            img = transform.inverse(imgs.float().cpu())
             gen_stats_parts.append(moments(img.numpy(), 1.0))
     gen_stats = _merge(gen_stats_parts, pixel_scale)
 
@@ -362,6 +368,7 @@ def evaluate(
         "n_generated": n_real,
         "generated_redshifts": "the real galaxies' zphot, one each" if conditional else None,
         "latent_seed": cfg.seed,
+        "prior": prior,
         "hsm_failures": {
             "real": int((~real_stats["ok"]).sum()),
             "generated": int((~gen_stats["ok"]).sum()),
@@ -426,21 +433,30 @@ def evaluate(
 
     # -- 5. generation grids --------------------------------------------------------------
     n_grid = cfg.grid_size * cfg.grid_size
-    grid_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    z_grid = torch.randn(n_grid, m.z_dim, generator=grid_gen).to(dev, dtype)
-    generation: dict[str, Any] = {"n_per_grid": n_grid, "latents": "N(0, I), the same latents in every grid"}
+
+    def grid_sample(redshift: float | None) -> Any:
+        g = torch.Generator().manual_seed(cfg.seed + 1)  # the same base noise in every grid
+        return m.sample(n_grid, redshift=redshift, generator=g, normalized=True, prior=prior).float().cpu()
+
+    generation: dict[str, Any] = {
+        "n_per_grid": n_grid,
+        "prior": prior,
+        "latents": "N(0, I), the same latents in every grid"
+        if prior == "normal"
+        else "flow prior: the same base noise in every grid, mapped through the flow",
+    }
     with torch.no_grad():
         if conditional:
             generation["grids"] = {}
             for zval in cfg.grid_redshifts:
-                imgs = m.decode(z_grid, torch.full((n_grid,), float(zval), device=dev)).float().cpu()
+                imgs = grid_sample(float(zval))
                 name = save(
                     plots.plot_generation_grid(imgs, title=f"generated at z = {zval:g}", nrow=cfg.grid_size),
                     f"generations_z{zval:g}.png",
                 )
                 generation["grids"][f"{zval:g}"] = name
         else:
-            imgs = m.decode(z_grid, None).float().cpu()
+            imgs = grid_sample(None)
             generation["grids"] = {
                 "unconditional": save(
                     plots.plot_generation_grid(imgs, title="generated", nrow=cfg.grid_size), "generations.png"
@@ -698,6 +714,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     md.append(
         f"{po['n_real']} real and {po['n_generated']} generated galaxies"
         + (" (generated at the real galaxies' redshifts)" if po["generated_redshifts"] else "")
+        + f", latents from the {po.get('prior', 'normal')} prior"
         + f"; measured in {po['measured_in']}. HSM failures: real {hf['real']}, generated "
         f"{hf['generated']}.\n"
     )
@@ -759,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated latents")
     p.add_argument("--batch-size", type=int, default=256, help="inference batch size")
     p.add_argument(
+        "--prior", choices=("flow", "normal"), default=None,
+        help="latent prior of generated galaxies (default: the model's flow prior if it has one, else normal)",
+    )  # fmt: skip
+    p.add_argument(
         "--metrics", default=None, help="metrics.jsonl for the loss curves (default: the run folder's)"
     )
     return p
@@ -767,13 +788,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = EvalConfig(
-        split=args.split, n=args.n, device=args.device, seed=args.seed, batch_size=args.batch_size
-    )
+        split=args.split, n=args.n, device=args.device, seed=args.seed, batch_size=args.batch_size,
+        prior=args.prior,
+    )  # fmt: skip
     rep = evaluate(args.model, args.data, args.out, config=cfg, metrics=args.metrics)
     out = Path(args.out)
     pop = rep["population"]
     print(
-        f"hpcvae.evaluate: {rep['data']['n_used']} galaxies; HSM failures real {pop['hsm_failures']['real']}, "
+        f"hpcvae.evaluate: {rep['data']['n_used']} galaxies, {pop['prior']} prior; "
+        f"HSM failures real {pop['hsm_failures']['real']}, "
         f"generated {pop['hsm_failures']['generated']}"
     )
     for k, c in pop["stats"].items():
