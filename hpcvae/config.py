@@ -56,7 +56,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.global_batch_size >= 0, f"data.global_batch_size must be >= 0, got {self.global_batch_size}")
+        _check(
+            self.global_batch_size >= 0, f"data.global_batch_size must be >= 0, got {self.global_batch_size}"
+        )
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
@@ -209,9 +211,12 @@ class DeepSpeedConfig:
     """fp16 dynamic loss scale starts at 2**this."""
     loss_scale_window: int = 1000
     """Overflow-free steps before the fp16 scale grows."""
+    bucket_size: int = 20_000_000
+    """Elements per ZeRO reduce/all-gather bucket (DeepSpeed's 5e8 default is sized for LLMs)."""
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {self.zero_stage}")
+        _check(self.bucket_size >= 1, f"deepspeed.bucket_size must be >= 1, got {self.bucket_size}")
 
 
 @dataclass(kw_only=True)

@@ -292,7 +292,13 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": b,
         "gradient_accumulation_steps": 1,
         "train_batch_size": b * world_size,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {
+            "stage": cfg.deepspeed.zero_stage,
+            # DeepSpeed's 5e8-element default buckets cost seconds per step to fill and zero
+            # on a CPU; our models have 1e5-1e7 parameters.
+            "reduce_bucket_size": cfg.deepspeed.bucket_size,
+            "allgather_bucket_size": cfg.deepspeed.bucket_size,
+        },
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": cfg.optim.grad_clip,
         "fp16": {

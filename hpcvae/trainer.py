@@ -13,6 +13,8 @@ Rules it keeps:
   ``preempted``.
 * Data loading never touches the global torch RNG (DataLoader draws its base seed from
   it), so the reparameterisation noise stream depends only on the training steps.
+  Bit-identical resume also needs the same kernels: same device, world size, precision
+  and CPU thread count (``OMP_NUM_THREADS``), since BLAS reductions depend on threads.
 """
 
 from __future__ import annotations

@@ -1,0 +1,104 @@
+"""Bad input to ``hpcvae.train``: one clear line, exit code 2, no traceback, no hang."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_helpers import REPO, child_env, make_h5, make_shards, train_args
+
+from hpcvae.config import load_config
+from hpcvae.errors import CheckpointError, ConfigError, ShardError
+from hpcvae.train import _per_rank_batch, main
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("errors"))
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcvae.train", *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    line = [s for s in r.stderr.splitlines() if s.startswith("hpcvae.train: error:")]
+    assert len(line) == 1, r.stderr
+    for n in needles:
+        assert n in line[0], line[0]
+
+
+def test_cli_unknown_arch(shards: Path, tmp_path: Path) -> None:
+    _one_line_error(
+        _cli(train_args(shards, tmp_path / "r", "--arch", "resnet")), "model.arch", "'resnet'", "cvae2"
+    )
+
+
+def test_cli_missing_shard(shards: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    victim = sorted(broken.glob("train-*.tar"))[0]
+    victim.unlink()
+    _one_line_error(_cli(train_args(broken, tmp_path / "r")), victim.name, "missing")
+
+
+def test_cli_resume_path_without_checkpoint(shards: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(
+        _cli(train_args(shards, tmp_path / "r", "--resume", str(empty))), "no complete checkpoint"
+    )
+
+
+def test_corrupt_shard(shards: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    victim = sorted(broken.glob("train-*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:700] + b"\x00garbage" * 50)
+    with pytest.raises(ShardError):
+        main(train_args(broken, tmp_path / "r", epochs=1))
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "match"),
+    [
+        (["--set", "beta.value=-0.5"], ConfigError, "beta.value must be >= 0"),
+        (["--flavour", "huge"], ConfigError, "model.flavour"),
+        (["--set", "model.image_size=64"], ConfigError, "images are 32x32 but model.image_size = 64"),
+        (["--batch-size", "512"], ConfigError, "lower data.batch_size"),
+        (["--precision", "fp8"], ConfigError, "train.precision"),
+    ],
+)
+def test_bad_config_values(shards: Path, tmp_path: Path, extra: list[str], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        main(train_args(shards, tmp_path / "r", *extra))
+
+
+def test_global_batch_must_divide_over_ranks() -> None:
+    cfg = load_config(None, {"data.global_batch_size": 10})
+    with pytest.raises(ConfigError, match="does not divide over 4 ranks"):
+        _per_rank_batch(cfg, 4)
+    assert _per_rank_batch(cfg, 2).data.batch_size == 5
+
+
+def test_conditional_model_needs_redshifts(tmp_path: Path) -> None:
+    from hpcvae.shard import build_shards_from_h5
+
+    h5 = make_h5(tmp_path / "g.h5", n=40)
+    plain = tmp_path / "plain"
+    build_shards_from_h5(h5, plain, size=32, use_redshift=False)
+    with pytest.raises(ConfigError, match="conditioned on redshift"):
+        main(train_args(plain, tmp_path / "r"))
+
+
+def test_checkpoint_from_another_arch(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    assert main(train_args(shards, out, epochs=1)) == 0
+    with pytest.raises(CheckpointError, match="arch = 'cvae2' but this run has arch = 'vae158'"):
+        main(train_args(shards, tmp_path / "other", "--arch", "vae158", "--resume", str(out)))
