@@ -224,10 +224,16 @@ class DeepSpeedEngine(Engine):
             raise ConfigError(
                 "train.engine = 'deepspeed' but deepspeed is not installed (pip install deepspeed)"
             ) from None
-        module.to(self.device, memory_format=self.memory_format)
+        # Weights go NHWC only after initialize, and only without ZeRO partitioning: DeepSpeed
+        # flattens parameters through ``p.data.view(...)``, which fails on channels_last
+        # tensors, and ZeRO >= 1 keeps them in flat buffers.  With ZeRO >= 1 only the inputs
+        # are NHWC; convolutions still follow the input's memory format.
+        module.to(self.device)
         self.ds_config = deepspeed_config(cfg, dist.world_size)
         opt = build_optimizer(cfg, list(module.parameters()), self.device)
         self.ds, self._opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=self.ds_config)
+        if self.memory_format is torch.channels_last and cfg.deepspeed.zero_stage == 0:
+            module.to(memory_format=torch.channels_last)  # in place: same Parameter objects
         if cfg.train.compile:
             self.ds.compile()
         self._base_opt = opt

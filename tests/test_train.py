@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,20 @@ def test_lr_schedules() -> None:
         0.25,
     ]
     assert lr_factor(99, SchedulerConfig(), total_steps=100, steps_per_epoch=5) == 1.0
+
+
+@pytest.mark.parametrize("zero", ["0", "2"])
+def test_deepspeed_channels_last(shards: Path, tmp_path: Path, zero: str) -> None:
+    """DeepSpeed flattens parameters with ``p.data.view``, which NHWC weights used to break."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / f"ds{zero}"
+    args = train_args(shards, out, "--engine", "deepspeed", "--zero-stage", zero, "--precision", "bf16",
+                      "--channels-last", epochs=1)  # fmt: skip
+    # A subprocess each: DeepSpeed caches process groups globally, across runs in one interpreter.
+    proc = subprocess.run([sys.executable, "-m", "hpcvae.train", *args], capture_output=True, text=True,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [r for r in _records(out) if r["kind"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) for r in train)
+    model = load_model(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
