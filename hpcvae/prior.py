@@ -157,7 +157,12 @@ def build_flow(spec: FlowSpec) -> FlowPrior:
 
 
 def flow_meta(
-    spec: FlowSpec, flow: FlowPrior, *, training: dict[str, Any], evaluation: dict[str, Any]
+    spec: FlowSpec,
+    flow: FlowPrior,
+    *,
+    training: dict[str, Any],
+    evaluation: dict[str, Any],
+    fitted_on: str = "encoder means (model in eval mode) of the train split",
 ) -> dict[str, Any]:
     """The ``flow_prior`` block of model.json: the rebuild recipe plus what it was fitted on and how well."""
     import zuko
@@ -168,7 +173,7 @@ def flow_meta(
         "class": "zuko.flows.MAF" if spec.kind == "maf" else "zuko.flows.NSF",
         "spec": spec.to_dict(),
         "weights_prefix": PREFIX,
-        "fitted_on": "encoder means (model in eval mode) of the train split",
+        "fitted_on": fitted_on,
         "latent_standardisation": {
             "mean": flow.z_loc.tolist(),
             "std": flow.z_scale.tolist(),

@@ -73,6 +73,9 @@ class PriorConfig:
     """Latents per rank per step."""
     encode_batch_size: int = 64
     """Images per encoder batch; also the loader's drop granularity (< world_size * this per epoch)."""
+    latents: Literal["mean", "posterior"] = "mean"
+    """Fit target: ``mean`` = the encoder means; ``posterior`` = draws z ~ q(z|x) (fresh each epoch), i.e. the
+    aggregate posterior the decoder was trained on, which keeps the spread the means lack at large β."""
     kind: FlowKind = "maf"
     """zuko flow: ``maf`` (affine) or ``nsf`` (splines)."""
     transforms: int = 4
@@ -102,6 +105,8 @@ class PriorConfig:
             raise ConfigError(f"train_prior: lr must be > 0, got {self.lr}")
         if self.max_steps_per_epoch < 0 or self.num_workers < 0:
             raise ConfigError("train_prior: max_steps_per_epoch and num_workers must be >= 0")
+        if self.latents not in ("mean", "posterior"):
+            raise ConfigError(f"train_prior: latents must be 'mean' or 'posterior', got {self.latents!r}")
         if self.kind not in ("maf", "nsf"):
             raise ConfigError(f"train_prior: kind must be 'maf' or 'nsf', got {self.kind!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -123,8 +128,9 @@ def _model_dir(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _shuffle_seed(seed: int, epoch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, 0xF10, epoch, rank]).generate_state(1)[0])
+def _shuffle_seed(seed: int, epoch: int, rank: int, stream: int = 0xF10) -> int:
+    """Independent seeded streams per (purpose, epoch, rank): shuffles and posterior draws."""
+    return int(np.random.SeedSequence([seed, stream, epoch, rank]).generate_state(1)[0])
 
 
 class PriorTrainer:
@@ -169,8 +175,12 @@ class PriorTrainer:
         data = ShardData(dcfg, self.manifest, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                          transform=self.vae.transform)  # fmt: skip
         t0 = time.perf_counter()
-        self.z_train, self.c_train = self._encode(data.train_loader(0))
-        self.z_val, self.c_val = self._encode(data.val_loader())
+        self.z_train, self.s_train, self.c_train = self._encode(data.train_loader(0))
+        mu_val, s_val, self.c_val = self._encode(data.val_loader())
+        self.posterior = cfg.latents == "posterior"
+        # Val target: the means, or one fixed draw from q(z|x) per galaxy (the same on every call).
+        g = torch.Generator().manual_seed(_shuffle_seed(cfg.seed, 0, dist.rank, stream=0x7A1))
+        self.z_val = mu_val + s_val * torch.randn(mu_val.shape, generator=g) if self.posterior else mu_val
         self.encode_s = time.perf_counter() - t0
         self.encode_dropped = data.dropped_per_epoch
 
@@ -181,8 +191,11 @@ class PriorTrainer:
         self.spec = spec
         torch.manual_seed(cfg.seed)  # identical initial flow on every rank
         self.flow = build_flow(spec)
-        self.flow.set_standardisation(stats["z_mean"], stats["z_std"], stats["c_mean"], stats["c_std"])
-        self.agg = {"mu_mean": stats["z_mean"].tolist(), "mu_var": (stats["z_std"] ** 2).tolist()}
+        target_var = stats["mu_var"] + (stats["post_var"] if self.posterior else 0.0)
+        self.flow.set_standardisation(stats["mu_mean"], target_var.sqrt(), stats["c_mean"], stats["c_std"])
+        self.target_var = target_var
+        self.agg = {"mu_mean": stats["mu_mean"].tolist(), "mu_var": stats["mu_var"].tolist(),
+                    "posterior_var_mean": stats["post_var"].tolist()}  # fmt: skip
 
         # -- phase 2 set-up: the training engine and schedule ----------------------------------
         n_local = self.z_train.shape[0]
@@ -217,27 +230,35 @@ class PriorTrainer:
 
     # -- phase 1 ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _encode(self, loader: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(self, loader: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(means, posterior std devs, redshifts) of a loader's images, on the CPU."""
         self.vae.eval()
-        zs, cs = [], []
+        zs, ss, cs = [], [], []
         for batch in loader:
             x = batch["image"].to(self.dist.device)
             r = batch["redshift"].to(self.dist.device) if self.vae.conditional else None
-            mu, _ = self.vae.encode(x, r)
+            mu, logvar = self.vae.encode(x, r)
             zs.append(mu.float().cpu())
+            ss.append(torch.exp(0.5 * logvar.float()).cpu())
             if r is not None:
                 cs.append(r.float().cpu())
-        z = torch.cat(zs) if zs else torch.zeros(0, self.vae.z_dim)
+        zd = self.vae.z_dim
+        z = torch.cat(zs) if zs else torch.zeros(0, zd)
+        s = torch.cat(ss) if ss else torch.zeros(0, zd)
         c = (torch.cat(cs) if cs else torch.zeros(0)) if self.vae.conditional else None
-        return z, c
+        return z, s, c
 
     def _global_stats(self) -> dict[str, Any]:
-        """Mean/std of the train latents (and zphot) over all ranks: the flow's fixed standardisation."""
+        """Moments of the train latents (and zphot) over all ranks: the flow's fixed standardisation.
+
+        mu_var is the spread of the means; post_var the mean posterior variance E[σ²]; the
+        aggregate posterior's variance is their sum.
+        """
         z, c = self.z_train.double(), self.c_train
         zd = z.shape[1]
         cs = c.double() if c is not None else torch.zeros(0, dtype=torch.float64)
         v = torch.cat([torch.tensor([float(z.shape[0])], dtype=torch.float64), z.sum(0), (z**2).sum(0),
-                       torch.stack([cs.sum(), (cs**2).sum()])])  # fmt: skip
+                       torch.stack([cs.sum(), (cs**2).sum()]), (self.s_train.double() ** 2).sum(0)])  # fmt: skip
         if self.dist.distributed:
             dev = self.dist.device if self.dist.backend == "nccl" else torch.device("cpu")
             t = v.to(dev)
@@ -250,12 +271,14 @@ class PriorTrainer:
         var = (v[1 + zd : 1 + 2 * zd] / n - mean**2).clamp_min(0)
         c_mean = v[1 + 2 * zd].item() / n
         c_var = max(v[2 + 2 * zd].item() / n - c_mean**2, 0.0)
-        return {"n": n, "z_mean": mean.float(), "z_std": var.sqrt().float(),
+        post_var = v[3 + 2 * zd :] / n
+        return {"n": n, "mu_mean": mean.float(), "mu_var": var.float(), "post_var": post_var.float(),
                 "c_mean": c_mean if c is not None else 0.0, "c_std": c_var**0.5 if c is not None else 1.0}  # fmt: skip
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _expect(self) -> dict[str, Any]:
-        return {"checkpoint_of": "flow_prior", "vae_digest": self.digest, "flow": self.spec.to_dict()}
+        return {"checkpoint_of": "flow_prior", "vae_digest": self.digest, "flow": self.spec.to_dict(),
+                "latents": self.cfg.latents}  # fmt: skip
 
     def _resume(self) -> None:
         if self.cfg.checkpoint.resume == "none":
@@ -330,6 +353,8 @@ class PriorTrainer:
         cfg, dev = self.cfg, self.dist.device
         g = torch.Generator().manual_seed(_shuffle_seed(cfg.seed, self.epoch, self.dist.rank))
         perm = torch.randperm(self.z_train.shape[0], generator=g)
+        # The epoch's posterior draws, made up front so a resumed epoch sees the same ones.
+        eps = torch.randn(self.z_train.shape, generator=g) if self.posterior else None
         if self._bar is not None:
             self._bar.reset(total=self.steps_per_epoch)
             self._bar.update(self.step_in_epoch)
@@ -339,7 +364,8 @@ class PriorTrainer:
         b = cfg.batch_size
         while self.step_in_epoch < self.steps_per_epoch:
             idx = perm[self.step_in_epoch * b : (self.step_in_epoch + 1) * b]
-            z = self.z_train[idx].to(dev, non_blocking=True)
+            z = self.z_train[idx] if eps is None else self.z_train[idx] + self.s_train[idx] * eps[idx]
+            z = z.to(dev, non_blocking=True)
             c = self.c_train[idx].to(dev, non_blocking=True) if self.c_train is not None else None
             loss = self.engine.forward(z, c)
             self.engine.backward(loss)
@@ -390,7 +416,7 @@ class PriorTrainer:
     def validate(self) -> dict[str, float | None]:
         """Mean NLL per galaxy of the val latents: the flow against N(0, I) and a fitted diagonal Gaussian."""
         mean = torch.tensor(self.agg["mu_mean"])
-        var = torch.tensor(self.agg["mu_var"]).clamp_min(1e-12)
+        var = self.target_var.clamp_min(1e-12)
         zv = self.z_val
         s_flow, s_std, s_diag, n = self._reduce([
             self._nll_sum(zv, self.c_val), float(gaussian_nll(zv).double().sum()),
@@ -431,6 +457,11 @@ class PriorTrainer:
             self._bar.set_postfix(nll=f"{nll:.4g}", refresh=False)
 
     # -- the end ---------------------------------------------------------------------------------
+    def _fitted_on(self) -> str:
+        if self.posterior:
+            return "draws z ~ q(z|x) (the aggregate posterior), fresh each epoch, of the train split"
+        return "encoder means (model in eval mode) of the train split"
+
     def _finish(self) -> dict[str, Any]:
         """Write VAE + flow into the model files (rank 0), with the flow's description in model.json."""
         from hpcvae.consolidate import write_model
@@ -439,7 +470,7 @@ class PriorTrainer:
         training = {
             "epochs": self.cfg.epochs, "steps": self.global_step, "steps_per_epoch": self.steps_per_epoch,
             "batch_size_per_rank": self.cfg.batch_size, "world_size": self.dist.world_size,
-            "optimizer": "Adam", "lr": self.cfg.lr, "lr_schedule": to_dict(self.sched_cfg),
+            "latents": self.cfg.latents, "optimizer": "Adam", "lr": self.cfg.lr, "lr_schedule": to_dict(self.sched_cfg),
             "seed": self.cfg.seed, "n_train_latents": self.n_train,
             "encode_dropped_per_rank_layout": self.encode_dropped,
             "data": str(self.manifest.root), "manifest_digest": self.manifest.digest,
@@ -450,9 +481,11 @@ class PriorTrainer:
             "val_nll": val["nll"], "val_nll_standard_normal": val["nll_standard_normal"],
             "val_nll_diag_gaussian": val["nll_diag_gaussian"], "val_count": val["count"],
             "nll_unit": "nats per galaxy, raw latent space",
-            "aggregate_posterior": {"of": "encoder means, train split", **self.agg},
+            "val_target": self._fitted_on().replace("train split", "val split"),
+            "latent_moments": {"of": "train split; mu = encoder means, posterior_var_mean = E[sigma^2]", **self.agg},
         }  # fmt: skip
-        block = flow_meta(self.spec, self.flow, training=training, evaluation=evaluation)
+        block = flow_meta(self.spec, self.flow, training=training, evaluation=evaluation,
+                          fitted_on=self._fitted_on())  # fmt: skip
         if self.dist.is_main:
             m = self.meta
             sd = {**self.vae_sd, **{PREFIX + k: v for k, v in self.flow.state_dict().items()}}
@@ -488,6 +521,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="cosine", help="LR schedule: constant or cosine (default)")
     p.add_argument("--batch-size", type=int, default=256, help="latents per rank per step")
     p.add_argument("--encode-batch-size", type=int, default=64)
+    p.add_argument("--latents", default="mean",
+                   help="fit target: mean (encoder means, default) or posterior (draws from q(z|x))")  # fmt: skip
     p.add_argument("--kind", default="maf", help="maf (default) or nsf")
     p.add_argument("--transforms", type=int, default=4)
     p.add_argument("--hidden", default="64,64", help="hidden widths, comma-separated (default 64,64)")
@@ -511,7 +546,7 @@ def config_from_args(a: argparse.Namespace) -> PriorConfig:
         raise ConfigError(f"--device {a.device!r} is not one of auto, cpu, cuda")
     return PriorConfig(
         model=a.model, data=a.data, out=a.out, epochs=a.epochs, lr=a.lr, schedule=a.schedule,
-        batch_size=a.batch_size, encode_batch_size=a.encode_batch_size, kind=a.kind,
+        batch_size=a.batch_size, encode_batch_size=a.encode_batch_size, latents=a.latents, kind=a.kind,
         transforms=a.transforms, hidden_features=hidden, seed=a.seed, device=a.device,
         num_workers=a.workers, max_steps_per_epoch=a.max_steps_per_epoch, log_every=a.log_every,
         checkpoint=CheckpointConfig(every_steps=a.every_steps, keep_last=a.keep_last, resume=a.resume),

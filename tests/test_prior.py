@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -185,16 +186,18 @@ def test_train_prior_cli_writes_the_flow_into_the_model_files(tiny_run, tmp_path
     assert vae.flow_prior is None and vae_digest(vae.state_dict()) == fp["training"]["vae_digest"]
 
 
-def test_train_prior_resume_matches_an_uninterrupted_fit(tiny_run, tmp_path):
+@pytest.mark.parametrize("latents", ["mean", "posterior"])
+def test_train_prior_resume_matches_an_uninterrupted_fit(tiny_run, tmp_path, latents):
     from hpcvae.dist import DistInfo
     from hpcvae.train_prior import PriorTrainer, config_from_args, parser
 
     run, shards = tiny_run
-    full = PriorTrainer(config_from_args(parser().parse_args(_prior_args(run, shards, tmp_path / "a", 3))),
-                        DistInfo()).train()  # fmt: skip
+    extra = ["--latents", latents]
+    args_a = [*_prior_args(run, shards, tmp_path / "a", 3), *extra]
+    full = PriorTrainer(config_from_args(parser().parse_args(args_a)), DistInfo()).train()
     assert full.status == "completed"
 
-    args = _prior_args(run, shards, tmp_path / "b", 3)
+    args = [*_prior_args(run, shards, tmp_path / "b", 3), *extra]
     first = PriorTrainer(config_from_args(parser().parse_args(args)), DistInfo())
     first.request_stop()  # as SIGUSR2 would: save at the next step boundary and stop
     res = first.train()
@@ -209,9 +212,16 @@ def test_train_prior_resume_matches_an_uninterrupted_fit(tiny_run, tmp_path):
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
     for k, v in a.flow_prior.state_dict().items():
         assert torch.equal(v, b.flow_prior.state_dict()[k]), k
-    ja = json.loads((tmp_path / "a" / "model.json").read_text())["flow_prior"]["evaluation"]
-    jb = json.loads((tmp_path / "b" / "model.json").read_text())["flow_prior"]["evaluation"]
-    assert ja["val_nll"] == jb["val_nll"]
+    ja = json.loads((tmp_path / "a" / "model.json").read_text())["flow_prior"]
+    jb = json.loads((tmp_path / "b" / "model.json").read_text())["flow_prior"]
+    assert ja["evaluation"]["val_nll"] == jb["evaluation"]["val_nll"]
+    # The standardisation follows the target: the means' spread, or the aggregate posterior's (+ E[σ²]).
+    mom = ja["evaluation"]["latent_moments"]
+    var = torch.tensor(mom["mu_var"]) + (
+        torch.tensor(mom["posterior_var_mean"]) if latents == "posterior" else 0
+    )
+    torch.testing.assert_close(a.flow_prior.z_scale, var.sqrt())
+    assert ja["training"]["latents"] == latents and ("q(z|x)" in ja["fitted_on"]) == (latents == "posterior")
 
 
 def test_train_prior_refuses_a_checkpoint_of_another_vae(tiny_run, tmp_path):
@@ -254,3 +264,41 @@ def test_evaluate_samples_through_the_flow_by_default(tiny_run, tmp_path):
     assert "latents from the flow prior" in (tmp_path / "rf" / "report.md").read_text()
     grid = flow["generation"]["grids"]["0.3"]  # the untrained model's samples all fail HSM: compare pixels
     assert (tmp_path / "rf" / grid).read_bytes() != (tmp_path / "rn" / grid).read_bytes()
+
+
+@pytest.mark.slow
+def test_train_prior_on_two_ddp_ranks(tiny_run, tmp_path):
+    """Two gloo ranks (env as torchrun/srun set it): each encodes its own share; steps match; one model written."""
+    import os
+    import subprocess
+    import sys
+
+    from hpcvae.dist import free_port
+
+    run, shards = tiny_run
+    out = tmp_path / "ddp"
+    port, procs = str(free_port()), []
+    for r in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "hpcvae.train_prior",
+            *_prior_args(run, shards, out, epochs=2),
+            "--device",
+            "cpu",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    fp = json.loads((out / "model.json").read_text())["flow_prior"]
+    t = fp["training"]
+    assert t["world_size"] == 2 and t["n_train_latents"] == 80  # 40 per rank, no galaxy seen twice
+    assert t["steps_per_epoch"] == 2 and t["steps"] == 4  # 40 latents // 16 per rank
+    assert fp["evaluation"]["val_count"] == 24 and math.isfinite(fp["evaluation"]["val_nll"])
+    recs = [json.loads(x) for x in (out / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["kind"] == "start" and recs[0]["world_size"] == 2
+    assert load_model(out).sample(2, redshift=1.0).shape == (2, 1, SIZE, SIZE)
