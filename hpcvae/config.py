@@ -308,9 +308,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
     kwargs = {}
     for k, v in data.items():
         key = f"{where}.{k}" if where else k
@@ -370,7 +368,9 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
     return from_dict(type(cfg), data)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> JobConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> JobConfig:
     """Load a ``JobConfig`` from TOML (or defaults) and apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:
