@@ -106,6 +106,11 @@ def test_flow_round_trips_through_the_model_files(tmp_path):
     normal = loaded.sample(6, redshift=r[:6], generator=torch.Generator().manual_seed(5), prior="normal")
     assert not torch.allclose(normal, imgs)
     assert vae_digest(loaded.state_dict()) == vae_digest(m.state_dict())
+    # interpolate draws its one latent from the flow at the first redshift, then holds it.
+    lat = flow.sample(1, redshift=0.5, generator=torch.Generator().manual_seed(7))
+    sweep = loaded.interpolate([0.5, 2.0], generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(sweep, m.decode(lat.expand(2, -1), torch.tensor([0.5, 2.0])))
 
 
 def test_flow_weights_without_their_description_are_refused(tmp_path):

@@ -440,7 +440,8 @@ class GalaxyVAE(nn.Module):
         generator: torch.Generator | None = None,
         normalized: bool | None = None,
     ) -> torch.Tensor:
-        """One galaxy structure (latent ``z``, drawn from N(0, I) if omitted) at each redshift: (len, 1, H, W)."""
+        """One galaxy structure (latent ``z``; if omitted, drawn from the default prior at the first redshift)
+        at each redshift: (len, 1, H, W)."""
         if not self.conditional:
             raise ModelError(f"{self.arch} is unconditional: interpolate needs cvae, cvae2 or fancy_cvae")
         physical = self._physical(normalized)
@@ -449,7 +450,7 @@ class GalaxyVAE(nn.Module):
             if r.numel() == 0:
                 raise ModelError(f"{self.arch}: interpolate needs at least one redshift")
             if z is None:
-                z = self._prior_sample(1, r[:1], generator, "normal")
+                z = self._prior_sample(1, r[:1], generator, None)  # the flow prior (at r[0]) if fitted
             z = torch.as_tensor(z, device=self._device()).reshape(-1)
             if z.numel() != self.spec.z_dim:
                 raise ModelError(
