@@ -111,6 +111,10 @@ def test_flow_round_trips_through_the_model_files(tmp_path):
     sweep = loaded.interpolate([0.5, 2.0], generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         torch.testing.assert_close(sweep, m.decode(lat.expand(2, -1), torch.tensor([0.5, 2.0])))
+    # sample_latent: the latents sample() would decode, drawn at one redshift for reuse in sweeps.
+    lats = loaded.sample_latent(4, redshift=0.9, generator=torch.Generator().manual_seed(3))
+    want = flow.sample(4, redshift=torch.full((4,), 0.9), generator=torch.Generator().manual_seed(3))
+    assert lats.shape == (4, m.z_dim) and torch.equal(lats, want)
 
 
 def test_flow_weights_without_their_description_are_refused(tmp_path):
@@ -265,6 +269,7 @@ def test_evaluate_samples_through_the_flow_by_default(tiny_run, tmp_path):
     flow = evaluate(out, shards, tmp_path / "rf", config=EvalConfig(**cfg))
     normal = evaluate(out, shards, tmp_path / "rn", config=EvalConfig(prior="normal", **cfg))
     assert flow["population"]["prior"] == "flow" and flow["generation"]["prior"] == "flow"
+    assert flow["redshift_sweep"]["prior"] == "flow" and normal["redshift_sweep"]["prior"] == "normal"
     assert normal["population"]["prior"] == "normal"
     assert "latents from the flow prior" in (tmp_path / "rf" / "report.md").read_text()
     grid = flow["generation"]["grids"]["0.3"]  # the untrained model's samples all fail HSM: compare pixels

@@ -467,7 +467,8 @@ def evaluate(
     sweep: dict[str, Any]
     if conditional:
         zs_sweep = torch.as_tensor(cfg.sweep_redshifts, dtype=torch.float32)
-        lat = torch.randn(cfg.sweep_rows, m.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2))
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        lat = m.sample_latent(cfg.sweep_rows, generator=g, prior=prior).float().cpu()  # flow if fitted
         ncol = len(zs_sweep)
         zz = lat.repeat_interleave(ncol, 0).to(dev, dtype)
         rr = zs_sweep.repeat(cfg.sweep_rows).to(dev)
@@ -478,6 +479,7 @@ def evaluate(
         sweep = {
             "redshifts": list(cfg.sweep_redshifts),
             "rows": cfg.sweep_rows,
+            "prior": prior,
             "mean_pixel_sum_flux_per_column": flux.mean(0),
             "figure": save(plots.plot_redshift_sweep(imgs, cfg.sweep_redshifts), "redshift_sweep.png"),
         }

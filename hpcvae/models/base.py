@@ -399,6 +399,26 @@ class GalaxyVAE(nn.Module):
             return self.flow_prior.sample(n, redshift=r, generator=generator).to(device=device, dtype=dtype)
         raise ModelError(f"{self.arch}: unknown prior {kind!r} (choices: normal, flow)")
 
+    def sample_latent(
+        self,
+        n: int,
+        redshift: Any = None,
+        generator: torch.Generator | None = None,
+        prior: str | None = None,
+    ) -> torch.Tensor:
+        """``n`` latents (n, z_dim) from the prior ``sample`` would use, for sweeps that reuse them.
+
+        For a conditional flow prior the latents are drawn at ``redshift`` (default 0.7, near
+        the peak of the COSMOS n(z)); they can then be decoded at any other redshift.
+        """
+        if n < 1:
+            raise ModelError(f"{self.arch}: sample_latent needs n >= 1, got {n}")
+        r = None
+        if self.conditional:
+            r = torch.full((n,), 0.7 if redshift is None else float(redshift), device=self._device())
+        with self._inference():
+            return self._prior_sample(n, r, generator, prior)
+
     def sample(
         self,
         n: int,
