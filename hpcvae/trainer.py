@@ -73,7 +73,7 @@ def _next_batch(it: Any) -> dict[str, Any]:
 
 class Trainer:
     def __init__(self, cfg: JobConfig, dist: DistInfo) -> None:
-        from hpcvae.data import ShardData
+        from hpcvae.data import make_data
         from hpcvae.models import model_from_config
         from hpcvae.transforms import get_transform
 
@@ -90,9 +90,10 @@ class Trainer:
                 "drop model.image_size or re-shard at that size"
             )
         self.transform = get_transform(cfg.data.transform, self.manifest.stats("train"))
-        self.data = ShardData(cfg.data, self.manifest, rank=dist.rank, world_size=dist.world_size,
+        # ShardData streams the tar shards; GpuResidentData (data.gpu_resident) holds the split on the device.
+        self.data = make_data(cfg.data, self.manifest, rank=dist.rank, world_size=dist.world_size,
                               seed=cfg.train.seed, transform=self.transform,
-                              max_steps=cfg.train.max_steps_per_epoch)  # fmt: skip
+                              max_steps=cfg.train.max_steps_per_epoch, device=dist.device)  # fmt: skip
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = model_from_config(cfg.model, size)
         if model.conditional and not self.manifest.has_redshift:

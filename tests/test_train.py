@@ -117,3 +117,12 @@ def test_deepspeed_channels_last(shards: Path, tmp_path: Path, zero: str) -> Non
     assert train and all(math.isfinite(r["loss"]) for r in train)
     model = load_model(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_gpu_resident_data_path_trains(shards: Path, tmp_path: Path) -> None:
+    """data.gpu_resident swaps in the device-resident loader (here the device is the CPU)."""
+    out = tmp_path / "resident"
+    assert main(train_args(shards, out, "--set", "data.gpu_resident=true", epochs=1)) == 0
+    train = [r for r in _records(out) if r["kind"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) for r in train)
+    assert (out / "model.safetensors").is_file()
