@@ -101,6 +101,23 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return latest
 
 
+def resume_position(
+    meta: dict[str, Any], *, world_size: int, batch_size: int, steps_per_epoch: int
+) -> tuple[int, int, bool]:
+    """(epoch, step_in_epoch, moved) to continue from a checkpoint's ``meta``.
+
+    Mid-epoch resume is exact only with the rank layout that wrote the checkpoint; under
+    another one the epoch splits differently and continuing would repeat or skip samples,
+    so the run moves on to the next epoch (``moved``).
+    """
+    epoch, step = int(meta["epoch"]), int(meta["step_in_epoch"])
+    same = (meta.get("world_size"), meta.get("batch_size"), meta.get("steps_per_epoch")) == (
+        world_size, batch_size, steps_per_epoch)  # fmt: skip
+    if step > 0 and not same:
+        return epoch + 1, 0, True
+    return epoch, step, False
+
+
 def read_meta(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not is_complete(folder):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from hpcvae.checkpoint import CHECKPOINT_DIR, Checkpointer, resolve_resume
+from hpcvae.checkpoint import CHECKPOINT_DIR, Checkpointer, resolve_resume, resume_position
 from hpcvae.cli import run_cli
 from hpcvae.config import (
     CheckpointConfig,
@@ -294,12 +294,10 @@ class PriorTrainer:
         meta = self.checkpointer.load(folder, engine=self.engine, components={"scheduler": self.scheduler},
                                       expect=self._expect())  # fmt: skip
         self.global_step = int(meta["global_step"])
-        self.epoch, self.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
         self.history = meta.get("history", self.history)
-        same = (meta.get("world_size"), meta.get("batch_size"), meta.get("steps_per_epoch")) == (
-            self.dist.world_size, self.cfg.batch_size, self.steps_per_epoch)  # fmt: skip
-        if self.step_in_epoch > 0 and not same:  # another split of the latents: restart at the next epoch
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.epoch, self.step_in_epoch, _ = resume_position(
+            meta, world_size=self.dist.world_size, batch_size=self.cfg.batch_size,
+            steps_per_epoch=self.steps_per_epoch)  # fmt: skip
         self.last_checkpoint = folder
         print0(f"train_prior: resumed from {folder} at epoch {self.epoch}, step {self.step_in_epoch}")
 

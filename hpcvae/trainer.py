@@ -34,7 +34,7 @@ import torch
 import torch.distributed as tdist
 
 from hpcvae import __version__
-from hpcvae.checkpoint import Checkpointer, resolve_resume
+from hpcvae.checkpoint import Checkpointer, resolve_resume, resume_position
 from hpcvae.config import JobConfig, dump_toml, to_dict
 from hpcvae.dist import DistInfo, barrier, print0
 from hpcvae.engines import Engine, build_engine
@@ -165,18 +165,15 @@ class Trainer:
         meta = self.checkpointer.load(folder, engine=self.engine, components={"scheduler": self.scheduler},
                                       expect=self._expect())  # fmt: skip
         self.global_step = int(meta["global_step"])
-        self.epoch, self.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
         self.summary = meta.get("summary", self.summary)
         self._images_seen = int(self.summary.get("images_seen", 0))
         self._train_time = float(self.summary.get("train_time_s", 0.0))
-        same_layout = (meta.get("world_size"), meta.get("batch_size"), meta.get("steps_per_epoch")) == (
-            self.dist.world_size, self.cfg.data.batch_size, self.steps_per_epoch)  # fmt: skip
-        if self.step_in_epoch > 0 and not same_layout:
-            # Another rank layout splits the epoch differently: continuing mid-epoch would
-            # repeat or skip samples, so start the next epoch instead.
+        self.epoch, self.step_in_epoch, moved = resume_position(
+            meta, world_size=self.dist.world_size, batch_size=self.cfg.data.batch_size,
+            steps_per_epoch=self.steps_per_epoch)  # fmt: skip
+        if moved:
             print0(f"resume: {folder} was written with world_size={meta.get('world_size')}, "
-                   f"batch_size={meta.get('batch_size')}; skipping the rest of epoch {self.epoch}")  # fmt: skip
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                   f"batch_size={meta.get('batch_size')}; skipping the rest of epoch {self.epoch - 1}")  # fmt: skip
         self.last_checkpoint = folder
         print0(f"resumed from {folder} at epoch {self.epoch}, step {self.step_in_epoch}/{self.steps_per_epoch} "
                f"(global step {self.global_step})")  # fmt: skip

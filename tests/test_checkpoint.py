@@ -142,3 +142,14 @@ def test_kill_9_during_save_keeps_previous_checkpoint(shards: Path, tmp_path: Pa
     ref = tmp_path / "ref"
     assert run_ranks(train_args(shards, ref), tmp_path / "logs-ref", world=1) == [0]
     assert_same_weights(load_weights(ref / "model.safetensors"), load_weights(out / "model.safetensors"))
+
+
+def test_resume_position_moves_on_when_the_rank_layout_changed() -> None:
+    from hpcvae.checkpoint import resume_position
+
+    meta = {"epoch": 2, "step_in_epoch": 5, "world_size": 2, "batch_size": 8, "steps_per_epoch": 7}
+    assert resume_position(meta, world_size=2, batch_size=8, steps_per_epoch=7) == (2, 5, False)
+    assert resume_position(meta, world_size=4, batch_size=8, steps_per_epoch=3) == (3, 0, True)
+    assert resume_position(meta, world_size=2, batch_size=16, steps_per_epoch=3) == (3, 0, True)
+    at_boundary = {**meta, "step_in_epoch": 0}  # an epoch-end checkpoint fits any layout
+    assert resume_position(at_boundary, world_size=4, batch_size=8, steps_per_epoch=3) == (2, 0, False)
