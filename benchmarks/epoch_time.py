@@ -270,8 +270,7 @@ def _run_steps(step, data, device: torch.device, warmup: int, steps: int) -> Ste
         while done < total:
             t0 = time.perf_counter()
             try:
-                with torch.random.fork_rng(devices=[]):  # as Trainer._next_batch does
-                    batch = next(it)
+                batch = next(it)  # EpochLoader keeps the global RNG untouched, as in training
             except StopIteration:
                 break
             t1 = time.perf_counter()

@@ -53,6 +53,10 @@ class DataConfig:
     """Batches each worker prepares ahead."""
     gpu_resident: bool = False
     """Hold the whole train split on the GPU (bf16/fp16) and shuffle there; for small models."""
+    start_method: Literal["spawn", "fork"] = "spawn"
+    """How loader workers start.  ``spawn`` (default) is safe in a multi-threaded process (gloo, NCCL and
+    TensorBoard run threads); ``fork`` starts faster.  Chosen explicitly so Python's own default
+    (``forkserver`` from 3.14 on Linux) never changes how workers behave."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")

@@ -26,8 +26,13 @@ arrive in step order.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
+import multiprocessing
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,6 +327,55 @@ def _identity(x: Any) -> Any:
     return x
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+"""What SLURM sends a job step on preemption, requeue and time limit: the trainer's to handle, not a worker's."""
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Loader workers leave the stop signals to the trainer, yet still end when their parent says so.
+
+    SLURM signals every process of the step, workers included.  torch's worker handler
+    re-raises any SIGTERM not sent by the parent, so the worker died, and the main process
+    then failed inside the stop-time checkpoint.  Here the signals stay blocked (the worker
+    inherited the mask, see :func:`_stop_signals_blocked`, so none can land before this
+    runs) and a thread takes them with ``sigwaitinfo``, which names the sender: a SIGTERM
+    from the parent (``Process.terminate()``, e.g. multiprocessing's exit hook) ends the
+    worker as before; any other SIGTERM or SIGUSR2 is dropped.
+    """
+    parent = os.getppid()
+
+    def relay() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=relay, name="hpcvae-stop-signals", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked(start_method: str | None = "spawn") -> Iterator[None]:
+    """Hold SIGTERM/SIGUSR2 while worker processes start, so they start with both blocked.
+
+    Only delays the signals in this thread (they are delivered on leaving), so a stop request
+    is never lost.  multiprocessing's resource tracker, which a spawned worker needs, unblocks
+    SIGTERM when it is first started, so it is started before the signals are blocked.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if start_method not in (None, "fork"):
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 @dataclass(kw_only=True)
 class _Source:
     """Everything a worker needs to read one split; small and picklable (spawn/forkserver workers)."""
@@ -547,12 +601,24 @@ class EpochLoader:
 
     Raises ShardError in the main process with the worker's one-line message, and checks
     that exactly ``len()`` batches came out, since a short rank would hang the others.
+
+    Loading never touches the global torch RNG: a DataLoader draws its workers' base seed
+    from it whenever it starts an iterator, and a persistent one only the first time, so a
+    resumed run (fresh workers) and an uninterrupted one (reused workers) would continue
+    the reparameterisation noise from different states.  Every call into the underlying
+    loader runs inside ``fork_rng``, which restores the state afterwards.
     """
 
     def __init__(
-        self, loader: Iterable[Any] | None, n: int, before: Callable[[], None] | None = None
+        self,
+        loader: Iterable[Any] | None,
+        n: int,
+        before: Callable[[], None] | None = None,
+        start_method: str | None = None,
     ) -> None:
         self._loader, self._n, self._before = loader, n, before
+        self._start_method = start_method
+        """How the loader starts worker processes (``None``: it has none)."""
 
     def __len__(self) -> int:
         return self._n
@@ -562,7 +628,13 @@ class EpochLoader:
             self._before()
         got = 0
         if self._n > 0 and self._loader is not None:
-            for batch in self._loader:
+            with torch.random.fork_rng(devices=[]), _stop_signals_blocked(self._start_method):
+                it = iter(self._loader)
+            while True:
+                with torch.random.fork_rng(devices=[]):
+                    batch = next(it, _END)
+                if batch is _END:
+                    break
                 if isinstance(batch, _Failure):
                     raise ShardError(batch.message)
                 got += 1
@@ -571,6 +643,9 @@ class EpochLoader:
                 yield batch
         if got != self._n:
             raise ShardError(f"loader produced {got} batches, expected {self._n}")
+
+
+_END = object()
 
 
 def _source(
@@ -674,6 +749,9 @@ class ShardData:
                 "persistent_workers": self.cfg.persistent_workers,
                 "prefetch_factor": self.cfg.prefetch_factor,
             }
+        if nw > 0:
+            kw["multiprocessing_context"] = multiprocessing.get_context(self.cfg.start_method)
+            kw["worker_init_fn"] = _worker_init
         return DataLoader(
             dataset,
             batch_size=None,
@@ -707,7 +785,20 @@ class ShardData:
         def before() -> None:
             self._state[0], self._state[1] = epoch, start_step
 
-        return EpochLoader(self._train_dl, steps - start_step, before)
+        return EpochLoader(self._train_dl, steps - start_step, before, self._start_method)
+
+    @property
+    def _start_method(self) -> str | None:
+        return self.cfg.start_method if self.cfg.num_workers > 0 else None
+
+    def close(self) -> None:
+        """Stop any persistent worker processes now (idempotent), rather than in an exit hook."""
+        from hpcvae.torch_compat import shutdown_loader_workers
+
+        for dl in (self._train_dl, self._val_dl):
+            if dl is not None:
+                shutdown_loader_workers(dl)
+        self._train_dl = self._val_dl = None
 
     def val_loader(self) -> EpochLoader:
         """This rank's share of the val split, in order, no drop (last batch may be smaller)."""
@@ -717,7 +808,7 @@ class ShardData:
             self._val_dl = self._dataloader(
                 _ValStream(source=self._val_src, rank=self.rank, world_size=self.world_size)
             )
-        return EpochLoader(self._val_dl, -(-self.val_count // self.cfg.batch_size))
+        return EpochLoader(self._val_dl, -(-self.val_count // self.cfg.batch_size), None, self._start_method)
 
 
 class _ResidentBatches:
@@ -848,6 +939,9 @@ class GpuResidentData:
         idx = self.epoch_indices(epoch)[start_step * b :]
         n = self._steps - start_step
         return EpochLoader(_ResidentBatches(self, "train", idx, [b] * n), n)
+
+    def close(self) -> None:
+        """Nothing to stop: no worker processes (same interface as ShardData)."""
 
     def val_loader(self) -> EpochLoader:
         n = self.val_count

@@ -11,8 +11,8 @@ Rules it keeps:
 * Preemption: SIGUSR2/SIGTERM (or ``request_stop()``) only set a flag; at the next step
   boundary the ranks agree on it (one CPU all-reduce), save together and return
   ``preempted``.
-* Data loading never touches the global torch RNG (DataLoader draws its base seed from
-  it), so the reparameterisation noise stream depends only on the training steps.
+* Data loading never touches the global torch RNG (``hpcvae.data.EpochLoader`` guards it),
+  so the reparameterisation noise stream depends only on the training steps.
   Bit-identical resume also needs the same kernels: same device, world size, precision
   and CPU thread count (``OMP_NUM_THREADS``), since BLAS reductions depend on threads.
 """
@@ -63,12 +63,6 @@ class RunResult:
 def _rank_seed(seed: int, rank: int) -> int:
     """Independent per-rank streams that do not overlap another seed's rank 0."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def _next_batch(it: Any) -> dict[str, Any]:
-    """``next(it)`` without letting DataLoader draw from the global torch RNG."""
-    with torch.random.fork_rng(devices=[]):
-        return next(it)
 
 
 class Trainer:
@@ -226,6 +220,7 @@ class Trainer:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self._close_logs()
+            self.data.close()
 
     def _train_epoch(self) -> bool:
         """One epoch from ``step_in_epoch``; False when stopped early (checkpoint written)."""
@@ -242,7 +237,7 @@ class Trainer:
         self.engine.module.train()
         while self.step_in_epoch < self.steps_per_epoch:
             t0 = time.perf_counter()
-            batch = _next_batch(it)
+            batch = next(it)
             self._wait += time.perf_counter() - t0
             self.train_step(batch, beta)
             if self._bar is not None:
@@ -260,7 +255,7 @@ class Trainer:
                 )
                 return False
         try:  # let the loader finish: it checks that it gave exactly the planned batches
-            _next_batch(it)
+            next(it)
             raise HpcvaeError(
                 f"epoch {epoch}: the loader gave more batches than the {self.steps_per_epoch} planned"
             )

@@ -65,7 +65,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shards(tmp_path_factory.mktemp("slurm-shards"), n=600, size=32)
 
 
-def _submit(run: Path, data: Path, *, epochs: int = 3, max_requeues: int = 3) -> Submitted:
+def _submit(run: Path, data: Path, *extra: str, epochs: int = 3, max_requeues: int = 3) -> Submitted:
     opts = LaunchOptions(
         nodes=2,
         gpus_per_node=1,
@@ -73,7 +73,7 @@ def _submit(run: Path, data: Path, *, epochs: int = 3, max_requeues: int = 3) ->
         profile=str(DEV_PROFILE),
         time="00:30:00",  # > 10 min: submitit counts every signal as a time-out below that
         max_requeues=max_requeues,
-        train_args=train_args(data, run, epochs=epochs, batch=4),
+        train_args=train_args(data, run, *extra, epochs=epochs, batch=4),
     )
     return submit(opts)
 
@@ -219,6 +219,23 @@ def test_scontrol_requeue_checkpoints_requeues_and_matches(
     _check_requeued_mid_epoch(sub)
     assert "requeue request refused" in sub.log.read_text()  # SLURM requeued it; rank 0 only saved
     _assert_same_weights(_weights(sub.run), baseline)
+
+
+WORKERS = ("--set", "data.num_workers=2", "--set", "data.persistent_workers=true")
+
+
+def test_scontrol_requeue_with_loader_workers(slurm_cluster: None, shards: Path, tmp_path: Path) -> None:
+    """SLURM's SIGTERM reaches the loader workers too; they ignore it and the stop checkpoint is written."""
+    ref = _submit(tmp_path / "ref", shards, *WORKERS, epochs=2)
+    assert _follow(ref) == 0, ref.log.read_text()[-4000:]
+    sub = _submit(tmp_path / "run", shards, *WORKERS, epochs=2)
+    _wait_for_step(sub, 6)
+    subprocess.run(["scontrol", "requeue", sub.job_id], check=True, timeout=30)
+    assert _follow(sub) == 0, sub.log.read_text()[-4000:]
+    _check_requeued_mid_epoch(sub)
+    log = sub.log.read_text()
+    assert "killed by signal" not in log and "Traceback" not in log, log[-4000:]
+    _assert_same_weights(_weights(sub.run), _weights(ref.run))
 
 
 def test_max_requeues_stops_and_a_relaunch_resumes(

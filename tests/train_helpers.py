@@ -93,10 +93,16 @@ sys.exit(main(sys.argv[1:]))
 
 
 def launch(args: list[str], *, world: int = 2, script: str | None = None, env: dict[str, str] | None = None,
-           log_dir: Path) -> list[subprocess.Popen]:  # fmt: skip
-    """Start ``world`` ranks of ``python -m hpcvae.train ARGS`` (or of ``script``)."""
+           log_dir: Path, own_group: bool = False) -> list[subprocess.Popen]:  # fmt: skip
+    """Start ``world`` ranks of ``python -m hpcvae.train ARGS`` (or of ``script``).
+
+    ``own_group``: every rank joins one new process group, as the processes of a SLURM job step
+    do, so ``os.killpg`` reaches ranks and loader workers alike.  One rank runs under ``setsid``;
+    with several, rank 0 leads a new group in this session (a process can only join a group of
+    its own session).
+    """
     port = str(free_port())
-    procs = []
+    procs: list[subprocess.Popen] = []
     log_dir.mkdir(parents=True, exist_ok=True)
     for r in range(world):
         e = child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -104,8 +110,14 @@ def launch(args: list[str], *, world: int = 2, script: str | None = None, env: d
         cmd = (
             [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "hpcvae.train", *args]
         )
+        group: dict = {}
+        if own_group:
+            if r > 0:
+                group = {"process_group": procs[0].pid}
+            else:
+                group = {"start_new_session": True} if world == 1 else {"process_group": 0}
         log = open(log_dir / f"rank{r}.log", "w")
-        procs.append(subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+        procs.append(subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, **group))
         log.close()
     return procs
 
@@ -131,15 +143,22 @@ def run_ranks(args: list[str], log_dir: Path, world: int = 2, timeout: float = 2
     return wait(launch(args, world=world, log_dir=log_dir), log_dir, timeout)
 
 
-def stop_and_resume(args: list[str], tmp: Path, stop_at: int, world: int = 2) -> None:
-    """Run until global step ``stop_at``, SIGUSR2 every rank, then resume with ``--resume auto`` to the end."""
+def stop_and_resume(
+    args: list[str], tmp: Path, stop_at: int, world: int = 2, how: str = "usr2", resume_args: list[str] = ()
+) -> None:
+    """Run until global step ``stop_at``, signal, then resume with ``--resume auto`` to the end.
+
+    ``how``: ``usr2`` sends SIGUSR2 to every rank (SLURM's time-limit warning); ``group-term``
+    sends SIGTERM to the whole process group, loader workers included (what preemption and
+    ``scontrol requeue`` do to a job step).  ``resume_args`` are added to the resumed run.
+    """
     import signal
 
     ready = tmp / "ready"
     ready.mkdir()
     logs1 = tmp / "logs-stopped"
     procs = launch(args, world=world, script=STOP_CHILD, env={"STOP_AT": str(stop_at), "READY_DIR": str(ready)},
-                   log_dir=logs1)  # fmt: skip
+                   log_dir=logs1, own_group=how == "group-term")  # fmt: skip
     deadline = time.time() + 240
     while len(list(ready.iterdir())) < world:
         if time.time() > deadline or any(p.poll() is not None for p in procs):
@@ -147,12 +166,17 @@ def stop_and_resume(args: list[str], tmp: Path, stop_at: int, world: int = 2) ->
                 p.kill()
             raise AssertionError(f"ranks never reached step {stop_at}:\n{logs(logs1)}")
         time.sleep(0.05)
-    for p in procs:
-        os.kill(p.pid, signal.SIGUSR2)
+    if how == "group-term":
+        time.sleep(0.5)  # let the loader workers prefetch: they are busy when the signal lands
+        os.killpg(procs[0].pid, signal.SIGTERM)
+    else:
+        for p in procs:
+            os.kill(p.pid, signal.SIGUSR2)
     rcs = wait(procs, logs1)
     assert rcs == [3] * world, logs(logs1)
+    assert "Traceback" not in logs(logs1), logs(logs1)
     logs2 = tmp / "logs-resumed"
-    rcs = run_ranks([*args, "--resume", "auto"], logs2, world=world)
+    rcs = run_ranks([*args, "--resume", "auto", *resume_args], logs2, world=world)
     assert rcs == [0] * world, logs(logs2)
     assert "resumed from" in (logs2 / "rank0.log").read_text()
 
