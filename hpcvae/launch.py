@@ -113,6 +113,21 @@ def parse_mem_gb(text: str) -> float:
     return gb
 
 
+def check_script_text(what: str, value: str) -> str:
+    """Refuse control characters in a value that lands in the sbatch script.
+
+    Quotes, ``$()`` and backticks are quoted safely, but a newline (or any other control
+    character) would end the line it is on and start a new line of shell.
+    """
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ConfigError(
+            f"{what} {value!r} contains a control character ({bad!r}); it would become part of the batch "
+            "script's shell, so it is not allowed"
+        )
+    return value
+
+
 @dataclass(kw_only=True)
 class SiteProfile:
     """Site defaults from ``slurm/<site>.toml``; command-line flags win over them."""
@@ -156,6 +171,16 @@ class SiteProfile:
         for k in self.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
                 raise ConfigError(f"profile {self.name}: {k!r} is not a valid environment variable name")
+        # Everything but ``setup`` (shell by design) reaches the script as a quoted value.
+        for key in ("name", "partition", "account", "qos", "constraint", "time", "mem", "python"):
+            if getattr(self, key) is not None:
+                check_script_text(f"profile {self.name}: {key}", getattr(self, key))
+        for key, table in (("env", self.env), ("sbatch", self.sbatch)):
+            for k, v in table.items():
+                check_script_text(f"profile {self.name}: {key}.{k}", k)
+                check_script_text(f"profile {self.name}: {key}.{k}", v)
+        for i, a in enumerate(self.srun_args):
+            check_script_text(f"profile {self.name}: srun_args[{i}]", str(a))
 
 
 def load_profile(path: str | Path | None) -> SiteProfile:
@@ -224,6 +249,10 @@ class LaunchOptions:
             raise ConfigError(f"--cluster must be slurm, local or debug, got {self.cluster!r}")
         if self.job_name is not None and not self.job_name.strip():
             raise ConfigError("--job-name must not be empty")
+        for flag in ("job_name", "partition", "account", "qos", "time", "mem"):
+            value = getattr(self, flag)
+            if value is not None:
+                check_script_text(f"--{flag.replace('_', '-')}", value)
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,7 +294,7 @@ def _split_flags(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return found, rest
 
 
-def resolve_train_target(train_args: Sequence[str]) -> TrainTarget:
+def resolve_train_target(train_args: Sequence[str], *, dry_run: bool = False) -> TrainTarget:
     """Resolve the run folder and shard set the job will use, and check the data up front.
 
     The arguments are parsed by ``hpcvae.train``'s own parser, so a typo fails here, in a
@@ -283,17 +312,23 @@ def resolve_train_target(train_args: Sequence[str]) -> TrainTarget:
     flags, rest = _split_flags(train_args)
     out = Path(cfg.out).expanduser().resolve()
     data = Path(cfg.data.path).expanduser().resolve()
+    problem = None
     if not data.is_dir():
         where = (
             "--data"
             if "--data" in flags
             else (f"data.path in {parsed.config}" if parsed.config else "data.path")
         )
-        raise ShardError(
+        problem = (
             f"shard set folder {data} (from {where}) does not exist; make one with python -m hpcvae.shard"
         )
-    if not (data / "manifest.json").is_file():
-        raise ShardError(f"shard set folder {data} has no manifest.json; is it a hpcvae.shard output folder?")
+    elif not (data / "manifest.json").is_file():
+        problem = f"shard set folder {data} has no manifest.json; is it a hpcvae.shard output folder?"
+    if problem and not dry_run:
+        raise ShardError(problem)
+    if problem:  # a dry run still shows the script: the data may be made before submitting
+        print(f"hpcvae.launch: warning: {problem}", file=sys.stderr)
+    check_script_text("--out", str(out))
     args = list(rest)
     if parsed.config:
         args += ["--config", str(Path(parsed.config).expanduser().resolve())]
@@ -920,7 +955,7 @@ class _Plan:
 
 def _plan(opts: LaunchOptions) -> _Plan:
     profile = load_profile(opts.profile)
-    target = resolve_train_target(opts.train_args)
+    target = resolve_train_target(opts.train_args, dry_run=opts.dry_run)
     if opts.cluster == "local" and opts.nodes > 1:
         raise ConfigError(f"--cluster local runs on this machine only; use --nodes 1 (got {opts.nodes})")
     env = job_env_vars(profile, opts)
@@ -934,12 +969,11 @@ def _plan(opts: LaunchOptions) -> _Plan:
     )
 
 
-def dry_run_script(opts: LaunchOptions) -> str:
+def dry_run_script(opts: LaunchOptions, plan: _Plan | None = None) -> str:
     """The sbatch script ``opts`` would submit (nothing is submitted)."""
-    plan = _plan(dataclasses.replace(opts, cluster="slurm", dry_run=True))
-    ex = build_executor(
-        dataclasses.replace(opts, cluster="slurm", dry_run=True), plan.profile, plan.folder, plan.job_name
-    )
+    opts = dataclasses.replace(opts, cluster="slurm", dry_run=True)
+    plan = plan or _plan(opts)
+    ex = build_executor(opts, plan.profile, plan.folder, plan.job_name)
     return sbatch_script(ex)
 
 
@@ -985,8 +1019,8 @@ def launch(opts: LaunchOptions) -> int:
     """The command: dry-run, run in-process, or submit (and optionally follow)."""
     if opts.dry_run:
         if opts.cluster == "slurm":
-            sys.stdout.write(dry_run_script(opts))
             plan = _plan(opts)
+            sys.stdout.write(dry_run_script(opts, plan))
             print(
                 f"# hpcvae.train arguments (pickled with the job): {shlex.join(plan.target.args)}",
                 file=sys.stderr,

@@ -27,6 +27,7 @@ from hpcvae.launch import (
     main,
     parse_mem_gb,
     parse_time_minutes,
+    resolve_train_target,
     status,
 )
 
@@ -222,8 +223,8 @@ def test_cli_missing_data_folder_is_a_one_line_error(tmp_path: Path) -> None:
 
 def test_in_process_bad_inputs(tiny_shards: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ShardError, match="has no manifest.json"):
-        dry_run_script(_opts(tmp_path / "empty", tmp_path / "r", dry_run=True))
+    with pytest.raises(ShardError, match="has no manifest.json"):  # a dry run only warns (test below)
+        resolve_train_target(_opts(tmp_path / "empty", tmp_path / "r").train_args)
     with pytest.raises(ConfigError, match="unknown option.*--no-such-flag"):
         dry_run_script(_opts(tiny_shards, tmp_path / "r", dry_run=True, extra=["--no-such-flag", "3"]))
     with pytest.raises(ConfigError, match="--gpus-per-node must be >= 1"):
@@ -316,3 +317,51 @@ def test_local_cluster_runs_two_tasks_through_submitit(tiny_shards: Path, tmp_pa
     assert hist["jobs"][0]["cluster"] == "local" and hist["jobs"][0]["tasks_per_node"] == 2
     assert [e["world_size"] for e in hist["events"] if e["event"] == "start"] == [2]
     assert time.monotonic() - t0 < 200
+
+
+# ----------------------------------------------------------------------------------------
+# No line injection into the batch script
+
+
+@pytest.mark.parametrize(
+    ("where", "flags"),
+    [
+        ("--job-name", ["--job-name", "vae\nrm -rf $HOME"]),
+        ("--out", ["--out", "/tmp/run\n#SBATCH --wrap=evil"]),
+        ("--partition", ["--partition", "gpu\rx"]),
+        ("--account", ["--account", "abc\x1b[2J"]),
+    ],
+)
+def test_control_characters_never_reach_the_script(
+    tiny_shards: Path, tmp_path: Path, where: str, flags: list[str]
+) -> None:
+    base = {"--out": str(tmp_path / "r"), "--job-name": "ok"}
+    base[flags[0]] = flags[1]
+    args = ["--dry-run", "--profile", str(DEV_PROFILE), "--data", str(tiny_shards)]
+    for k, v in base.items():
+        args += [k, v]
+    if where in ("--partition", "--account"):
+        args += flags
+    r = _cli(*args, timeout=60)
+    assert r.returncode == 2, r.stdout
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert where in r.stderr and "control character" in r.stderr, r.stderr
+    assert "#SBATCH" not in r.stdout
+
+
+def test_control_characters_in_a_profile_are_refused(tmp_path: Path) -> None:
+    prof = tmp_path / "site.toml"
+    prof.write_text('partition = "gpu"\n[env]\nNCCL_DEBUG = "WARN\\nrm -rf /"\n')
+    with pytest.raises(ConfigError, match=r"env\.NCCL_DEBUG.*control character"):
+        load_profile(prof)
+    prof.write_text('setup = ["module load cuda\\nsource ~/env/bin/activate"]\n[sbatch]\nmail-type = "END"\n')
+    assert load_profile(prof).setup  # setup lines are shell by design: exempt
+
+
+def test_dry_run_without_the_data_folder_warns_and_prints_the_script(tmp_path: Path) -> None:
+    """A fresh checkout has no shards/ yet: the dry run still shows what would be submitted."""
+    r = _cli("--nodes", "4", "--dry-run", "--profile", str(EXAMPLE_PROFILE), "--data", str(tmp_path / "none"),
+             "--out", str(tmp_path / "r"), timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=4" in r.stdout
+    assert "warning" in r.stderr and "does not exist" in r.stderr and str(tmp_path / "none") in r.stderr
