@@ -524,6 +524,7 @@ def _finish(
         "stats": {"train": stats},
         "n_rows": src.n_rows,
         "n_skipped": len(skipped),
+        "n_duplicates": sum(str(x["reason"]).startswith(DUPLICATE) for x in skipped),
         "skipped": skipped,
         "build_seconds": round(time.perf_counter() - t0, 3),
     }
@@ -625,9 +626,14 @@ def build_shards(
     return _build(src, Path(out), cfg)
 
 
+DUPLICATE = "duplicate of row"
+"""Start of the skip reason of a row whose galaxy (IDENT, GAL_FILENAME, GAL_HDU) an earlier row already holds."""
+
+
 def _rgc_rows(cat: RGCCatalog, cfg: ShardConfig) -> tuple[list[_Row], list[dict[str, Any]]]:
     rows: list[_Row] = []
     skipped: list[dict[str, Any]] = []
+    first_row: dict[tuple[str, str, int], int] = {}
     for i in range(len(cat)):
         ident, file, hdu = cat.ident[i], cat.gal_filename[i], int(cat.gal_hdu[i])
         r = _Row(
@@ -647,12 +653,22 @@ def _rgc_rows(cat: RGCCatalog, cfg: ShardConfig) -> tuple[list[_Row], list[dict[
                 raise CatalogError(f"{cat.fits_catalog or cat.path}, row {i} (IDENT {ident}): {problem}")
             skipped.append(_skip_record(r, problem))
             continue
+        first = first_row.setdefault((ident, file, hdu), i)
+        if first != i:  # the same galaxy twice would be trained on twice per epoch
+            problem = f"{DUPLICATE} {first} (same IDENT {ident}, GAL_FILENAME {file}, GAL_HDU {hdu})"
+            if not cfg.skip_bad:
+                raise CatalogError(f"{cat.path}, row {i}: {problem}; remove it or pass --skip-bad")
+            skipped.append(_skip_record(r, problem))
+            continue
         rows.append(r)
     return rows, skipped
 
 
 def find_h5_datasets(
-    path: str | Path, images: str | None = None, redshifts: str | None = None
+    path: str | Path,
+    images: str | None = None,
+    redshifts: str | None = None,
+    use_redshift: bool | None = None,
 ) -> tuple[str, str | None]:
     """Pick the image dataset (the 3-D one) and the redshift dataset (1-D, same length N).
 
@@ -690,12 +706,21 @@ def find_h5_datasets(
     elif not image_like(found[images]):
         raise ShardError(f"{path}: dataset {images!r} has shape {list(found[images])}, expected N x H x W")
     n = found[images][0]
+    if use_redshift is False:
+        return images, None
     if redshifts is None:
         cands = [k for k, s in found.items() if len(s) == 1 and s[0] == n]
         if len(cands) > 1:
             raise ShardError(
                 f"{path}: several 1-D datasets of length {n} could be redshifts ({', '.join(cands)}); "
                 "choose one with --h5-redshifts NAME"
+            )
+        wrong = [f"{k} [{s[0]}]" for k, s in found.items() if len(s) == 1 and s[0] != n]
+        if not cands and wrong:
+            # A redshift array of another length is a broken file, not "no redshifts".
+            raise ShardError(
+                f"{path}: 1-D dataset(s) {', '.join(wrong)} do not match the {n} images of {images!r}; "
+                "fix the file, name the redshifts with --h5-redshifts NAME, or shard without them (--no-redshift)"
             )
         redshifts = cands[0] if cands else None
     elif redshifts not in found:
@@ -742,7 +767,7 @@ def build_shards_from_h5(
     path = Path(h5).resolve()
     if not path.is_file():
         raise ShardError(f"{path}: h5 file not found")
-    images, redshifts = find_h5_datasets(path, images, redshifts)
+    images, redshifts = find_h5_datasets(path, images, redshifts, use_redshift)
     if use_redshift and redshifts is None:
         raise ShardError(f"{path}: redshifts asked for, but no 1-D dataset matches the images' length")
     if use_redshift is False:

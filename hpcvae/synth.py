@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -130,6 +131,8 @@ class SynthConfig:
     per_file: int = 1000
     """HDUs per image file (COSMOS uses 1000)."""
     progress: bool = True
+    overwrite: bool = False
+    """Replace a synthetic set already in ``out`` (its catalogs and image files; nothing else)."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -412,7 +415,22 @@ class _StampWriter:
         self.gal = self.psf = None
 
 
-def _prepare_out(out: Path) -> None:
+def _existing_set(out: Path) -> list[Path]:
+    """The files of a synthetic set already in ``out``."""
+    if not out.is_dir():
+        return []
+    pat = re.compile(r"^real_galaxy_(images|PSF_images)_synth_n\d+\.fits$")
+    names = (CATALOG_NAME, FITS_CATALOG_NAME)
+    return sorted(p for p in out.iterdir() if p.name in names or pat.match(p.name))
+
+
+def _prepare_out(out: Path, overwrite: bool = False) -> None:
+    old = _existing_set(out)
+    if old and not overwrite:
+        raise ConfigError(
+            f"--out {out}: folder already holds a synthetic set ({len(old)} files, e.g. {old[0].name}); "
+            "pass --overwrite to replace it"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".hpcvae-synth-write-test"
@@ -420,9 +438,9 @@ def _prepare_out(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
-    # A crash half-way must not leave an old catalog pointing into new image files.
-    for name in (CATALOG_NAME, FITS_CATALOG_NAME):
-        (out / name).unlink(missing_ok=True)
+    # Catalogs first: a crash half-way must not leave an old catalog pointing into new image files.
+    for p in sorted(old, key=lambda p: p.name not in (CATALOG_NAME, FITS_CATALOG_NAME)):
+        p.unlink(missing_ok=True)
 
 
 def _write_table(path: Path, rows: np.ndarray, header: list[dict] | None = None) -> None:
@@ -466,7 +484,7 @@ def run(cfg: SynthConfig) -> SynthResult:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    _prepare_out(cfg.out)
+    _prepare_out(cfg.out, cfg.overwrite)
     workers = cfg.workers or _available_cores()
     chunk = max(1, min(50, math.ceil(cfg.n / (workers * 8))))
     jobs = [(cfg.seed, s, min(s + chunk, cfg.n), cfg.size) for s in range(0, cfg.n, chunk)]
@@ -550,11 +568,11 @@ def make_synthetic(
     workers: int | None = None,
     progress: bool = True,
     per_file: int = 1000,
+    overwrite: bool = False,
 ) -> Path:
     """Write a synthetic RealGalaxyCatalog set into ``out``; returns the catalog path."""
-    cfg = SynthConfig(
-        n=n, size=size, out=Path(out), seed=seed, workers=workers, progress=progress, per_file=per_file
-    )
+    cfg = SynthConfig(n=n, size=size, out=Path(out), seed=seed, workers=workers, progress=progress,
+                      per_file=per_file, overwrite=overwrite)  # fmt: skip
     return run(cfg).catalog
 
 
@@ -569,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--per-file", type=int, default=1000, help="HDUs per image file")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace a synthetic set already in --out")
     args = ap.parse_args(argv)
     cfg = SynthConfig(
         n=args.n,
@@ -578,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         per_file=args.per_file,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     res = run(cfg)
     print(

@@ -369,3 +369,34 @@ def test_cli_errors_are_one_line(shared_data: Path, aegis_copy: Path, tmp_path: 
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["skipped"][0]["row"] == 1
     p = _cli(*args, "--skip-bad")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--overwrite" in p.stderr
+
+
+def test_h5_redshifts_of_the_wrong_length_are_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f["images"] = np.zeros((6, 20, 20), np.float32)
+        f["redshifts"] = np.arange(5.0)  # one short: used to be ignored, sharding without redshifts
+    with pytest.raises(ShardError, match=r"redshifts \[5\] do not match the 6 images.*--no-redshift"):
+        build_shards_from_h5(path, tmp_path / "o", size=16)
+    m = build_shards_from_h5(path, tmp_path / "o", size=16, use_redshift=False)
+    assert not m.has_redshift and m.count("train") + m.count("val") == 6
+
+
+def test_duplicate_catalog_rows_are_an_error_or_skipped_and_counted(aegis_copy: Path, tmp_path: Path) -> None:
+    cat = aegis_copy / "AEGIS_F814w_catalog.fits"
+
+    def duplicate_row_0(t):
+        return np.concatenate([t, t[:1]])
+
+    t = fitsio.read(str(cat), ext=1)
+    fitsio.write(str(cat), duplicate_row_0(t), clobber=True)
+    p = _cli("--catalog", str(cat), "--size", "32", "--out", str(tmp_path / "a"), "--no-redshift")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "row 5: duplicate of row 0" in p.stderr and "--skip-bad" in p.stderr, p.stderr
+    p = _cli(
+        "--catalog", str(cat), "--size", "32", "--out", str(tmp_path / "a"), "--no-redshift", "--skip-bad"
+    )
+    assert p.returncode == 0, p.stderr
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["n_duplicates"] == 1 and m["n_skipped"] == 1 and m["skipped"][0]["row"] == 5
+    assert sum(sp["count"] for sp in m["splits"].values()) == 5  # each galaxy once

@@ -269,3 +269,20 @@ def test_cli_prints_one_line_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "hpcvae.synth: error: --n must be >= 1, got 0"
     assert "Traceback" not in proc.stderr
+
+
+def test_an_existing_set_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    make_synthetic(3, 32, out, seed=1, workers=1, progress=False)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = subprocess.run([sys.executable, "-m", "hpcvae.synth", "--n", "2", "--size", "32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "already holds a synthetic set" in proc.stderr and "--overwrite" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced
+    make_synthetic(2, 32, out, seed=2, workers=1, progress=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"  # only the set's own files are replaced
+    import fitsio
+
+    assert len(fitsio.read(str(out / "real_galaxy_catalog_synth.fits"))) == 2
