@@ -10,6 +10,7 @@ Layout of one checkpoint, ``RUN/checkpoints/step-000000123/``::
     deepspeed/           deepspeed: its own checkpoint (every rank writes its ZeRO partition)
     train_state.pt       LR scheduler and other named components (torchtitan style)
     rank-00000.pt ...    per rank: RNG states of torch (+CUDA), numpy, python
+    files.json           size and sha256 of every other file, written when the checkpoint is committed
     COMPLETE             written last; a folder without it is ignored
 
 Why the dance: a job can be killed at any instant (SIGKILL after the grace period, node
@@ -17,6 +18,11 @@ failure).  All ranks write into ``.tmp-step-N``; after a barrier rank 0 renames 
 ``step-N`` and only then writes ``COMPLETE``.  A crash at any point leaves the previous
 complete checkpoint untouched, and the leftovers are removed by the next save.  The run
 folder must be on a filesystem all ranks share (as on any SLURM cluster).
+
+Damage after the fact (a truncated copy, a bad disk block, a half-synced file system) is
+caught by ``files.json``: :func:`verify` checks every file's size and sha256 before a
+checkpoint is used.  ``--resume auto`` skips a damaged checkpoint with one line and takes
+the newest intact one (:func:`latest_intact`), so a requeued job never crash-loops on it.
 
 Everything but DeepSpeed's own files loads with ``torch.load(weights_only=True)``.
 """
@@ -40,6 +46,7 @@ from hpcvae.errors import CheckpointError
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
 META = "meta.json"
+FILES = "files.json"
 FORMAT = "hpcvae-checkpoint/1"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"
@@ -72,8 +79,79 @@ def list_checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[Pa
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (not verified; see :func:`latest_intact`)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def _digest(path: Path) -> str:
+    from hpcvae.manifest import sha256_file
+
+    return sha256_file(path)
+
+
+def file_list(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {size, sha256}}`` of every file under ``folder`` (``files.json`` and COMPLETE aside)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in (FILES, COMPLETE):
+            out[rel] = {"size": p.stat().st_size, "sha256": _digest(p)}
+    return out
+
+
+def verify(folder: Path) -> None:
+    """Raise CheckpointError naming the first file whose size or sha256 differs from ``files.json``.
+
+    Checkpoints written before ``files.json`` existed are accepted unverified.
+    """
+    listing = folder / FILES
+    if not listing.is_file():
+        if not (folder / META).is_file():
+            raise CheckpointError(f"checkpoint {folder}: {META} is missing (damaged)")
+        return
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {folder}: {FILES} is unreadable (damaged): {exc}") from None
+    for rel, want in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {folder}: file {rel} is missing (damaged)")
+        size = p.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(
+                f"checkpoint {folder}: file {rel} has {size} bytes, {want['size']} when written (damaged)"
+            )
+        if _digest(p) != want["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {folder}: file {rel} has another sha256 than when written (damaged)"
+            )
+
+
+def latest_intact(run_dir: str | Path, report: Any = None) -> Path | None:
+    """The newest complete checkpoint that verifies; each damaged one on the way is reported in one line.
+
+    ``None`` when there is no checkpoint at all; an error when there are some but none is intact.
+    """
+    report = report or print
+    found = list_checkpoints(run_dir)
+    bad = []
+    for ck in reversed(found):
+        try:
+            verify(ck)
+            read_meta(ck)
+        except CheckpointError as exc:
+            bad.append(ck.name)
+            report(f"resume: skipping {exc}; falling back to the previous checkpoint")
+            continue
+        return ck
+    if bad:
+        raise CheckpointError(
+            f"no intact checkpoint in {Path(run_dir) / CHECKPOINT_DIR} ({', '.join(bad)} are damaged); "
+            "restore one or start fresh with --resume none"
+        )
+    return None
 
 
 def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
@@ -85,7 +163,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return latest_intact(run_dir)
     p = Path(resume)
     if not p.exists():
         raise CheckpointError(f"--resume {p}: no such file or folder")
@@ -94,11 +172,11 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
             raise CheckpointError(
                 f"--resume {p}: checkpoint is incomplete (no {COMPLETE} marker); it was cut off while saving"
             )
+        verify(p)
         return p
-    latest = latest_checkpoint(p)
-    if latest is None:
+    if not list_checkpoints(p):
         raise CheckpointError(f"--resume {p}: no complete checkpoint in {p / CHECKPOINT_DIR}")
-    return latest
+    return latest_intact(p)
 
 
 def resume_position(
@@ -124,8 +202,10 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: not a complete hpcvae checkpoint (needs {META} and {COMPLETE})")
     try:
         meta = json.loads((folder / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / META}: unreadable: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {folder}: file {META} is unreadable (damaged): {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {folder}: file {META} holds no JSON object (damaged)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
@@ -166,6 +246,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -- saving and loading ----------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _before_commit(folder: Path) -> None:
@@ -229,6 +314,7 @@ class Checkpointer:
             (tmp / META).write_text(json.dumps(full, indent=1))
         barrier()
         if self.dist.is_main:
+            (tmp / FILES).write_text(json.dumps({"files": file_list(tmp)}, indent=1))
             _before_commit(tmp)
             _fsync_dir(tmp)
             os.replace(tmp, final)
@@ -249,26 +335,42 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(
-        self, folder: Path, *, engine: Any, components: dict[str, Stateful], expect: dict[str, Any]
+        self,
+        folder: Path,
+        *,
+        engine: Any,
+        components: dict[str, Stateful],
+        expect: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Restore engine, components and this rank's RNG; returns the checkpoint's meta.
 
-        ``expect`` holds values that must match (arch, engine, ...), each refused with a clear error.
+        ``expect`` holds values that must match (arch, engine, ...), each refused with a clear
+        error; ``meta`` is the checkpoint's ``read_meta``, when the caller has read it already.
+        A component missing from an older checkpoint is rebuilt by its ``load_legacy(folder, meta)``.
         """
-        meta = read_meta(folder)
-        for key, want in expect.items():
+        meta = meta if meta is not None else read_meta(folder)
+        for key, want in (expect or {}).items():
             have = meta.get(key)
             if have != want:
                 raise CheckpointError(
                     f"{folder}: checkpoint has {key} = {have!r} but this run has {key} = {want!r}; "
                     "resume with the same setting or start fresh with --resume none"
                 )
-        engine.load(folder)
-        state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+        try:
+            engine.load(folder)
+            state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"checkpoint {folder}: cannot be loaded: {_one_line(exc)}") from None
         for k, c in components.items():
-            if k not in state:
+            if k in state:
+                c.load_state_dict(state[k])
+            elif hasattr(c, "load_legacy"):
+                c.load_legacy(folder, meta)
+            else:
                 raise CheckpointError(f"{folder / 'train_state.pt'}: no {k!r} state")
-            c.load_state_dict(state[k])
         rank_file = folder / f"rank-{self.dist.rank:05d}.pt"
         if rank_file.is_file():
             set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=True))

@@ -22,9 +22,21 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], prog: str) -> No
     except HpcvaeError as exc:
         if os.environ.get("HPCVAE_TRACEBACK"):
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        # An error every rank raised alike is printed once, by rank 0, not once per rank.
+        if not (getattr(exc, "collective", False) and _rank() != 0):
+            print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(rc or 0))
+
+
+def _rank() -> int:
+    import os
+
+    for name in ("RANK", "SLURM_PROCID"):
+        v = os.environ.get(name, "")
+        if v.isdigit():
+            return int(v)
+    return 0

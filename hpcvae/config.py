@@ -10,6 +10,7 @@ value fails at start-up with the field's name instead of hours into a job.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -53,6 +54,9 @@ class DataConfig:
     """Batches each worker prepares ahead."""
     gpu_resident: bool = False
     """Hold the whole train split on the GPU (bf16/fp16) and shuffle there; for small models."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest before training (cached in the run folder by size
+    and mtime, so a resume does not rehash); a changed shard is an error, never trained on."""
     start_method: Literal["spawn", "fork"] = "spawn"
     """How loader workers start.  ``spawn`` (default) is safe in a multi-threaded process (gloo, NCCL and
     TensorBoard run threads); ``fork`` starts faster.  Chosen explicitly so Python's own default
@@ -179,6 +183,13 @@ class TrainConfig:
     """Deterministic kernels (bit-reproducible on CPU); slower."""
     log_every: int = 20
     """Optimizer steps between metric logs (one host sync each)."""
+    status_every: int = 200
+    """When stderr is not a terminal (a SLURM log): print one status line every this many steps, not a bar."""
+    sync_every: int = 50
+    """Optimizer steps between the ranks' agreement on stopping and on numerical health (one host sync and,
+    with several ranks, one small CPU all-reduce); a stop signal takes effect within this many steps."""
+    max_skipped_in_a_row: int = 50
+    """fp16: stop with an error once this many optimizer steps in a row were skipped for overflow."""
     max_steps_per_epoch: int = 0
     """Cap steps per epoch (0 = none); for smoke runs and benchmarks."""
     val_every: int = 1
@@ -189,6 +200,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.sync_every >= 1, "train.sync_every must be >= 1")
+        _check(self.status_every >= 1, "train.status_every must be >= 1")
+        _check(self.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row must be >= 1")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
         _check(self.val_every >= 1, "train.val_every must be >= 1")
 
@@ -201,6 +215,11 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a new one is complete."""
     resume: str = "auto"
     """``auto`` resumes from the latest complete checkpoint if any, ``none`` starts fresh, else a path."""
+    lock: bool = True
+    """Hold an exclusive lock on the run folder (``RUN/.hpcvae.lock``) so two runs never share one."""
+    allow_new_data: bool = False
+    """Let a resume continue on another shard set (or normalisation) than the checkpoint's.  The run keeps
+    the checkpoint's normalisation, and an epoch interrupted on the old data is not finished."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps must be >= 0")
@@ -296,6 +315,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML and --set both accept inf and nan
+                raise ConfigError(f"{where}: {value!r} is not a finite number")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:

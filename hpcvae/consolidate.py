@@ -52,11 +52,12 @@ def write_model(
     from hpcvae import __version__
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {}
     for k, v in state_dict.items():
         v = v.detach().to("cpu")
         sd[k] = (v.float() if v.is_floating_point() else v).contiguous()
+    check_finite(sd, where=f"{out / MODEL_FILE}: refusing to write it")
+    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
         "arch": model_config["arch"],
@@ -77,6 +78,17 @@ def write_model(
     tmp_w.replace(out / MODEL_FILE)
     tmp_j.replace(out / MODEL_JSON)
     return out / MODEL_FILE
+
+
+def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:
+    """CheckpointError naming the first tensor holding NaN or inf: such a model only produces garbage."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(
+                f"{where}: tensor {k} holds {n} non-finite value(s) (NaN/inf); the model is unusable, "
+                "consolidate an earlier checkpoint or retrain"
+            )
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -118,6 +130,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: 
 
     from hpcvae.models import build_model
 
+    if not Path(path).exists():
+        raise CheckpointError(
+            f"{path}: no such file or folder (expected a run folder, {MODEL_FILE} or {MODEL_JSON})"
+        )
     weights, meta_path = _paths(path)
     meta = read_model_json(meta_path)
     if not weights.is_file():
@@ -129,6 +145,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: 
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: unreadable safetensors file: {exc}") from None
+    check_finite(sd, where=str(weights))
     if file_meta.get("arch") not in (None, cfg.get("arch")):
         raise CheckpointError(
             f"{weights}: weights are for arch {file_meta['arch']!r} but {meta_path} says {cfg.get('arch')!r}"
@@ -192,16 +209,18 @@ def checkpoint_state_dict(folder: Path, meta: dict[str, Any]) -> dict[str, torch
 
 def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """``model.safetensors`` + ``model.json`` in ``out`` from a checkpoint folder (or a run's latest)."""
-    from hpcvae.checkpoint import latest_checkpoint, read_meta
+    from hpcvae.checkpoint import latest_intact, read_meta, verify
 
     ck = Path(checkpoint)
     if not ck.exists():
         raise CheckpointError(f"{ck}: no such checkpoint")
     if not (ck / "meta.json").exists():
-        latest = latest_checkpoint(ck)
+        latest = latest_intact(ck)
         if latest is None:
             raise CheckpointError(f"{ck}: not a checkpoint and holds no complete checkpoint")
         ck = latest
+    else:
+        verify(ck)
     meta = read_meta(ck)
     sd = checkpoint_state_dict(ck, meta)
     return write_model(

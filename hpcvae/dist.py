@@ -10,12 +10,16 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
 
-from hpcvae.errors import DistributedError
+from hpcvae.errors import DistributedError, HpcvaeError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,29 @@ def print0(*args, **kwargs) -> None:
 def barrier() -> None:
     if get_world_size() > 1:
         tdist.barrier()
+
+
+def on_rank0(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and give every rank its result, or raise its error on every rank.
+
+    For checks that read shared files (which checkpoint is intact, whether the run folder is
+    free): one rank does the I/O, and no rank is left waiting in a collective because
+    another one raised.  Only ``HpcvaeError`` travels; anything else is a bug and stays local.
+    """
+    if get_world_size() == 1:
+        return fn()
+    payload: list[Any] = [None]
+    if get_rank() == 0:
+        try:
+            payload[0] = ("ok", fn())
+        except HpcvaeError as exc:
+            payload[0] = ("error", type(exc), str(exc))
+    tdist.broadcast_object_list(payload, src=0)
+    kind, *rest = payload[0]
+    if kind == "error":
+        cls, msg = rest
+        raise cls(msg, collective=True)
+    return rest[0]
 
 
 def all_reduce_flag(flag: bool, device: torch.device | None = None) -> bool:

@@ -75,6 +75,12 @@ class Engine:
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         """Optimizer steps skipped for an fp16 overflow (device tensor: read it only when logging)."""
+        self.skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)
+        """Consecutive skipped steps up to the last one (device tensor); the trainer stops on a long run."""
+        self.grad_finite: torch.Tensor | None = None
+        """Whether the last step's gradients were all finite (device bool), where the engine can tell."""
+        self.overflow_is_normal = cfg.train.precision == "fp16"
+        """fp16 overflows are expected and skipped by the loss scaler, so they are not errors."""
 
     # -- hot path ---------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -161,8 +167,12 @@ class DDPEngine(Engine):
     def step(self) -> None:
         clip = self.cfg.optim.grad_clip
         if self.scaler is None:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             if clip > 0:
-                nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+                norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+            else:  # one fused reduction, kept on the device: read at the trainer's control points only
+                norm = nn.utils.get_total_norm(grads)
+            self.grad_finite = torch.isfinite(norm)
             self._opt.step()
         else:
             if clip > 0:
@@ -171,7 +181,9 @@ class DDPEngine(Engine):
             before = self.scaler._scale.clone()  # device tensor: no host sync
             self.scaler.step(self._opt)  # skips the update when a gradient is inf/NaN
             self.scaler.update()  # ... and then lowers the scale: that is how we count skips
-            self.skipped += (self.scaler._scale < before).to(torch.int64)
+            skipped = (self.scaler._scale < before).to(torch.int64)
+            self.skipped += skipped
+            self.skipped_in_a_row.add_(1).mul_(skipped)
         self._opt.zero_grad(set_to_none=True)
 
     def save(self, folder: Path) -> None:
@@ -262,7 +274,9 @@ class DeepSpeedEngine(Engine):
     def step(self) -> None:
         self.ds.step()  # clips and zeroes the gradients too
         if self._fp16:
-            self.skipped.fill_(int(self.ds.skipped_steps))
+            n = int(self.ds.skipped_steps)  # DeepSpeed has synced for its overflow check already
+            self.skipped_in_a_row.add_(1).mul_(int(n > int(self.skipped)))
+            self.skipped.fill_(n)
 
     def save(self, folder: Path) -> None:
         # Every rank writes its ZeRO partition; the config travels with the checkpoint.
@@ -271,9 +285,12 @@ class DeepSpeedEngine(Engine):
             (folder / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
 
     def load(self, folder: Path) -> None:
-        path, _ = self.ds.load_checkpoint(
-            str(folder), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        from hpcvae.deepspeed_compat import weights_only_loads
+
+        with weights_only_loads():  # DeepSpeed itself would unpickle with no restriction
+            path, _ = self.ds.load_checkpoint(
+                str(folder), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if path is None:
             raise CheckpointError(f"{folder / DS_TAG}: DeepSpeed could not load this checkpoint")
         if self._fp16:
@@ -329,7 +346,10 @@ def zero_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{folder}: a DeepSpeed ZeRO checkpoint needs deepspeed installed to consolidate"
         ) from None
-    with contextlib.redirect_stdout(None):  # it prints progress lines meant for interactive use
+    from hpcvae.deepspeed_compat import weights_only_loads
+
+    # It prints progress lines meant for interactive use, and would unpickle with no restriction.
+    with contextlib.redirect_stdout(None), weights_only_loads():
         sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
     return _fp32(sd)
 
@@ -339,7 +359,9 @@ def zero0_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / DS_TAG / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; not a complete DeepSpeed checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's own pickle format
+    from hpcvae.deepspeed_compat import safe_load
+
+    state = safe_load(path, map_location="cpu")  # DeepSpeed's pickle, read with weights_only=True
     return _fp32(state["module"])
 
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 
 class HpcvaeError(Exception):
-    """Base class of every error hpcvae raises on purpose."""
+    """Base class of every error hpcvae raises on purpose.
+
+    ``collective=True`` marks an error every rank of a run raises identically (a config or
+    data problem all ranks see): the command line then prints it on rank 0 only.
+    """
+
+    def __init__(self, *args: object, collective: bool = False) -> None:
+        super().__init__(*args)
+        self.collective = collective
 
 
 class ConfigError(HpcvaeError, ValueError):
@@ -43,3 +51,11 @@ class LaunchError(HpcvaeError, RuntimeError):
 
 class DistributedError(HpcvaeError, RuntimeError):
     """The distributed environment is inconsistent (ranks, world size, backend)."""
+
+
+class RunFolderBusy(HpcvaeError, RuntimeError):
+    """Another process holds the run folder's lock (two runs with the same ``--out``)."""
+
+
+class NumericalError(HpcvaeError, FloatingPointError):
+    """Training produced a non-finite loss, gradient or weight; the last good checkpoint is kept."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,63 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+VERIFY_CACHE = "shards_verified.json"
+"""Per run folder: the shards already checked, by size and mtime (so a resume does not rehash them)."""
+
+
+def shards_to_verify(manifest: Manifest, cache_file: Path | None) -> tuple[list[ShardInfo], dict[str, Any]]:
+    """(shards whose sha256 must be computed, the cache entries still valid for the others)."""
+    cached: dict[str, Any] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text()).get("shards", {})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            cached = {}  # a damaged cache only costs a rehash
+    todo, keep = [], {}
+    for split in manifest.splits:
+        for s in manifest.shards(split):
+            if not s.sha256:
+                continue
+            st = (manifest.root / s.name).stat()
+            c = cached.get(s.name) if isinstance(cached, dict) else None
+            if isinstance(c, dict) and (c.get("size"), c.get("mtime_ns"), c.get("sha256")) == (
+                st.st_size, st.st_mtime_ns, s.sha256):  # fmt: skip
+                keep[s.name] = c
+            else:
+                todo.append(s)
+    return todo, keep
+
+
+def hash_shards(manifest: Manifest, shards: list[ShardInfo], threads: int = 4) -> dict[str, dict[str, Any]]:
+    """``{name: {size, mtime_ns, sha256}}`` of ``shards``, hashed on a few threads (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(s: ShardInfo) -> tuple[str, dict[str, Any]]:
+        path = manifest.root / s.name
+        st = path.stat()
+        return s.name, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+
+    if not shards:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as ex:
+        return dict(ex.map(one, shards))
+
+
+def check_hashes(manifest: Manifest, hashed: dict[str, dict[str, Any]]) -> None:
+    """Raise ShardError naming the first shard whose sha256 differs from the manifest's."""
+    want = {s.name: s.sha256 for sp in manifest.splits for s in manifest.shards(sp)}
+    for name, rec in sorted(hashed.items()):
+        if rec["sha256"] != want.get(name):
+            raise ShardError(
+                f"{manifest.root / name}: sha256 differs from {manifest.path}: the shard changed after it was "
+                "written; re-shard, or train on it anyway with --set data.verify=false",
+                collective=True,
+            )
+
+
+def write_verify_cache(cache_file: Path, manifest: Manifest, records: dict[str, dict[str, Any]]) -> None:
+    tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"manifest": str(manifest.path), "shards": records}, indent=1) + "\n")
+    os.replace(tmp, cache_file)

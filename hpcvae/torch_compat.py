@@ -1,6 +1,6 @@
 """Every use of a private PyTorch API, in one place, with the versions it is tested on.
 
-Tested range: torch 2.4 - 2.14 (CPU 2.13 here, CUDA 2.11 on the GPU image).  If a torch
+Tested range: torch 2.6 - 2.14 (CPU 2.13 here, CUDA 2.11 on the GPU image).  If a torch
 upgrade breaks one of these, this file and ``tests/test_torch_compat.py`` are what to change.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TESTED_TORCH = (">=2.4", "<2.15")
+TESTED_TORCH = (">=2.6", "<2.15")
 
 
 def shutdown_loader_workers(loader: Any) -> None:

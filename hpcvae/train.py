@@ -111,7 +111,12 @@ def run(cfg: JobConfig, *, on_start: Callable[[Trainer], None] | None = None) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    result = run(config_from_args(args))
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:  # the same argv on every rank: the same error on every rank
+        exc.collective = True
+        raise
+    result = run(cfg)
     if result.status == "completed":
         return EXIT_COMPLETED
     return EXIT_PREEMPTED

@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -46,9 +45,11 @@ from hpcvae.config import (
     TrainConfig,
     to_dict,
 )
-from hpcvae.dist import DistInfo, all_reduce_flag, barrier, cleanup, init_distributed, print0
+from hpcvae.dist import DistInfo, all_reduce_flag, barrier, cleanup, init_distributed, on_rank0, print0
 from hpcvae.errors import CheckpointError, ConfigError, ModelError
+from hpcvae.metrics import Metrics
 from hpcvae.prior import PREFIX, FlowKind, FlowSpec, build_flow, flow_meta, gaussian_nll, vae_digest
+from hpcvae.runlock import RunLock
 
 EXIT_COMPLETED = 0
 EXIT_PREEMPTED = 3
@@ -138,10 +139,6 @@ class PriorTrainer:
 
     def __init__(self, cfg: PriorConfig, dist: DistInfo) -> None:
         from hpcvae.consolidate import load_model
-        from hpcvae.data import ShardData
-        from hpcvae.engines import DDPEngine
-        from hpcvae.manifest import Manifest
-        from hpcvae.schedules import lr_scheduler
 
         self.cfg, self.dist = cfg, dist
         src = Path(cfg.model)
@@ -154,6 +151,26 @@ class PriorTrainer:
         self.out = Path(cfg.out) if cfg.out else _model_dir(src)
         self.work = self.out / WORK_DIR
         self._stop = False
+        # It rewrites the model files in place: never while a training (or another fit) uses the folder.
+        self._lock = RunLock(self.out, what="hpcvae.train_prior")
+        on_rank0(self._lock.acquire)
+        try:
+            self._build(cfg, dist, src)
+        except BaseException:
+            self._unlock(refused=True)
+            raise
+        if dist.is_main:
+            self._lock.announce()
+
+    def _unlock(self, refused: bool = False) -> None:
+        if self.dist.is_main:
+            self._lock.release(refused=refused)
+
+    def _build(self, cfg: PriorConfig, dist: DistInfo, src: Path) -> None:
+        from hpcvae.data import ShardData
+        from hpcvae.engines import DDPEngine
+        from hpcvae.manifest import Manifest
+        from hpcvae.schedules import lr_scheduler
 
         self.manifest = Manifest.load(cfg.data)
         arch = self.vae.config["arch"]
@@ -221,8 +238,7 @@ class PriorTrainer:
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.last_checkpoint: Path | None = None
         self.history: dict[str, Any] = {"train_nll": None, "val_nll": None, "train_time_s": 0.0}
-        self._jsonl: Any = None
-        self._bar: Any = None
+        self.metrics = Metrics(self.work, enabled=dist.is_main, tensorboard=False, prog="hpcvae.train_prior")
         if dist.is_main:
             self.work.mkdir(parents=True, exist_ok=True)
             (self.work / "prior_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -342,10 +358,8 @@ class PriorTrainer:
         finally:
             for sig, h in old.items():
                 signal.signal(sig, h)
-            for obj in (self._bar, self._jsonl):
-                if obj is not None:
-                    obj.close()
-            self._bar = self._jsonl = None
+            self.metrics.close()
+            self._unlock()
 
     def _train_epoch(self) -> bool:
         cfg, dev = self.cfg, self.dist.device
@@ -353,10 +367,8 @@ class PriorTrainer:
         perm = torch.randperm(self.z_train.shape[0], generator=g)
         # The epoch's posterior draws, made up front so a resumed epoch sees the same ones.
         eps = torch.randn(self.z_train.shape, generator=g) if self.posterior else None
-        if self._bar is not None:
-            self._bar.reset(total=self.steps_per_epoch)
-            self._bar.update(self.step_in_epoch)
-            self._bar.set_description(f"prior epoch {self.epoch + 1}/{cfg.epochs}")
+        self.metrics.epoch(f"prior epoch {self.epoch + 1}/{cfg.epochs}", total=self.steps_per_epoch,
+                           done=self.step_in_epoch)  # fmt: skip
         self.engine.module.train()
         acc, n_acc, t0 = torch.zeros((), device=dev), 0, time.perf_counter()
         b = cfg.batch_size
@@ -373,8 +385,7 @@ class PriorTrainer:
             n_acc += 1
             self.step_in_epoch += 1
             self.global_step += 1
-            if self._bar is not None:
-                self._bar.update(1)
+            self.metrics.step()
             if n_acc >= cfg.log_every or self.step_in_epoch == self.steps_per_epoch:
                 self._log_train(acc, n_acc, time.perf_counter() - t0)
                 acc.zero_()
@@ -428,22 +439,14 @@ class PriorTrainer:
 
     # -- logging ---------------------------------------------------------------------------------
     def _open_logs(self) -> None:
-        if not self.dist.is_main:
-            return
-        self._jsonl = open(self.work / "metrics.jsonl", "a")
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=self.steps_per_epoch, unit="step", dynamic_ncols=True, mininterval=1.0,
-                         file=sys.stderr)  # fmt: skip
+        self.metrics.open(total=self.steps_per_epoch)
         self._write({"kind": "start", "epoch": self.epoch, "step": self.global_step,
                      "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
                      "batch_size": self.cfg.batch_size, "n_train_latents": self.n_train,
                      "encode_dropped": self.encode_dropped, "encode_s": self.encode_s})  # fmt: skip
 
     def _write(self, rec: dict[str, Any]) -> None:
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(rec) + "\n")
-            self._jsonl.flush()
+        self.metrics.write(rec)
 
     def _log_train(self, acc: torch.Tensor, n: int, dt: float) -> None:
         nll = self._reduce([float(acc) / n])[0] / self.dist.world_size
@@ -451,8 +454,7 @@ class PriorTrainer:
         self.history["train_time_s"] = float(self.history.get("train_time_s", 0.0)) + dt
         self._write({"kind": "train", "epoch": self.epoch, "step": self.global_step, "nll": nll,
                      "lr": self.engine.lr(), "step_time_s": dt / n})  # fmt: skip
-        if self._bar is not None:
-            self._bar.set_postfix(nll=f"{nll:.4g}", refresh=False)
+        self.metrics.postfix(nll=f"{nll:.4g}")
 
     # -- the end ---------------------------------------------------------------------------------
     def _fitted_on(self) -> str:

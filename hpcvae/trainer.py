@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import math
 import signal
-import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,12 +34,14 @@ import torch
 import torch.distributed as tdist
 
 from hpcvae import __version__
-from hpcvae.checkpoint import Checkpointer, resolve_resume, resume_position
+from hpcvae.checkpoint import Checkpointer, read_meta, resolve_resume
 from hpcvae.config import JobConfig, dump_toml, to_dict
-from hpcvae.dist import DistInfo, barrier, print0
+from hpcvae.dist import DistInfo, barrier, on_rank0, print0
 from hpcvae.engines import Engine, build_engine
-from hpcvae.errors import ConfigError, HpcvaeError
+from hpcvae.errors import CheckpointError, ConfigError, HpcvaeError, NumericalError
 from hpcvae.manifest import Manifest
+from hpcvae.metrics import Metrics
+from hpcvae.runlock import RunLock
 from hpcvae.schedules import beta_schedule, lr_scheduler
 
 METRICS = ("loss", "recon", "kl", "redshift")
@@ -67,35 +69,57 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: JobConfig, dist: DistInfo) -> None:
-        from hpcvae.data import make_data
-        from hpcvae.models import model_from_config
-        from hpcvae.transforms import get_transform
-
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.out)
         self._stop_requested = False
-        self._apply_determinism()
+        # One run per folder: rank 0 holds the lock until train() ends.  A run refused from here
+        # to the end of __init__ (busy folder, bad checkpoint, changed data) leaves the folder as it was.
+        self._lock = RunLock(self.out) if cfg.checkpoint.lock else None
+        if self._lock is not None:
+            on_rank0(self._lock.acquire)
+        try:
+            self._build(cfg, dist)
+        except BaseException:
+            self._unlock(refused=True)
+            raise
 
+    def _unlock(self, refused: bool = False) -> None:
+        if self._lock is not None and self.dist.is_main:
+            self._lock.release(refused=refused)
+
+    def _build(self, cfg: JobConfig, dist: DistInfo) -> None:
+        from hpcvae.data import DataPosition, make_data
+        from hpcvae.models import model_from_config
+
+        self._apply_determinism()
         self.manifest = Manifest.load(cfg.data.path)
         size = self.manifest.image_size
         if cfg.model.image_size is not None and cfg.model.image_size != size:
             raise ConfigError(
                 f"{self.manifest.path}: images are {size}x{size} but model.image_size = {cfg.model.image_size}; "
-                "drop model.image_size or re-shard at that size"
+                "drop model.image_size or re-shard at that size",
+                collective=True,
             )
-        self.transform = get_transform(cfg.data.transform, self.manifest.stats("train"))
-        # ShardData streams the tar shards; GpuResidentData (data.gpu_resident) holds the split on the device.
-        self.data = make_data(cfg.data, self.manifest, rank=dist.rank, world_size=dist.world_size,
-                              seed=cfg.train.seed, transform=self.transform,
-                              max_steps=cfg.train.max_steps_per_epoch, device=dist.device)  # fmt: skip
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = model_from_config(cfg.model, size)
         if model.conditional and not self.manifest.has_redshift:
             raise ConfigError(
                 f"{self.manifest.path}: model {cfg.model.arch} is conditioned on redshift but the shard set has none; "
-                "use vae128/vae158 or re-shard with redshifts"
+                "use vae128/vae158 or re-shard with redshifts",
+                collective=True,
             )
         self.model = model
+        # Every check against the checkpoint happens before anything is built or written.
+        # Rank 0 verifies (sha256 of every file) and picks the checkpoint; every rank uses its choice.
+        self.resume_from = on_rank0(lambda: resolve_resume(cfg.checkpoint.resume, self.out))
+        self.resume_meta = read_meta(self.resume_from) if self.resume_from else None
+        self.transform = self._choose_transform()
+        # ShardData streams the tar shards; GpuResidentData (data.gpu_resident) holds the split on the device.
+        self.data = make_data(cfg.data, self.manifest, rank=dist.rank, world_size=dist.world_size,
+                              seed=cfg.train.seed, transform=self.transform,
+                              max_steps=cfg.train.max_steps_per_epoch, device=dist.device)  # fmt: skip
+        self.position = DataPosition(inputs=self.data.inputs)
+        """The checkpoint's data position, once loaded (see :meth:`_resume`)."""
         rs = _rank_seed(cfg.train.seed, dist.rank)
         torch.manual_seed(rs)
         np.random.seed(rs % (1 << 32))
@@ -117,6 +141,8 @@ class Trainer:
 
         self.epoch = 0
         self.step_in_epoch = 0
+        self.pool: np.ndarray | None = None
+        """The current epoch's samples (manifest indices) when it finishes an interrupted one; else all."""
         self.global_step = 0
         self.last_checkpoint: Path | None = None
         self.summary: dict[str, Any] = {"images_per_s": None, "train": {}, "val": {}}
@@ -126,15 +152,23 @@ class Trainer:
         self._window_t0 = time.perf_counter()
         self._images_seen = 0
         self._train_time = 0.0
-        self._jsonl = None
-        self._tb = None
-        self._bar = None
+        self.metrics = Metrics(self.out, enabled=dist.is_main, status_every=cfg.train.status_every)
+        # Numerical health, on the device (read at control points only): the first global step whose loss
+        # or gradient was not finite (-1: none), and the keys of the batches since the last control point.
+        self._bad_at = torch.full((), -1, dtype=torch.int64, device=dist.device)
+        self._stop_agreed = False
+        # Control points come at most sync_every steps apart, so the bad step is always in this window.
+        self._recent: deque[tuple[int, int, int, list[str]]] = deque(maxlen=cfg.train.sync_every)
+        self._resume()
+        if self._lock is not None and dist.is_main:  # every refusal check has passed
+            self._lock.announce()
+        if cfg.data.verify:
+            self._verify_shards()
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.toml").write_text(dump_toml(cfg))
             if cfg.train.engine == "deepspeed":
                 (self.out / "deepspeed_config.json").write_text(json.dumps(self.engine.ds_config, indent=1))
-        self._resume()
 
     # -- set-up -------------------------------------------------------------------------------
     def _apply_determinism(self) -> None:
@@ -152,24 +186,103 @@ class Trainer:
             "engine": self.cfg.train.engine,
         }
 
+    def _verify_shards(self) -> None:
+        """Every shard's sha256 against the manifest, once per run folder (the ranks share the hashing)."""
+        from hpcvae.manifest import (
+            VERIFY_CACHE,
+            check_hashes,
+            hash_shards,
+            shards_to_verify,
+            write_verify_cache,
+        )
+
+        cache = self.out / VERIFY_CACHE
+        todo, records = shards_to_verify(self.manifest, cache)
+        t0 = time.perf_counter()
+        mine = hash_shards(self.manifest, todo[self.dist.rank :: self.dist.world_size])
+        if self.dist.distributed:
+            parts: list[Any] = [None] * self.dist.world_size
+            tdist.all_gather_object(parts, mine, group=self._ctrl_group)
+            mine = {k: v for part in parts for k, v in part.items()}
+        check_hashes(self.manifest, mine)
+        if todo:
+            gb = sum(r["size"] for r in mine.values()) / 1e9
+            print0(f"data: verified {len(todo)} shard(s), {gb:.2f} GB, against {self.manifest.path} "
+                   f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+            if self.dist.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_verify_cache(cache, self.manifest, {**records, **mine})
+
+    def _choose_transform(self) -> Any:
+        """The normalisation: from the manifest, or the checkpoint's when resuming.
+
+        A resume on another shard set, or with another ``data.transform``, would feed the model
+        differently normalised pixels mid-training; it is refused unless
+        ``checkpoint.allow_new_data``, and then the checkpoint's normalisation is kept.
+        """
+        from hpcvae.transforms import get_transform, transform_from_dict
+
+        fresh = get_transform(self.cfg.data.transform, self.manifest.stats("train"))
+        meta = self.resume_meta
+        if meta is None:
+            return fresh
+        for key, want in self._expect().items():  # cheap checks first: nothing built yet
+            if meta.get(key) != want:
+                raise CheckpointError(
+                    f"{self.resume_from}: checkpoint has {key} = {meta.get(key)!r} but this run has {key} = {want!r}; "
+                    "resume with the same setting or start fresh with --resume none",
+                    collective=True,
+                )
+        changed = []
+        if meta.get("manifest_digest") not in (None, self.manifest.digest):
+            changed.append(f"--data {self.manifest.root} is another shard set (manifest digest differs)")
+        saved = meta.get("transform")
+        if saved is not None and saved != fresh.to_dict():
+            changed.append(f"the normalisation differs ({saved['name']} {saved.get('params')} in the checkpoint, "
+                           f"{fresh.name} {fresh.to_dict()['params']} now)")  # fmt: skip
+        if not changed:
+            return fresh
+        if not self.cfg.checkpoint.allow_new_data:
+            raise CheckpointError(
+                f"{self.resume_from}: {'; '.join(changed)}; resuming would continue on other data. "
+                "Pass --set checkpoint.allow_new_data=true to do it anyway, or --resume none to start fresh",
+                collective=True,
+            )
+        self._new_data_note = "; ".join(changed)
+        return transform_from_dict(saved) if saved is not None else fresh
+
     def _resume(self) -> None:
-        folder = resolve_resume(self.cfg.checkpoint.resume, self.out)
-        if folder is None:
+        from hpcvae.data import DataPosition, resume_plan
+
+        folder, meta = self.resume_from, self.resume_meta
+        if folder is None or meta is None:
             return
-        meta = self.checkpointer.load(folder, engine=self.engine, components={"scheduler": self.scheduler},
-                                      expect=self._expect())  # fmt: skip
+        saved = DataPosition(inputs=self.data.inputs)
+        components = {"scheduler": self.scheduler, "data": saved}
+        self.checkpointer.load(folder, engine=self.engine, components=components, meta=meta)
         self.global_step = int(meta["global_step"])
         self.summary = meta.get("summary", self.summary)
         self._images_seen = int(self.summary.get("images_seen", 0))
         self._train_time = float(self.summary.get("train_time_s", 0.0))
-        self.epoch, self.step_in_epoch, moved = resume_position(
-            meta, world_size=self.dist.world_size, batch_size=self.cfg.data.batch_size,
-            steps_per_epoch=self.steps_per_epoch)  # fmt: skip
-        if moved:
-            print0(f"resume: {folder} was written with world_size={meta.get('world_size')}, "
-                   f"batch_size={meta.get('batch_size')}; skipping the rest of epoch {self.epoch - 1}")  # fmt: skip
+        note = getattr(self, "_new_data_note", None)
+        if note is not None:
+            # The old epoch's plan named samples of the old shard set: it cannot be finished here.
+            self.epoch, self.step_in_epoch = (
+                saved.epoch + (1 if saved.step or saved.pool is not None else 0),
+                0,
+            )
+            print0(f"resume: new data: {note}; epoch {self.epoch + 1} starts on it, and the run keeps the "
+                   f"normalisation of the checkpoint ({self.transform.to_dict()})")  # fmt: skip
+        else:
+            r = resume_plan(
+                saved.inputs, epoch=saved.epoch, step=saved.step, pool=saved.pool, new=self.data.inputs
+            )
+            self.epoch, self.step_in_epoch, self.pool = r.epoch, r.step, r.pool
+            if r.note:
+                print0(r.note)
         self.last_checkpoint = folder
-        print0(f"resumed from {folder} at epoch {self.epoch}, step {self.step_in_epoch}/{self.steps_per_epoch} "
+        steps = self.data.epoch_steps(self.pool)
+        print0(f"resumed from {folder} at epoch {self.epoch}, step {self.step_in_epoch}/{steps} "
                f"(global step {self.global_step})")  # fmt: skip
 
     # -- stopping -------------------------------------------------------------------------------
@@ -189,12 +302,53 @@ class Trainer:
             old[sig] = signal.signal(sig, lambda signum, frame: self.request_stop())
         return old
 
-    def _agree_stop(self) -> bool:
-        if not self.dist.distributed:
-            return self._stop_requested
-        t = torch.tensor([int(self._stop_requested)], dtype=torch.int32)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self._ctrl_group)
-        return bool(t.item())
+    def _control_point(self) -> bool:
+        """Agree across ranks on stopping, and stop with an error on non-finite numbers; True = stop now.
+
+        One host sync (the device health flags) and, with several ranks, one all-reduce of three
+        integers on the CPU group: run every ``train.sync_every`` steps and before every save, so
+        nothing non-finite is ever checkpointed and no rank is left alone in a collective.
+        """
+        bad_at = int(self._bad_at.item())
+        in_a_row = int(self.engine.skipped_in_a_row.item())
+        stop = self._stop_requested
+        if self.dist.distributed:
+            big = 1 << 62  # MAX-reduce of (big - step) gives the earliest bad step of any rank
+            t = torch.tensor([int(stop), big - bad_at if bad_at >= 0 else 0, in_a_row], dtype=torch.int64)
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self._ctrl_group)
+            stop, bad_at, in_a_row = bool(t[0]), (big - int(t[1])) if int(t[1]) else -1, int(t[2])
+        if bad_at >= 0:
+            raise self._numerical_error(bad_at)
+        limit = self.cfg.train.max_skipped_in_a_row
+        if in_a_row >= limit:
+            raise NumericalError(
+                f"at least {limit} optimizer steps in a row were skipped for fp16 overflow (up to global step "
+                f"{self.global_step}): the loss scale cannot recover; the last good checkpoint is "
+                f"{self.last_checkpoint or 'none'}. Use --precision bf16, lower optim.lr, or check the data",
+                collective=True,
+            )
+        self._recent.clear()
+        self._stop_agreed = stop
+        return stop
+
+    def _numerical_error(self, bad_at: int) -> NumericalError:
+        """The error for the first non-finite step: its epoch, step and batch keys, from whichever rank had it."""
+        mine = next(((e, s, k) for g, e, s, k in self._recent if g == bad_at), None)
+        if self.dist.distributed:
+            parts: list[Any] = [None] * self.dist.world_size
+            tdist.all_gather_object(parts, mine, group=self._ctrl_group)
+            found = [p for p in parts if p is not None]
+            keys = [k for p in found for k in p[2]]
+            mine = (found[0][0], found[0][1], keys) if found else None
+        epoch, step, keys = mine if mine is not None else (self.epoch, -1, [])
+        shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        return NumericalError(
+            f"non-finite loss or gradient at epoch {epoch + 1}, step {step + 1} of the epoch (global step "
+            f"{bad_at + 1}); batch keys: {shown or 'unknown'}; the last good checkpoint is "
+            f"{self.last_checkpoint or 'none (none was written yet)'} and no model was written. Check those "
+            "samples (hpcvae.shard --skip-bad, data.verify) or lower optim.lr",
+            collective=True,
+        )
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> RunResult:
@@ -213,7 +367,13 @@ class Trainer:
                     return self._result("preempted")
                 self.epoch += 1
                 self.step_in_epoch = 0
+                self.pool = None
                 self.save_checkpoint()
+                if self._stop_agreed and self.epoch < cfg.train.epochs:  # asked during the epoch's last steps
+                    print0(
+                        f"stop requested: checkpoint {self.last_checkpoint} written at step {self.global_step}"
+                    )
+                    return self._result("preempted")
             model_path = self._finish()
             return self._result("completed", model_path)
         finally:
@@ -221,44 +381,45 @@ class Trainer:
                 signal.signal(sig, handler)
             self._close_logs()
             self.data.close()
+            self._unlock()
 
     def _train_epoch(self) -> bool:
         """One epoch from ``step_in_epoch``; False when stopped early (checkpoint written)."""
         epoch = self.epoch
         beta = self.beta(epoch)
-        loader = self.data.train_loader(epoch, start_step=self.step_in_epoch)
-        if self._bar is not None:
-            self._bar.reset(total=self.steps_per_epoch)
-            self._bar.update(self.step_in_epoch)
-            self._bar.set_description(f"epoch {epoch + 1}/{self.cfg.train.epochs}")
+        steps = self.data.epoch_steps(self.pool)
+        loader = self.data.train_loader(epoch, start_step=self.step_in_epoch, pool=self.pool)
+        self.metrics.epoch(f"epoch {epoch + 1}/{self.cfg.train.epochs}", total=steps, done=self.step_in_epoch)
         self._window_t0, self._wait = time.perf_counter(), 0.0
         it = iter(loader)
         every = self.cfg.checkpoint.every_steps
+        sync_every = self.cfg.train.sync_every
+        # One process needs no agreement: a stop request is seen at the very next step.
+        local_stop = not self.dist.distributed
         self.engine.module.train()
-        while self.step_in_epoch < self.steps_per_epoch:
+        while self.step_in_epoch < steps:
             t0 = time.perf_counter()
             batch = next(it)
             self._wait += time.perf_counter() - t0
             self.train_step(batch, beta)
-            if self._bar is not None:
-                self._bar.update(1)
+            self.metrics.step()
             if self._acc_steps >= self.cfg.train.log_every:
                 self._log_train(beta)
-            if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
-                self.save_checkpoint()
-            if self._agree_stop():
-                if self._acc_steps:
-                    self._log_train(beta)
-                self.save_checkpoint()
-                print0(
-                    f"stop requested: checkpoint {self.last_checkpoint} written at step {self.global_step}"
-                )
-                return False
+            due = every and self.global_step % every == 0 and self.step_in_epoch < steps
+            if due or self.global_step % sync_every == 0 or (local_stop and self._stop_requested):
+                if self._control_point():
+                    if self._acc_steps:
+                        self._log_train(beta)
+                    self.save_checkpoint()
+                    print0(
+                        f"stop requested: checkpoint {self.last_checkpoint} written at step {self.global_step}"
+                    )
+                    return False
+                if due:
+                    self.save_checkpoint()
         try:  # let the loader finish: it checks that it gave exactly the planned batches
             next(it)
-            raise HpcvaeError(
-                f"epoch {epoch}: the loader gave more batches than the {self.steps_per_epoch} planned"
-            )
+            raise HpcvaeError(f"epoch {epoch}: the loader gave more batches than the {steps} planned")
         except StopIteration:
             pass
         if self._acc_steps:
@@ -276,6 +437,12 @@ class Trainer:
         losses = self.forward_backward_step(x, r, beta)
         self.engine.step()
         self.scheduler.step()
+        self._recent.append((self.global_step, self.epoch, self.step_in_epoch, list(batch.get("key", []))))
+        if not self.engine.overflow_is_normal:  # fp16 skips and counts overflow steps instead
+            ok = torch.isfinite(losses["total"].detach())
+            if self.engine.grad_finite is not None:
+                ok = ok & self.engine.grad_finite
+            self._bad_at.masked_fill_(~ok & (self._bad_at < 0), self.global_step)
         w = 1.0 if self.model.spec.recon_reduction == "sum" else float(x.shape[0])
         zero = losses["total"].new_zeros(())
         self._acc += (
@@ -355,16 +522,9 @@ class Trainer:
 
     # -- logging ------------------------------------------------------------------------------
     def _open_logs(self) -> None:
-        if not self.dist.is_main:
-            return
-        self._jsonl = open(self.out / "metrics.jsonl", "a")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._tb = SummaryWriter(str(self.out / "tb"))
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            total=self.steps_per_epoch, unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr
+        # A resumed run purges TensorBoard events past its checkpoint: the replayed steps appear once.
+        self.metrics.open(
+            total=self.steps_per_epoch, purge_step=self.global_step if self.resume_from else None
         )
         self._write_metrics({"kind": "start", "step": self.global_step, "epoch": self.epoch,
                              "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
@@ -373,21 +533,10 @@ class Trainer:
                              "train_count": self.manifest.count("train")})  # fmt: skip
 
     def _close_logs(self) -> None:
-        for obj in (self._bar, self._tb, self._jsonl):
-            if obj is not None:
-                obj.close()
-        self._bar = self._tb = self._jsonl = None
+        self.metrics.close()
 
     def _write_metrics(self, rec: dict[str, Any]) -> None:
-        if self._jsonl is None:
-            return
-        self._jsonl.write(json.dumps(rec) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            kind = rec.get("kind")
-            for k, v in rec.items():
-                if k not in ("kind", "step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{kind}/{k}", v, rec.get("step", 0))
+        self.metrics.write(rec)
 
     def _log_train(self, beta: float) -> None:
         """One host sync: turn the accumulated device metrics into numbers and write them."""
@@ -413,10 +562,7 @@ class Trainer:
         self.summary["images_per_s"] = rec["images_per_s"]
         self.summary["skipped_steps"] = skipped
         self._write_metrics(rec)
-        if self._bar is not None:
-            self._bar.set_postfix(
-                loss=f"{m['loss']:.4g}", img_s=f"{rec['images_per_s'] or 0:.0f}", refresh=False
-            )
+        self.metrics.postfix(loss=f"{m['loss']:.4g}", img_s=f"{rec['images_per_s'] or 0:.0f}")
         self._acc.zero_()
         self._acc_steps = 0
         self._wait = 0.0
@@ -435,6 +581,10 @@ class Trainer:
                 "last_lr": self.engine.lr()}  # fmt: skip
 
     def save_checkpoint(self) -> Path:
+        """An all-rank checkpoint of the current state, after checking it is numerically sound."""
+        from hpcvae.data import DataPosition
+
+        self._control_point()  # raises before anything non-finite reaches the disk
         meta = {
             "global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "steps_per_epoch": self.steps_per_epoch, "batch_size": self.cfg.data.batch_size,
@@ -444,9 +594,12 @@ class Trainer:
             "beta": self.beta.to_dict(), "lr_schedule": self.lr_schedule_dict(), "summary": self._summary(),
             "hpcvae_version": __version__,
         }  # fmt: skip
+        position = DataPosition(
+            inputs=self.data.inputs, epoch=self.epoch, step=self.step_in_epoch, pool=self.pool
+        )
         self.last_checkpoint = self.checkpointer.save(
-            self.global_step, engine=self.engine, components={"scheduler": self.scheduler}, meta=meta,
-            config_toml=dump_toml(self.cfg),
+            self.global_step, engine=self.engine, components={"scheduler": self.scheduler, "data": position},
+            meta={**meta, "data_plan": self.data.inputs.to_dict()}, config_toml=dump_toml(self.cfg),
         )  # fmt: skip
         return self.last_checkpoint
 
@@ -454,6 +607,7 @@ class Trainer:
         """Consolidated fp32 model + sample grid (rank 0), from the final state."""
         from hpcvae.consolidate import MODEL_FILE, write_model
 
+        self._control_point()
         sd = self.engine.full_state_dict(self.last_checkpoint)
         path = self.out / MODEL_FILE
         if self.dist.is_main:

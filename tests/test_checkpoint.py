@@ -138,6 +138,14 @@ def test_kill_9_during_save_keeps_previous_checkpoint(shards: Path, tmp_path: Pa
     assert not (out / "checkpoints" / ".tmp-step-000000004").exists()  # cleaned by the next save
     assert read_meta(latest_checkpoint(out))["epoch"] == 2
 
+    # TensorBoard: the steps logged after step 2 and replayed on resume appear once (purge_step).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    steps = [e.step for e in ea.Scalars("train/loss")]
+    assert len(steps) == len(set(steps)) and 4 in steps, steps
+
     # ... and the result is the same as never having crashed.
     ref = tmp_path / "ref"
     assert run_ranks(train_args(shards, ref), tmp_path / "logs-ref", world=1) == [0]

@@ -37,7 +37,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
 
 
 def _cfg(ss: ShardSet, **kw) -> DataConfig:
-    base = {"path": str(ss.manifest.root), "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16}
+    # fork: these tests are about the plan, not how workers start (tests/test_stop_signals.py uses spawn)
+    base = {"path": str(ss.manifest.root), "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16,
+            "start_method": "fork"}  # fmt: skip
     return DataConfig(**{**base, **kw})
 
 
@@ -283,7 +285,7 @@ _RANK_SCRIPT = textwrap.dedent(
     from hpcvae.manifest import Manifest
     root, port, rank, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    cfg = DataConfig(path=root, batch_size=4, num_workers=2, shuffle_buffer=8)
+    cfg = DataConfig(path=root, batch_size=4, num_workers=2, shuffle_buffer=8, start_method="fork")
     data = ShardData(cfg, Manifest.load(root), rank=rank, world_size=2, seed=7)
     keys, steps = [], 0
     for batch in data.train_loader(2):

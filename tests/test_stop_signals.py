@@ -86,3 +86,21 @@ def test_sigterm_to_process_group_with_workers(shards: Path, tmp_path: Path, wor
 def test_sigusr2_resume_bit_identical_with_real_loader_settings(shards: Path, tmp_path: Path, loader) -> None:
     """Persistent workers used to make a resumed run draw one fewer seed from the global RNG."""
     _stop_resume_equals_full(shards, tmp_path, loader(), world=1, how="usr2")
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "epoch-tail"])
+def test_stop_lands_at_the_next_control_point(shards: Path, tmp_path: Path, where: str) -> None:
+    """Ranks agree on stopping every train.sync_every steps and at each epoch end, then resume exactly."""
+    every = ["--set", "train.sync_every=4"]
+    full = tmp_path / "full"
+    assert run_ranks(train_args(shards, full, *every, epochs=3), tmp_path / "logs-full") == [0, 0]
+    steps = _steps(full)
+    # mid-epoch: the signal at step steps+1 is agreed at the next multiple of 4; epoch-tail: after the
+    # last multiple of 4 in epoch 2, so only its epoch-end control point can see it.
+    stop_at = steps + 1 if where == "mid-epoch" else 2 * steps - 1
+    agreed = min(-(-stop_at // 4) * 4, 2 * steps)
+    split = tmp_path / "split"
+    stop_and_resume(train_args(shards, split, *every, epochs=3), tmp_path, stop_at=stop_at, world=2)
+    stopped = (tmp_path / "logs-stopped" / "rank0.log").read_text()
+    assert f"written at step {agreed}\n" in stopped, stopped[-2000:]
+    assert_same_weights(load_weights(full / "model.safetensors"), load_weights(split / "model.safetensors"))

@@ -10,7 +10,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from hpcvae.data import _stop_signals_blocked, _worker_init
+from hpcvae.data.loader import stop_signals_blocked, worker_init
 from hpcvae.torch_compat import TESTED_TORCH, shutdown_loader_workers
 
 
@@ -38,7 +38,7 @@ def _loader() -> DataLoader:
 
     return DataLoader(_Pids(), batch_size=None, num_workers=2, persistent_workers=True,
                       multiprocessing_context=multiprocessing.get_context("spawn"),
-                      worker_init_fn=_worker_init)  # fmt: skip
+                      worker_init_fn=worker_init)  # fmt: skip
 
 
 def test_tested_range_covers_this_torch() -> None:
@@ -51,7 +51,7 @@ def test_tested_range_covers_this_torch() -> None:
 
 def test_workers_ignore_stop_signals_from_others_but_not_from_their_parent() -> None:
     dl = _loader()
-    with _stop_signals_blocked("spawn"):
+    with stop_signals_blocked("spawn"):
         it = iter(dl)
     pids = {next(it) for _ in range(20)}
     assert len(pids) == 2 and os.getpid() not in pids

@@ -40,7 +40,9 @@ def _records(out: Path) -> list[dict]:
 @pytest.mark.parametrize(
     "engine_args",
     [
-        pytest.param(["--engine", "ddp", "--set", "data.num_workers=1"], id="ddp"),
+        pytest.param(
+            ["--engine", "ddp", "--set", "data.num_workers=1", "--set", "data.start_method=fork"], id="ddp"
+        ),
         pytest.param(["--engine", "deepspeed", "--zero-stage", "2"], id="deepspeed-zero2"),
     ],
 )

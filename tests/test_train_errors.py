@@ -102,3 +102,46 @@ def test_checkpoint_from_another_arch(shards: Path, tmp_path: Path) -> None:
     assert main(train_args(shards, out, epochs=1)) == 0
     with pytest.raises(CheckpointError, match="arch = 'cvae2' but this run has arch = 'vae158'"):
         main(train_args(shards, tmp_path / "other", "--arch", "vae158", "--resume", str(out)))
+
+
+def test_an_error_every_rank_sees_is_printed_once(shards: Path, tmp_path: Path) -> None:
+    """A training set too small for world_size x batch_size: one line from rank 0, not one per rank."""
+    from train_helpers import run_ranks
+
+    rcs = run_ranks(train_args(shards, tmp_path / "r", "--batch-size", "100"), tmp_path / "logs", world=2)
+    assert rcs == [2, 2]
+    texts = [(tmp_path / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert texts[0].count("hpcvae.train: error:") == 1 and "lower data.batch_size" in texts[0]
+    assert "error" not in texts[1], texts[1]
+
+
+def test_progress_is_status_lines_when_stderr_is_not_a_terminal(shards: Path, tmp_path: Path) -> None:
+    r = _cli(train_args(shards, tmp_path / "r", "--set", "train.status_every=5", epochs=1))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\r" not in r.stderr  # no progress bar redrawn into a log file
+    lines = [s for s in r.stderr.splitlines() if s.startswith("hpcvae.train: epoch 1/1, step ")]
+    assert len(lines) >= 2 and "loss" in lines[-1], r.stderr[-2000:]
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path: Path) -> None:
+    import json
+
+    from hpcvae.metrics import Metrics
+
+    m = Metrics(tmp_path, enabled=True, tensorboard=False).open(total=1)
+    m.write({"kind": "train", "step": 1, "loss": float("nan"), "kl": float("inf"), "lr": 1e-3})
+    m.close()
+
+    def strict(name: str) -> None:
+        raise AssertionError(f"bare {name} in metrics.jsonl")
+
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=strict)
+    assert rec["loss"] is None and rec["kl"] is None and rec["lr"] == 1e-3
+
+
+def test_load_model_names_the_path_it_was_given(tmp_path: Path) -> None:
+    from hpcvae import load_model
+
+    missing = tmp_path / "runs" / "nope" / "model.safetensors"
+    with pytest.raises(CheckpointError, match=f"^{missing}: no such file or folder"):
+        load_model(missing)

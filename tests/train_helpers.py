@@ -57,7 +57,7 @@ def train_args(data: Path, out: Path, *extra: str, epochs: int = 2, batch: int =
     return [
         "--config", str(DEBUG_TOML), "--data", str(data), "--out", str(out),
         "--epochs", str(epochs), "--batch-size", str(batch), "--device", "cpu", "--deterministic",
-        "--set", "train.log_every=2", "--set", "checkpoint.every_steps=0",
+        "--set", "train.log_every=2", "--set", "checkpoint.every_steps=0", "--set", "train.sync_every=1",
         "--set", "train.sample_grid=false", *extra,
     ]  # fmt: skip
 

@@ -23,6 +23,7 @@ from hpcvae.errors import ConfigError, ModelError, ShardError
 from hpcvae.evaluate import plots
 from hpcvae.evaluate.moments import LANUSSE2021, STATS, compare, fit_slope, moments
 from hpcvae.manifest import Manifest
+from hpcvae.metrics import json_safe
 
 DEFAULT_PIXEL_SCALE = 0.03
 """HST ACS arcsec/pixel; used when neither the shard meta nor the manifest records one."""
@@ -176,8 +177,11 @@ def _resolve_model(model: Any, device: str) -> tuple[Any, Path | None]:
         path = Path(model)
         if not path.exists():
             raise ModelError(f"{path}: no such model file or run folder")
-        m = load_model(path, device=device)
+        m = load_model(path, device=device)  # refuses non-finite weights
         return m, (path if path.is_dir() else path.parent)
+    from hpcvae.consolidate import check_finite
+
+    check_finite(model.state_dict(), where=f"model {model.config.get('arch')}")
     return model.to(device), None
 
 
@@ -209,24 +213,6 @@ def _check_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"evaluate: --device {device} requested but CUDA is not available")
     return device
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: numpy scalars -> Python, NaN/inf -> None (undefined, not a number)."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 # ----------------------------------------------------------------------------------------
@@ -556,7 +542,7 @@ def evaluate(
         "notes": notes,
         "seconds": round(time.time() - t0, 2),
     }
-    report = _clean(report)
+    report = json_safe(report)
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     return report
