@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from hpcvae.errors import ConfigError
 
-ArchName = Literal["vae128", "vae158", "cvae", "cvae2", "fancy_cvae"]
+ArchName = Literal["vae128", "vae158", "cvae", "cvae2", "fancy_cvae", "galaxy_vae"]
 Flavour = Literal["default", "debug"]
 Engine = Literal["ddp", "deepspeed"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -44,8 +44,10 @@ class DataConfig:
     """DataLoader worker processes per rank; 0 reads in the main process."""
     shuffle_buffer: int = 1000
     """Samples held in each worker's shuffle buffer."""
-    transform: TransformName = "minmax"
-    """Normalisation applied to the physical pixels; its parameters come from the manifest."""
+    transform: TransformName = "asinh"
+    """Normalisation applied to the physical pixels; its parameters come from the manifest.  ``asinh`` (the
+    default) keeps the faint isophotes that carry a galaxy's shape in range; ``minmax`` is the seed's, under
+    which squared errors are dominated by the bright cores and the models learn round blobs."""
     pin_memory: bool = True
     """Pin host batches so the copy to the GPU can be non-blocking (ignored on CPU)."""
     persistent_workers: bool = True
@@ -88,6 +90,9 @@ class ModelConfig:
     """``sum`` is the seed's MSE(sum); ``mean`` averages over pixels (keeps loss scale size-free)."""
     redshift_weight: float = 1000.0
     """k in fancy_cvae's ``k * MSE(z_pred, z)`` term (seed: 1000)."""
+    likelihood: Literal["mse", "gaussian"] = "mse"
+    """Reconstruction term: ``mse`` of the normalised images (the seed's), or ``gaussian``: the chi^2 in
+    physical units with each galaxy's noise variance (galaxy2galaxy's).  Recorded in model.json."""
 
     def __post_init__(self) -> None:
         if self.image_size is not None:

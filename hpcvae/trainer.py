@@ -114,6 +114,13 @@ class Trainer:
         self.resume_from = on_rank0(lambda: resolve_resume(cfg.checkpoint.resume, self.out))
         self.resume_meta = read_meta(self.resume_from) if self.resume_from else None
         self.transform = self._choose_transform()
+        model.set_normalisation(self.transform)  # the gaussian likelihood works in physical units
+        if model.spec.likelihood == "gaussian" and "noise_std" not in self.manifest.stats("train"):
+            raise ConfigError(
+                f"{self.manifest.path}: model.likelihood = 'gaussian' needs each galaxy's noise variance, but the "
+                "shards carry none (the catalog had no NOISE_VARIANCE); use likelihood 'mse'",
+                collective=True,
+            )
         # ShardData streams the tar shards; GpuResidentData (data.gpu_resident) holds the split on the device.
         self.data = make_data(cfg.data, self.manifest, rank=dist.rank, world_size=dist.world_size,
                               seed=cfg.train.seed, transform=self.transform,
@@ -431,10 +438,12 @@ class Trainer:
     def train_step(self, batch: dict[str, Any], beta: float) -> None:
         """One optimizer step on one batch, plus the bookkeeping (no host sync)."""
         x = self.engine.prepare(batch["image"])
-        r = None
+        r = nv = None
         if self.model.conditional:
             r = batch["redshift"].to(self.dist.device, non_blocking=True)
-        losses = self.forward_backward_step(x, r, beta)
+        if self.model.spec.likelihood == "gaussian":
+            nv = batch["noise_var"].to(self.dist.device, non_blocking=True)
+        losses = self.forward_backward_step(x, r, beta, nv)
         self.engine.step()
         self.scheduler.step()
         self._recent.append((self.global_step, self.epoch, self.step_in_epoch, list(batch.get("key", []))))
@@ -457,11 +466,15 @@ class Trainer:
         self._images_seen += x.shape[0] * self.dist.world_size
 
     def forward_backward_step(
-        self, x: torch.Tensor, redshift: torch.Tensor | None, beta: float
+        self,
+        x: torch.Tensor,
+        redshift: torch.Tensor | None,
+        beta: float,
+        noise_var: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Forward through the distributed wrapper (its hooks all-reduce gradients), loss, backward."""
         out = self.engine.forward(x, redshift)
-        losses = self.model.compute_loss(out, x, redshift, beta)
+        losses = self.model.compute_loss(out, x, redshift, beta, noise_var=noise_var)
         self.engine.backward(losses["total"])
         return losses
 
@@ -474,7 +487,8 @@ class Trainer:
         lockstep = self.cfg.train.engine == "deepspeed" and self.cfg.deepspeed.zero_stage == 3
         it = iter(self.data.val_loader())
         size = self.model.image_size
-        filler = {"image": torch.zeros(1, 1, size, size), "redshift": torch.full((1,), 0.5)}
+        filler = {"image": torch.zeros(1, 1, size, size), "redshift": torch.full((1,), 0.5),
+                  "noise_var": torch.ones(1)}  # fmt: skip
         while True:
             batch = next(it, None)
             # ZeRO-3 gathers parameters collectively, so with uneven val shares the ranks that
@@ -485,9 +499,10 @@ class Trainer:
             batch = batch if real else filler
             x = self.engine.prepare(batch["image"])
             r = batch["redshift"].to(self.dist.device) if self.model.conditional else None
+            nv = batch["noise_var"].to(self.dist.device) if self.model.spec.likelihood == "gaussian" else None
             with self.engine.autocast():
                 out = module(x, r)
-            losses = module.compute_loss(out, x, r, beta)
+            losses = module.compute_loss(out, x, r, beta, noise_var=nv)
             if not real:
                 continue
             w = 1.0 if self.model.spec.recon_reduction == "sum" else float(x.shape[0])

@@ -1,4 +1,4 @@
-"""The five seed architectures: layer tables, shapes, losses, conditioning, generation API."""
+"""The architectures: the seed's five layer tables, galaxy_vae, shapes, losses, conditioning, generation API."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from hpcvae.config import ModelConfig
 from hpcvae.errors import ModelError
 from hpcvae.models import MODEL_REGISTRY, VAEOutput, build_model, list_models, model_from_config
 
-ALL = ["vae128", "vae158", "cvae", "cvae2", "fancy_cvae"]
-CONDITIONAL = ["cvae", "cvae2", "fancy_cvae"]
+SEED = ["vae128", "vae158", "cvae", "cvae2", "fancy_cvae"]
+ALL = [*SEED, "galaxy_vae"]
+CONDITIONAL = ["cvae", "cvae2", "fancy_cvae", "galaxy_vae"]
 AEGIS = SHARED_DATA / "aegis-real"
 
 
@@ -29,7 +30,7 @@ def _n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def test_registry_lists_the_five():
+def test_registry_lists_the_five_and_galaxy_vae():
     assert list_models() == ALL
     assert set(MODEL_REGISTRY) == set(ALL)
     for name in ALL:
@@ -77,9 +78,9 @@ def _enc_table(nc, k2, head):
     ]  # fmt: skip
 
 
-def _dec_table(nc, head, k4, out):
+def _dec_table(nc, head, k4, out, head_bias=True):
     return [
-        ("TConv", nc, 512, *head, True), ("BN", 512), ("ReLU",),
+        ("TConv", nc, 512, *head, head_bias), ("BN", 512), ("ReLU",),
         ("TConv", 512, 256, 4, 2, 1, False), ("BN", 256), ("ReLU",),
         ("TConv", 256, 128, 4, 2, 1, False), ("BN", 128), ("ReLU",),
         ("TConv", 128, 64, k4, 2, 1, False), ("BN", 64), ("ReLU",),
@@ -90,7 +91,12 @@ def _dec_table(nc, head, k4, out):
 SEED_TABLES = {
     # name: (encoder, decoder, (mu/logvar Linear in, out), decoder Linear (in, out))
     "vae158": (_enc_table(1, 3, (4, 2, 1)), _dec_table(1, (4, 2, 1), 3, 1), (25, 32), (32, 25)),
-    "vae128": (_enc_table(1, 4, (5, 1, 0)), _dec_table(1, (5, 1, 0), 4, 1), (16, 32), (32, 16)),
+    "vae128": (
+        _enc_table(1, 4, (5, 1, 0)),
+        _dec_table(1, (5, 1, 0), 4, 1, head_bias=False),
+        (16, 32),
+        (32, 16),
+    ),
     "cvae": (_enc_table(2, 3, (4, 2, 1)), _dec_table(2, (4, 2, 1), 3, 1), (25, 32), (32, 25)),
     "cvae2": (_enc_table(1, 3, (4, 2, 1)), _dec_table(1, (4, 2, 1), 3, 1), (26, 32), (33, 25)),
     "fancy_cvae": (_enc_table(2, 3, (4, 2, 1)), _dec_table(2, (4, 2, 1), 3, 2), (25, 32), (32, 25)),
@@ -104,8 +110,8 @@ SEED_PARAMS = {
     # vae158: convs + BN + 2 x Linear(25, 32) + Linear(32, 25)
     "vae158": 5_415_481,  # 2_704_384 + 2_704_896 + 3_712 + 1_664 + 825
     # vae128: Conv(5,1,0) 512*25 head, 2 x Linear(16, 32) = 1_088, Linear(32, 16) = 528,
-    # TConv(5,1,0) 1->512 with bias = 13_312, kernel-4 TConv 128->64 = 131_072
-    "vae128": 5_538_512,  # 2_766_336 + 2_766_848 + 3_712 + 1_088 + 528
+    # TConv(5,1,0) 1->512 without bias (the seed's code) = 12_800, kernel-4 TConv 128->64 = 131_072
+    "vae128": 5_538_000,  # 2_766_336 + 2_766_336 + 3_712 + 1_088 + 528
     # cvae: first conv 2->64 (+1_024), first TConv 2->512 (+8_192)
     "cvae": 5_424_697,
     # cvae2: 2 x Linear(26, 32) (+64), Linear(33, 25) (+25)
@@ -120,7 +126,7 @@ def test_hand_arithmetic_is_consistent():
     assert _ENC158 + _DEC158 + _BN + 2 * (25 * 32 + 32) + (32 * 25 + 25) == SEED_PARAMS["vae158"]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", SEED)
 def test_default_matches_seed_layer_tables(name):
     m = build_model(name)
     enc, dec, lin_enc, lin_dec = SEED_TABLES[name]
@@ -138,8 +144,9 @@ def test_default_shapes(name):
     assert m.image_size == (128 if name == "vae128" else 158)
     x, r = _inputs(m)
     out = m(x, r)
+    assert m.z_dim == 32
     assert isinstance(out, VAEOutput)
-    assert out.recon.shape == x.shape and out.mu.shape == (2, 32) and out.logvar.shape == (2, 32)
+    assert out.recon.shape == x.shape and out.mu.shape == (2, m.z_dim) and out.logvar.shape == (2, m.z_dim)
     assert (out.z_pred is not None) == (name == "fancy_cvae")
     if out.z_pred is not None:
         assert out.z_pred.shape == (2,)
@@ -150,22 +157,61 @@ def test_default_shapes(name):
 @pytest.mark.parametrize("size", [64, 32, 96, 158, 128])
 def test_debug_and_other_sizes(name, size):
     m = build_model(name, "debug", image_size=size)
-    assert m.config["nf"] == 8 and m.config["z_dim"] == 8
+    assert m.config["nf"] == 8 and m.config["z_dim"] == (16 if name == "galaxy_vae" else 8)
     x, r = _inputs(m, b=3)
     m.eval()
     out = m(x, r)
-    assert out.recon.shape == (3, 1, size, size) and out.mu.shape == (3, 8)
+    assert out.recon.shape == (3, 1, size, size) and out.mu.shape == (3, m.z_dim)
+    assert m.bottleneck >= 16  # the last map is never below 4 x 4
     assert m.decode(out.mu, r).shape == (3, 1, size, size)
 
 
 def test_debug_default_size_and_geometry_rule():
     for name in ALL:
         assert build_model(name, "debug").image_size == 64
-    # vae128's head maps the last side m to ceil(m/2): 64 -> 4 -> 2 with Conv(3,1,0)
-    g = build_model("vae128", "debug").geometry
-    assert (g.sizes[-1], g.head_kernel, g.latent_side) == (4, 3, 2)
-    g = build_model("vae158", "debug", image_size=96).geometry  # 96 48 24 12 6 -> 3
-    assert g.latent_side == 3
+    # The last map never goes below 4 x 4: where halving would, the layer keeps the side.
+    g = build_model("vae128", "debug").geometry  # 64 -> 32 16 8 4, head Conv(1,1,0) keeps 4
+    assert (g.sizes[-1], g.head_kernel, g.latent_side) == (4, 1, 4)
+    g = build_model("vae158", "debug").geometry  # 64 -> 32 16 8 4, head Conv(3,1,1) keeps 4
+    assert (g.head_kernel, g.head_stride, g.latent_side) == (3, 1, 4)
+    g = build_model("vae158", "debug", image_size=96).geometry  # 96 48 24 12 6, head keeps 6 (not 3)
+    assert g.latent_side == 6 and g.head_stride == 1
+    g = build_model("cvae2", "debug", image_size=32).geometry  # 32 16 8 4 4: a stride-1 trunk conv
+    assert g.strides == (2, 2, 2, 1) and g.latent_side == 4
+
+
+def test_a_starved_bottleneck_is_an_error_except_for_a_seed_model_at_its_size():
+    with pytest.raises(
+        ModelError, match=r"cvae2 at 64px: its encoder hands 16 numbers .* z_dim = 32.*galaxy_vae"
+    ):
+        build_model("cvae2", image_size=64)  # the seed's z_dim at 64 px: 4 x 4 = 16 numbers
+    assert build_model("cvae2").bottleneck == 25 < 32  # the seed's own model at 158 px is kept
+    assert build_model("vae128").bottleneck == 16
+    assert build_model("galaxy_vae", image_size=64).bottleneck == 8 * 32 * 4 * 4
+
+
+def test_galaxy_vae_design():
+    """Wide bottleneck, no transposed convolutions, replicated borders, equalised Linear -> z starting at sigma 1."""
+    from hpcvae.models.galaxy import EqualizedLinear
+
+    m = build_model("galaxy_vae", "debug")  # nf 8 at 64 px: 8nf channels at 4 x 4
+    assert m.sides == [64, 32, 16, 8, 4] and m.channels[-1] == 64 and m.n_features == 64 * 16
+    assert not [x for x in m.modules() if isinstance(x, nn.ConvTranspose2d)]
+    assert all(c.padding_mode == "replicate" for c in m.decoder.modules() if isinstance(c, nn.Conv2d))
+    assert isinstance(m.fc_mu, EqualizedLinear) and m.fc_mu.in_features == 64 * 16 + 1
+    x, r = _inputs(m, b=4)
+    m.eval()
+    out = m(x, r)
+    assert torch.equal(out.logvar, torch.zeros_like(out.logvar))  # posterior sigma starts at 1
+    # An Adam step moves the equalised layer's output like a narrow layer's, whatever its fan-in.
+    m.train()
+    opt = torch.optim.Adam([m.fc_mu.weight], lr=1e-3)
+    before = m(x, r).mu.detach()
+    opt.zero_grad()
+    m(x, r).mu.sum().backward()
+    opt.step()
+    torch.manual_seed(0)
+    assert (m(x, r).mu.detach() - before).abs().max() < 0.5
 
 
 # ----------------------------------------------------------------------------------------
@@ -248,7 +294,7 @@ def test_conditional_models_use_the_redshift(name):
         hi = m(x, torch.tensor([[1.5], [1.5]]))  # (B, 1) accepted
     assert (lo.mu - hi.mu).abs().max() > 1e-5
     assert (lo.recon - hi.recon).abs().max() > 1e-5
-    z = torch.zeros(1, 8)
+    z = torch.zeros(1, m.z_dim)
     assert (m.decode(z, 0.2) - m.decode(z, 1.5)).abs().max() > 1e-5
 
 
@@ -288,7 +334,7 @@ def test_config_rebuilds_and_model_from_config():
     m = build_model("fancy_cvae", "debug", image_size=32, z_dim=4, recon_reduction="mean")
     assert m.config == {
         "arch": "fancy_cvae", "flavour": "debug", "image_size": 32, "nf": 8, "z_dim": 4,
-        "recon_reduction": "mean", "redshift_weight": 1000.0,
+        "recon_reduction": "mean", "redshift_weight": 1000.0, "likelihood": "mse",
     }  # fmt: skip
     again = build_model(**m.config)
     assert again.config == m.config and _n_params(again) == _n_params(m)
@@ -381,7 +427,7 @@ def test_sample_reconstruct_interpolate(name):
         sweep = m.interpolate([0.1, 0.5, 1.0, 2.0], generator=torch.Generator().manual_seed(0))
         assert sweep.shape == (4, 1, 64, 64)
         assert (sweep[0] - sweep[-1]).abs().max() > 0
-        z = torch.randn(8)
+        z = torch.randn(m.z_dim)
         m.eval()
         torch.testing.assert_close(m.interpolate([0.5], z=z), m.decode(z[None], 0.5).detach())
     with pytest.raises(ModelError, match="model has no flow prior"):
@@ -445,6 +491,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def test_gaussian_likelihood_is_half_chi2_in_physical_units():
+    from hpcvae.transforms import get_transform
+
+    t = get_transform("asinh", {"noise_std": 0.01, "p0.1": -0.03, "max": 2.0})
+    m = build_model("galaxy_vae", "debug", likelihood="gaussian").set_normalisation(t)
+    x, r = _inputs(m, b=3)
+    nv = torch.tensor([1e-4, 4e-4, 9e-4])
+    out = m(x, r)
+    losses = m.compute_loss(out, x, r, beta=0.5, noise_var=nv)
+    chi2 = ((t.inverse(out.recon) - t.inverse(x)) ** 2 / nv[:, None, None, None]).sum()
+    torch.testing.assert_close(losses["recon"], 0.5 * chi2)
+    torch.testing.assert_close(losses["total"], losses["recon"] + 0.5 * losses["kl"])
+    assert m.config["likelihood"] == "gaussian"
+    with pytest.raises(ModelError, match="noise variance"):
+        m.compute_loss(out, x, r, beta=0.5)
+    with pytest.raises(ModelError, match="likelihood must be"):
+        build_model("cvae2", "debug", likelihood="poisson")
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -23,17 +23,13 @@ class _ResidentBatches:
         self.data, self.split, self.idx, self.sizes = data, split, idx, list(sizes)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        images, z, keys = self.data._arrays[self.split]
-        dev_idx = torch.from_numpy(self.idx).to(images.device, non_blocking=True)
+        arrays, keys = self.data._arrays[self.split]
+        dev_idx = torch.from_numpy(self.idx).to(arrays["image"].device, non_blocking=True)
         pos = 0
         for size in self.sizes:
             sel = dev_idx[pos : pos + size]
-            batch: dict[str, Any] = {
-                "image": images.index_select(0, sel).float(),
-                "key": [keys[i] for i in self.idx[pos : pos + size].tolist()],
-            }
-            if z is not None:
-                batch["redshift"] = z.index_select(0, sel)
+            batch: dict[str, Any] = {k: a.index_select(0, sel).float() for k, a in arrays.items()}
+            batch["key"] = [keys[i] for i in self.idx[pos : pos + size].tolist()]
             pos += size
             yield batch
 
@@ -73,7 +69,7 @@ class GpuResidentData:
         manifest.check_files()
         if verify:
             _verify(manifest)
-        self._arrays: dict[str, tuple[torch.Tensor, torch.Tensor | None, list[str]]] = {}
+        self._arrays: dict[str, tuple[dict[str, torch.Tensor], list[str]]] = {}
         src = _source(manifest, "train", transform, cfg.batch_size)
         self._n = sum(src.counts)
         self._arrays["train"] = self._load(src, 0, self._n, dtype)
@@ -96,10 +92,10 @@ class GpuResidentData:
 
     def _load(
         self, src: _Source, lo: int, hi: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Samples ``[lo, hi)`` of a split on the device: images in ``dtype``, per-sample values in fp32."""
         s = src.image_size
-        images = torch.empty((hi - lo, 1, s, s), dtype=dtype, device=self.device)
-        z = torch.empty(hi - lo, dtype=torch.float32, device=self.device) if src.has_redshift else None
+        arrays = {"image": torch.empty((hi - lo, 1, s, s), dtype=dtype, device=self.device)}
         keys: list[str] = []
         starts = np.concatenate([[0], np.cumsum(src.counts)[:-1]]).astype(int).tolist()
         chunk = 256
@@ -111,12 +107,15 @@ class GpuResidentData:
             if isinstance(batch, _Failure):
                 raise ShardError(batch.message)
             m = len(batch["key"])
-            images[pos : pos + m] = batch["image"].to(self.device, dtype)
-            if z is not None:
-                z[pos : pos + m] = batch["redshift"].to(self.device)
+            for k, v in batch.items():
+                if k == "key":
+                    continue
+                if k not in arrays:
+                    arrays[k] = torch.empty(hi - lo, dtype=torch.float32, device=self.device)
+                arrays[k][pos : pos + m] = v.to(self.device, arrays[k].dtype)
             keys += batch["key"]
             pos += m
-        return images, z, keys
+        return arrays, keys
 
     @property
     def steps_per_epoch(self) -> int:

@@ -176,6 +176,8 @@ class _Source:
     has_redshift: bool
     transform: Callable[[np.ndarray], Any] | None
     batch_size: int
+    has_noise: bool = False
+    """The samples' meta.json carry noise_variance: batches then have ``noise_var`` (physical units)."""
 
     def path(self, name: str) -> Path:
         return Path(self.root) / name
@@ -236,7 +238,7 @@ class _Source:
             )
 
     # stage: decode + transform ------------------------------------------------------------------
-    def decode(self, raw: _Raw) -> tuple[str, np.ndarray, float]:
+    def decode(self, raw: _Raw) -> tuple[str, np.ndarray, float, float]:
         img = raw.files.get("image.npy")
         if img is None:
             raise ShardError(f"{raw.shard}: sample {raw.key} has no image.npy (has {sorted(raw.files)})")
@@ -253,23 +255,23 @@ class _Source:
         if self.transform is not None:
             fwd = getattr(self.transform, "forward", self.transform)
             x = np.asarray(fwd(x), dtype=np.float32)
-        z = math.nan
-        if self.has_redshift:
+        z = nv = math.nan
+        if self.has_redshift or self.has_noise:
             meta = raw.files.get("meta.json")
             if meta is None:
-                raise ShardError(
-                    f"{raw.shard}: sample {raw.key} has no meta.json but the manifest has redshifts"
-                )
+                raise ShardError(f"{raw.shard}: sample {raw.key} has no meta.json")
             try:
-                zv = json.loads(meta).get("zphot")
+                info = json.loads(meta)
+                zv, nvv = info.get("zphot"), info.get("noise_variance")
                 z = float(zv) if zv is not None else math.nan
+                nv = float(nvv) if nvv is not None else math.nan
             except (ValueError, TypeError, AttributeError) as exc:
                 raise ShardError(f"{raw.shard}: sample {raw.key}: bad meta.json: {exc}") from None
-            if not math.isfinite(z):
+            if self.has_redshift and not math.isfinite(z):
                 raise ShardError(
                     f"{raw.shard}: sample {raw.key}: zphot is {zv!r} but the manifest has redshifts"
                 )
-        return raw.key, x, z
+        return raw.key, x, z, nv
 
     # stage: everything, for one worker ----------------------------------------------------------
     def batches(
@@ -292,7 +294,7 @@ class _Source:
         pos = 0
         try:
             for size in sizes:
-                keys, zs = [], []
+                keys, zs, nvs = [], [], []
                 imgs = np.empty((size, self.image_size, self.image_size), dtype=np.float32)
                 for i, g in enumerate(order[pos : pos + size].tolist()):
                     while g not in pending:
@@ -302,13 +304,16 @@ class _Source:
                                 f"{self.root}: sample index {g} was never read (shard counts wrong?)"
                             )
                         pending[r.index] = r
-                    k, imgs[i], z = self.decode(pending.pop(g))
+                    k, imgs[i], z, nv = self.decode(pending.pop(g))
                     keys.append(k)
                     zs.append(z)
+                    nvs.append(nv)
                 pos += size
                 batch: dict[str, Any] = {"image": torch.from_numpy(imgs).unsqueeze(1), "key": keys}
                 if self.has_redshift:
                     batch["redshift"] = torch.tensor(zs, dtype=torch.float32)
+                if self.has_noise:
+                    batch["noise_var"] = torch.tensor(nvs, dtype=torch.float32)
                 yield batch
         except ShardError as exc:
             yield _Failure(str(exc))
@@ -390,6 +395,7 @@ def _source(
         has_redshift=manifest.has_redshift,
         transform=transform,
         batch_size=batch_size,
+        has_noise="noise_std" in manifest.stats("train"),
     )
 
 

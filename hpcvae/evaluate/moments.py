@@ -139,3 +139,29 @@ def fit_slope(x: np.ndarray, y: np.ndarray) -> dict[str, float | int | None]:
     res["intercept"] = intercept
     res["slope_se"] = float(math.sqrt((resid**2).sum() / (x.size - 2) / sxx))
     return res
+
+
+def orientation_agreement(
+    real: dict[str, np.ndarray], other: dict[str, np.ndarray], min_g: float = 0.1
+) -> dict[str, Any]:
+    """Mean of cos 2(phi_real - phi_other) over galaxies whose real |g| exceeds ``min_g``.
+
+    The position angle of an ellipse is phi = atan2(g2, g1) / 2, so cos 2 dphi = (g . g') / (|g| |g'|):
+    1 when reconstructions keep each galaxy's orientation, 0 when it is lost (random angles).
+    Round galaxies (|g| <= min_g) have no well-defined angle and are left out.
+    """
+    g1, g2, h1, h2 = real["e1"], real["e2"], other["e1"], other["e2"]
+    gr, go = np.hypot(g1, g2), np.hypot(h1, h2)
+    keep = np.isfinite(gr) & np.isfinite(go) & (gr > min_g) & (go > 0)
+    cos = (g1[keep] * h1[keep] + g2[keep] * h2[keep]) / (gr[keep] * go[keep])
+    return {"mean": float(cos.mean()) if cos.size else None, "n": int(cos.size), "min_real_g": min_g}
+
+
+def border_median(images: Any, width: int = 2) -> np.ndarray:
+    """Median of each stamp's outer ``width``-pixel frame: its background level (N, H, W) -> (N,)."""
+    a = np.asarray(images, dtype=np.float64)
+    if a.ndim == 4:
+        a = a[:, 0]
+    mask = np.ones(a.shape[1:], dtype=bool)
+    mask[width:-width, width:-width] = False
+    return np.median(a[:, mask], axis=1)

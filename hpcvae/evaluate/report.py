@@ -21,7 +21,15 @@ import numpy as np
 
 from hpcvae.errors import ConfigError, ModelError, ShardError
 from hpcvae.evaluate import plots
-from hpcvae.evaluate.moments import LANUSSE2021, STATS, compare, fit_slope, moments
+from hpcvae.evaluate.moments import (
+    LANUSSE2021,
+    STATS,
+    border_median,
+    compare,
+    fit_slope,
+    moments,
+    orientation_agreement,
+)
 from hpcvae.manifest import Manifest
 from hpcvae.metrics import json_safe
 
@@ -85,6 +93,8 @@ class _Accum:
     kl: list[np.ndarray] = field(default_factory=list)
     z_pred: list[np.ndarray] = field(default_factory=list)
     stats: list[dict[str, np.ndarray]] = field(default_factory=list)
+    recon_stats: list[dict[str, np.ndarray]] = field(default_factory=list)
+    border: list[np.ndarray] = field(default_factory=list)
     show_real: list[np.ndarray] = field(default_factory=list)
     show_recon: list[np.ndarray] = field(default_factory=list)
 
@@ -301,6 +311,8 @@ def evaluate(
             if o.z_pred is not None:
                 acc.z_pred.append(o.z_pred.float().reshape(-1).cpu().numpy())
             acc.stats.append(moments(phys, 1.0))  # pixels now; scaled to arcsec below
+            acc.recon_stats.append(moments(transform.inverse(recon.cpu()).numpy(), 1.0))
+            acc.border.append(border_median(phys))
             shown = sum(len(a) for a in acc.show_real)
             if shown < cfg.n_recon:
                 k = cfg.n_recon - shown
@@ -338,7 +350,7 @@ def evaluate(
     # Through model.sample, so a fitted flow prior is used unless cfg.prior says otherwise.
     prior = cfg.prior or getattr(m, "default_prior", "normal")
     gen = torch.Generator().manual_seed(cfg.seed)
-    gen_stats_parts = []
+    gen_stats_parts, gen_border = [], []
     with torch.no_grad():
         for start in range(0, n_real, cfg.batch_size):
             b = min(cfg.batch_size, n_real - start)
@@ -346,7 +358,9 @@ def evaluate(
             imgs = m.sample(b, redshift=r, generator=gen, normalized=True, prior=prior)
             img = transform.inverse(imgs.float().cpu())
             gen_stats_parts.append(moments(img.numpy(), 1.0))
+            gen_border.append(border_median(img.numpy()))
     gen_stats = _merge(gen_stats_parts, pixel_scale)
+    recon_stats = _merge(acc.recon_stats, pixel_scale)
 
     comparison = {k: compare(real_stats[k], gen_stats[k]) for k in STATS}
     population = {
@@ -390,13 +404,19 @@ def evaluate(
     # -- 4. reconstructions ---------------------------------------------------------------
     mse = np.concatenate(acc.mse)
     kl = np.concatenate(acc.kl)
+    orient = orientation_agreement(real_stats, recon_stats)
     reconstruction: dict[str, Any] = {
         "n": n_real,
         "mse_per_pixel_mean": float(mse.mean()),
         "mse_per_pixel_median": float(np.median(mse)),
         "kl_per_galaxy_mean": float(kl.mean()),
         "space": "normalised [0, 1]",
+        "hsm": {k: compare(real_stats[k], recon_stats[k]) for k in ("sigma_arcsec", "g")},
+        "hsm_failures": int((~recon_stats["ok"]).sum()),
+        "orientation_cos2dphi": orient["mean"],
+        "orientation": {**orient, "of": "mean cos 2(phi_real - phi_reconstructed); 1 = kept, 0 = lost"},
     }
+    background = _background(np.concatenate(acc.border), np.concatenate(gen_border), manifest)
     z_pred = np.concatenate(acc.z_pred) if acc.z_pred else None
     if z_pred is not None:
         d = z_pred - z_real
@@ -537,7 +557,9 @@ def evaluate(
         "redshift_sweep": sweep,
         "latent": latent,
         "population": population,
+        "background": background,
         "redshift_trends": trends,
+        "verdict": verdict(population["stats"], reconstruction, background, trends),
         "figures": figures,
         "notes": notes,
         "seconds": round(time.time() - t0, 2),
@@ -546,6 +568,90 @@ def evaluate(
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     return report
+
+
+def _background(real: np.ndarray, generated: np.ndarray, manifest: Manifest) -> dict[str, Any]:
+    """Border medians (the sky level a stamp sits on) of generated against real stamps."""
+    noise = manifest.stats("train").get("noise_std")
+    diff = float(np.median(generated) - np.median(real))
+    return {
+        "of": "median of each stamp's outer 2-pixel frame, flux units",
+        "real_median": float(np.median(real)),
+        "generated_median": float(np.median(generated)),
+        "difference": diff,
+        "noise_std": noise,
+        "difference_in_noise_sigma": diff / noise if noise else None,
+    }
+
+
+TOLERANCE = {
+    "g": (0.02, 0.05),
+    "sigma_rel": (0.05, 0.15),
+    "orientation": (0.95, 0.9),
+    "background_sigma": (0.5, 1.0),
+}
+"""(as close as galaxy2galaxy, close) thresholds behind the verdict words ``ok`` / ``close`` / ``off``."""
+
+
+def verdict(
+    stats: dict[str, Any], recon: dict[str, Any], background: dict[str, Any], trends: dict[str, Any]
+) -> dict[str, Any]:
+    """One line per quantity: ours against the real galaxies, beside Lanusse et al. 2021's."""
+    ref = LANUSSE2021
+    lines: dict[str, Any] = {}
+
+    def word(value: float | None, ok: float, close: float, higher_is_better: bool = False) -> str:
+        if value is None:
+            return "n/a"
+        if higher_is_better:
+            return "ok" if value >= ok else "close" if value >= close else "off"
+        return "ok" if value <= ok else "close" if value <= close else "off"
+
+    g = stats["g"]
+    if g["mean_diff"] is not None:
+        d = g["mean_diff"]
+        ref_d = ref["generated"]["mean_g"] - ref["real"]["mean_g"]
+        lines["shape"] = {
+            "verdict": word(abs(d), *TOLERANCE["g"]), "delta": d,
+            "line": f"mean |g| generated {g['mean_generated']:.3f} vs real {g['mean_real']:.3f} (delta {d:+.3f}); "
+                    f"galaxy2galaxy {ref['generated']['mean_g']:.3f} vs {ref['real']['mean_g']:.3f} (delta {ref_d:+.3f})",
+        }  # fmt: skip
+    sg = stats["sigma_arcsec"]
+    if sg["mean_diff"] is not None and sg["mean_real"]:
+        rel = sg["mean_diff"] / sg["mean_real"]
+        ref_rel = ref["generated"]["mean_sigma_arcsec"] / ref["real"]["mean_sigma_arcsec"] - 1
+        lines["size"] = {
+            "verdict": word(abs(rel), *TOLERANCE["sigma_rel"]), "relative_delta": rel,
+            "line": f"mean sigma generated {sg['mean_generated']:.4f}\" vs real {sg['mean_real']:.4f}\" ({rel:+.1%}); "
+                    f"galaxy2galaxy {ref['generated']['mean_sigma_arcsec']:.4f}\" vs "
+                    f"{ref['real']['mean_sigma_arcsec']:.4f}\" ({ref_rel:+.1%})",
+        }  # fmt: skip
+    o = recon.get("orientation_cos2dphi")
+    lines["orientation"] = {
+        "verdict": word(o, *TOLERANCE["orientation"], higher_is_better=True), "value": o,
+        "line": f"reconstructions keep position angles: <cos 2 dphi> = {o:.3f} (1 = kept, 0 = random)"
+        if o is not None else "no galaxy with real |g| > 0.1 to measure orientation on",
+    }  # fmt: skip
+    b = background.get("difference_in_noise_sigma")
+    lines["background"] = {
+        "verdict": word(abs(b), *TOLERANCE["background_sigma"]) if b is not None else "n/a", "value": b,
+        "line": f"border median generated - real = {background['difference']:+.3g} flux units"
+        + (f" ({b:+.2f} noise sigma)" if b is not None else ""),
+    }  # fmt: skip
+    slopes = trends.get("slopes_vs_z", {}).get("sigma_arcsec") if isinstance(trends, dict) else None
+    if (
+        slopes
+        and slopes.get("truth", {}).get("slope")
+        and slopes.get("generated", {}).get("slope") is not None
+    ):
+        t, gen = slopes["truth"]["slope"], slopes["generated"]["slope"]
+        rel = gen / t - 1
+        lines["size_redshift_slope"] = {
+            "verdict": word(abs(rel), 0.2, 0.5), "relative_error": rel,
+            "line": f"d log10 sigma / dz generated {gen:+.3f} vs true {t:+.3f} ({rel:+.0%})",
+        }  # fmt: skip
+    lines["thresholds"] = {k: {"ok": v[0], "close": v[1]} for k, v in TOLERANCE.items()}
+    return lines
 
 
 def _merge(parts: Sequence[dict[str, np.ndarray]], pixel_scale: float) -> dict[str, np.ndarray]:
@@ -639,6 +745,17 @@ def render_markdown(r: dict[str, Any]) -> str:
     md.append(f"| pixel scale | {d['pixel_scale_arcsec']} arcsec ({d['pixel_scale_source']}) |")
     md.append(f"| synthetic data (truth known) | {d['synthetic']} |")
     md.append(f"| seed / device | {r['seed']} / {r['device']} |\n")
+    v = {k: x for k, x in r.get("verdict", {}).items() if k != "thresholds"}
+    if v:
+        md.append("## Verdict\n")
+        md += [f"- **{k}**: {x['verdict']}: {x['line']}" for k, x in v.items()]
+        th = r["verdict"]["thresholds"]
+        md.append(
+            "\n_ok = as close as galaxy2galaxy gets (|Δ mean |g|| ≤ "
+            f"{th['g']['ok']}, |Δ mean σ| ≤ {th['sigma_rel']['ok']:.0%}, orientation ≥ {th['orientation']['ok']}); "
+            f"close = |Δg| ≤ {th['g']['close']}, |Δσ| ≤ {th['sigma_rel']['close']:.0%}, orientation ≥ "
+            f"{th['orientation']['close']}._\n"
+        )
     if r["notes"]:
         md.append("**Notes**\n")
         md += [f"- {n}" for n in r["notes"]]
@@ -670,6 +787,14 @@ def render_markdown(r: dict[str, Any]) -> str:
             f" Predicted redshift: RMSE {_fmt(p['rmse'])}, bias {_fmt(p['bias'])}, NMAD {_fmt(p['nmad'])}."
         )
     md.append("")
+    md.append("| HSM, real vs reconstructed | mean real | mean reconstructed | W1 |\n|---|---|---|---|")
+    for k, c in rc["hsm"].items():
+        md.append(f"| {k} | {_fmt(c['mean_real'])} | {_fmt(c['mean_generated'])} | {_fmt(c['w1'])} |")
+    o = rc["orientation"]
+    md.append(
+        f"\nOrientation kept: ⟨cos 2Δφ⟩ = {_fmt(o['mean'], 3)} over {o['n']} galaxies with real |g| > "
+        f"{o['min_real_g']} (1 = kept, 0 = lost).\n"
+    )
 
     md.append("## Generations\n")
     for label, name in r["generation"]["grids"].items():

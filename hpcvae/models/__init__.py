@@ -1,4 +1,4 @@
-"""Model registry: the seed's five architectures by name, each with a ``default`` and a ``debug`` flavour.
+"""Model registry: the seed's five architectures and ``galaxy_vae``, each with a ``default`` and a ``debug`` flavour.
 
 ``default`` reproduces the seed layer for layer (nf=64, z_dim=32, 128 or 158 pixels);
 ``debug`` (nf=8, z_dim=8, 64 pixels) is small enough to train on a laptop CPU in seconds,
@@ -15,6 +15,7 @@ from hpcvae.config import ModelConfig
 from hpcvae.errors import ModelError
 from hpcvae.models.base import GalaxyVAE, ModelSpec, VAEOutput
 from hpcvae.models.cvae import CVAE, CVAE2, FancyCVAE
+from hpcvae.models.galaxy import GalaxyCVAE
 from hpcvae.models.vae import VAE128, VAE158
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
     "model_from_config",
 ]
 
-OVERRIDABLE = ("image_size", "nf", "z_dim", "recon_reduction", "redshift_weight")
+OVERRIDABLE = ("image_size", "nf", "z_dim", "recon_reduction", "redshift_weight", "likelihood")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -56,7 +57,12 @@ class ArchSpec:
             raise ModelError(
                 f"model {self.name}: unknown option {unknown[0]!r} (choices: {', '.join(OVERRIDABLE)})"
             )
-        values = {"recon_reduction": "sum", "redshift_weight": 1000.0, **self.flavours[flavour]}
+        values = {
+            "recon_reduction": "sum",
+            "redshift_weight": 1000.0,
+            "likelihood": "mse",
+            **self.flavours[flavour],
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return ModelSpec(arch=self.name, flavour=flavour, **values)
 
@@ -84,8 +90,19 @@ MODEL_REGISTRY: dict[str, ArchSpec] = {
         _entry("cvae", CVAE, "redshift as 2nd image channel and 2nd latent row", 158),
         _entry("cvae2", CVAE2, "redshift joined to encoder features and z (seed's pick)", 158),
         _entry("fancy_cvae", FancyCVAE, "cvae that also predicts the redshift", 158),
+        ArchSpec(
+            name="galaxy_vae",
+            cls=GalaxyCVAE,
+            description="beyond the seed: wide bottleneck, resize-convolution decoder, cvae2 conditioning",
+            flavours={
+                "default": {"image_size": 158, "nf": 32, "z_dim": 32},
+                "debug": {"image_size": 64, "nf": 8, "z_dim": 16},
+            },
+        ),
     )
 }
+SEED_ARCHS = ("vae128", "vae158", "cvae", "cvae2", "fancy_cvae")
+"""The seed's five architectures, kept exactly as the seed built them."""
 
 
 def list_models() -> list[str]:
@@ -133,4 +150,5 @@ def model_from_config(model_cfg: ModelConfig, image_size: int | None = None) -> 
         z_dim=model_cfg.z_dim,
         recon_reduction=model_cfg.recon_reduction,
         redshift_weight=model_cfg.redshift_weight,
+        likelihood=model_cfg.likelihood,
     )

@@ -22,6 +22,7 @@ from torch import nn
 from hpcvae.errors import ModelError
 
 Reduction = Literal["sum", "mean"]
+Likelihood = Literal["mse", "gaussian"]
 MIN_IMAGE_SIZE = 16
 
 
@@ -49,6 +50,7 @@ class ModelSpec:
     z_dim: int
     recon_reduction: Reduction = "sum"
     redshift_weight: float = 1000.0
+    likelihood: Likelihood = "mse"
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
@@ -62,6 +64,10 @@ class ModelSpec:
         if self.recon_reduction not in ("sum", "mean"):
             raise ModelError(
                 f"model {self.arch}: recon_reduction must be 'sum' or 'mean', got {self.recon_reduction!r}"
+            )
+        if self.likelihood not in ("mse", "gaussian"):
+            raise ModelError(
+                f"model {self.arch}: likelihood must be 'mse' or 'gaussian', got {self.likelihood!r}"
             )
         if not isinstance(self.redshift_weight, (int, float)) or self.redshift_weight < 0:
             raise ModelError(f"model {self.arch}: redshift_weight must be >= 0, got {self.redshift_weight!r}")
@@ -94,17 +100,25 @@ def down_sizes(size: int, n: int) -> list[int]:
     return sizes
 
 
+MIN_LATENT_SIDE = 4
+"""The encoder's last map is never smaller than this (the seed's sizes reach 5x5 and 4x4)."""
+
+
 @dataclass(kw_only=True, frozen=True)
 class Geometry:
     """Where the conv stack goes for one image size.
 
-    ``sizes[:5]`` are the sides entering the five encoder convs; the last four of them
-    are stride 2 with kernel :func:`down_kernel`.  The fifth ("head") conv maps ``sizes[4]``
-    to ``latent_side`` with ``(head_kernel, head_stride, head_padding)``; the decoder mirrors
-    every layer with a ConvTranspose2d of the same kernel, stride and padding.
+    ``sizes[:5]`` are the sides entering the five encoder convs.  Each of the first four
+    halves the side (stride 2, kernel :func:`down_kernel`) unless that would go below
+    :data:`MIN_LATENT_SIDE`; then it keeps the side (stride 1, kernel 3, padding 1).  The
+    fifth ("head") conv maps ``sizes[4]`` to ``latent_side`` with ``(head_kernel, head_stride,
+    head_padding)``; the decoder mirrors every layer with a ConvTranspose2d of the same kernel,
+    stride and padding.  At the seed's sizes every layer halves, exactly as in the seed.
     """
 
     sizes: tuple[int, ...]
+    strides: tuple[int, ...]
+    """Strides of the four trunk convs."""
     head_kernel: int
     head_stride: int
     head_padding: int
@@ -115,26 +129,44 @@ class Geometry:
         """Flattened size of the 1-channel latent map (25 for the seed's 5x5)."""
         return self.latent_side * self.latent_side
 
+    def trunk(self, i: int) -> tuple[int, int, int]:
+        """(kernel, stride, padding) of trunk conv ``i``."""
+        return (down_kernel(self.sizes[i]), 2, 1) if self.strides[i] == 2 else (3, 1, 1)
+
+
+def _trunk(size: int) -> tuple[list[int], list[int]]:
+    sizes, strides = [size], []
+    for _ in range(4):
+        halves = math.ceil(sizes[-1] / 2) >= MIN_LATENT_SIDE
+        strides.append(2 if halves else 1)
+        sizes.append(math.ceil(sizes[-1] / 2) if halves else sizes[-1])
+    return sizes, strides
+
 
 def geometry_halving(size: int) -> Geometry:
-    """vae158 style: five stride-2 convs, each ``ceil(n/2)``."""
-    s = down_sizes(size, 5)
-    return Geometry(
-        sizes=tuple(s[:5]), head_kernel=down_kernel(s[4]), head_stride=2, head_padding=1, latent_side=s[5]
-    )
+    """vae158 style: five stride-2 convs, each ``ceil(n/2)``, none below a 4x4 map."""
+    s, strides = _trunk(size)
+    m = s[4]
+    if math.ceil(m / 2) >= MIN_LATENT_SIDE:
+        head = (down_kernel(m), 2, 1, math.ceil(m / 2))
+    else:
+        head = (3, 1, 1, m)
+    return Geometry(sizes=tuple(s), strides=tuple(strides), head_kernel=head[0], head_stride=head[1],
+                    head_padding=head[2], latent_side=head[3])  # fmt: skip
 
 
 def geometry_valid_head(size: int) -> Geometry:
     """vae128 style: four stride-2 convs, then one stride-1 unpadded conv.
 
-    The seed's 128 path ends 8 -> Conv(5,1,0) -> 4.  For any size the head maps the last
-    side ``m`` to ``ceil(m/2)`` (kernel ``m - ceil(m/2) + 1``), so the latent map stays small
-    but is never empty: 64 -> 4 -> 2 (kernel 3), 96 -> 6 -> 3 (kernel 4), 32 -> 2 -> 1 (kernel 2).
+    The seed's 128 path ends 8 -> Conv(5,1,0) -> 4.  For any size the head maps the last side
+    ``m`` to ``ceil(m/2)`` (kernel ``m - ceil(m/2) + 1``), but never below a 4x4 map:
+    64 -> 4 -> 4 (kernel 1), 96 -> 6 -> 4 (kernel 3).
     """
-    s = down_sizes(size, 4)
+    s, strides = _trunk(size)
     m = s[4]
-    out = math.ceil(m / 2)
-    return Geometry(sizes=tuple(s), head_kernel=m - out + 1, head_stride=1, head_padding=0, latent_side=out)
+    out = max(math.ceil(m / 2), min(m, MIN_LATENT_SIDE))
+    return Geometry(sizes=tuple(s), strides=tuple(strides), head_kernel=m - out + 1, head_stride=1,
+                    head_padding=0, latent_side=out)  # fmt: skip
 
 
 def build_encoder(in_channels: int, nf: int, geo: Geometry) -> nn.Sequential:
@@ -142,7 +174,7 @@ def build_encoder(in_channels: int, nf: int, geo: Geometry) -> nn.Sequential:
     chans = [in_channels, nf, 2 * nf, 4 * nf, 8 * nf]
     layers: list[nn.Module] = []
     for i in range(4):
-        layers.append(nn.Conv2d(chans[i], chans[i + 1], down_kernel(geo.sizes[i]), 2, 1, bias=False))
+        layers.append(nn.Conv2d(chans[i], chans[i + 1], *geo.trunk(i), bias=False))
         if i > 0:
             layers.append(nn.BatchNorm2d(chans[i + 1]))
         layers.append(nn.LeakyReLU(0.2, inplace=True))
@@ -150,18 +182,20 @@ def build_encoder(in_channels: int, nf: int, geo: Geometry) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def build_decoder(in_channels: int, out_channels: int, nf: int, geo: Geometry) -> nn.Sequential:
-    """Mirror of :func:`build_encoder`; only the first TConv has a bias (seed).  No final activation."""
+def build_decoder(
+    in_channels: int, out_channels: int, nf: int, geo: Geometry, *, head_bias: bool = True
+) -> nn.Sequential:
+    """Mirror of :func:`build_encoder`; only the first TConv may have a bias (the seed's 158 models).  No final activation."""
     layers: list[nn.Module] = [
         nn.ConvTranspose2d(
-            in_channels, 8 * nf, geo.head_kernel, geo.head_stride, geo.head_padding, bias=True
+            in_channels, 8 * nf, geo.head_kernel, geo.head_stride, geo.head_padding, bias=head_bias
         ),
         nn.BatchNorm2d(8 * nf),
         nn.ReLU(inplace=True),
     ]
     chans = [out_channels, nf, 2 * nf, 4 * nf, 8 * nf]
     for i in range(3, -1, -1):  # 8nf -> 4nf -> 2nf -> nf -> out
-        layers.append(nn.ConvTranspose2d(chans[i + 1], chans[i], down_kernel(geo.sizes[i]), 2, 1, bias=False))
+        layers.append(nn.ConvTranspose2d(chans[i + 1], chans[i], *geo.trunk(i), bias=False))
         if i > 0:
             layers.append(nn.BatchNorm2d(chans[i]))
             layers.append(nn.ReLU(inplace=True))
@@ -185,17 +219,39 @@ class GalaxyVAE(nn.Module):
     conditional: ClassVar[bool] = False
     predicts_redshift: ClassVar[bool] = False
     geometry_rule: ClassVar[str] = "halving"
+    seed_image_size: ClassVar[int | None] = None
+    """The seed's image size for this architecture; only there may the bottleneck be below z_dim."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.geometry = (
-            geometry_valid_head(spec.image_size)
-            if self.geometry_rule == "valid_head"
-            else geometry_halving(spec.image_size)
-        )
         self.transform: Any = None
         self.flow_prior: nn.Module | None = None
+        self.geometry = self._make_geometry()
+        self._check_bottleneck(self.bottleneck)
+
+    def _make_geometry(self) -> Geometry | None:
+        """The seed's conv-stack geometry for this image size (architectures of their own return None)."""
+        size = self.spec.image_size
+        return geometry_valid_head(size) if self.geometry_rule == "valid_head" else geometry_halving(size)
+
+    @property
+    def bottleneck(self) -> int:
+        """Numbers the encoder hands to Linear -> z (the redshift not counted)."""
+        return self.geometry.n_features
+
+    def _check_bottleneck(self, n: int) -> None:
+        """A latent wider than what feeds it is starved: its extra dimensions can only carry noise.
+
+        The seed's own models at their own sizes are kept as they are (vae158: 25 numbers for
+        z_dim 32); anywhere else it is an error, not a silent loss of shape information.
+        """
+        s = self.spec
+        if n < s.z_dim and s.image_size != self.seed_image_size:
+            raise ModelError(
+                f"model {s.arch} at {s.image_size}px: its encoder hands {n} numbers to Linear -> z, fewer than "
+                f"z_dim = {s.z_dim}; use galaxy_vae (an 8nf x k x k feature map), a larger image, or z_dim <= {n}"
+            )
 
     # -- configuration ----------------------------------------------------------------
 
@@ -313,21 +369,44 @@ class GalaxyVAE(nn.Module):
     # -- losses -----------------------------------------------------------------------
 
     def compute_loss(
-        self, out: VAEOutput, x: torch.Tensor, redshift: Any = None, beta: float | torch.Tensor = 0.1
+        self,
+        out: VAEOutput,
+        x: torch.Tensor,
+        redshift: Any = None,
+        beta: float | torch.Tensor = 0.1,
+        noise_var: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The seed's objective, always in fp32 (autocast outputs are upcast first).
+        """The training objective, always in fp32 (autocast outputs are upcast first).
 
-        ``sum`` (seed): recon = MSE summed over batch and pixels, kl = -0.5 * sum(1 + logvar
-        - mu^2 - exp(logvar)) over batch and latents, total = recon + beta * kl
-        (+ k * redshift for fancy_cvae, redshift = summed squared error of z_pred).
-        ``mean``: every term is divided by the number of pixels in the batch, so total is
-        the seed's objective times a constant: same optimum, beta keeps its meaning, and the
-        loss scale no longer grows with image size or batch.
+        The reconstruction term is ``spec.likelihood``:
+
+        * ``mse`` (the seed's): squared error of the normalised images, summed over batch and
+          pixels.  Under ``minmax`` it weights the bright core; under ``asinh`` the faint
+          isophotes that carry the shape count too.
+        * ``gaussian``: the Gaussian negative log-likelihood in physical units with each
+          galaxy's sky-noise variance, ``0.5 * sum((x - x_hat)^2 / noise_var)`` (a chi^2, as in
+          galaxy2galaxy); needs the normalisation attached (``set_normalisation``) and
+          ``noise_var`` per galaxy (the loader's ``batch["noise_var"]``).
+
+        kl = -0.5 * sum(1 + logvar - mu^2 - exp(logvar)) over batch and latents, total = recon +
+        beta * kl (+ k * redshift for fancy_cvae, redshift = summed squared error of z_pred).
+        ``recon_reduction = "mean"`` divides every term by the number of pixels in the batch:
+        the same optimum, and a loss scale that does not grow with image size or batch.
         """
         x = self._check_image(x).float()
         recon = out.recon.float()
         mu, logvar = out.mu.float(), out.logvar.float()
-        recon_sum = F.mse_loss(recon, x, reduction="sum")
+        if self.spec.likelihood == "gaussian":
+            if self.transform is None or noise_var is None:
+                raise ModelError(
+                    f"{self.arch}: likelihood 'gaussian' needs the normalisation attached (set_normalisation) "
+                    "and each galaxy's noise variance (batch['noise_var'], from the shards' NOISE_VARIANCE)"
+                )
+            var = torch.as_tensor(noise_var, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+            resid = self.transform.inverse(recon) - self.transform.inverse(x)
+            recon_sum = 0.5 * (resid.square() / var.clamp_min(1e-30)).sum()
+        else:
+            recon_sum = F.mse_loss(recon, x, reduction="sum")
         kl_sum = -0.5 * torch.sum(1.0 + logvar - mu.pow(2) - logvar.exp())
         scale = 1.0 if self.spec.recon_reduction == "sum" else 1.0 / x.numel()
         losses = {"recon": recon_sum * scale, "kl": kl_sum * scale}
@@ -346,7 +425,7 @@ class GalaxyVAE(nn.Module):
         x = batch["image"]
         r = batch.get("redshift") if self.conditional else None
         out = self(x, r)
-        return self.compute_loss(out, x, r, beta)
+        return self.compute_loss(out, x, r, beta, noise_var=batch.get("noise_var"))
 
     # -- generation -------------------------------------------------------------------
 

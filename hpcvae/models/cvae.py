@@ -24,6 +24,7 @@ class CVAE(GalaxyVAE):
     arch = "cvae"
     conditional = True
     out_channels = 1
+    seed_image_size = 158
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -72,6 +73,7 @@ class CVAE2(GalaxyVAE):
 
     arch = "cvae2"
     conditional = True
+    seed_image_size = 158
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)

@@ -16,6 +16,9 @@ class VAE158(GalaxyVAE):
 
     arch = "vae158"
     geometry_rule = "halving"
+    seed_image_size = 158
+    decoder_head_bias = True
+    """The seed's 158 models have a bias on the first decoder TConv; vae128's has none."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -24,7 +27,7 @@ class VAE158(GalaxyVAE):
         self.fc_mu = nn.Linear(g.n_features, zd)
         self.fc_logvar = nn.Linear(g.n_features, zd)
         self.fc_dec = nn.Linear(zd, g.n_features)
-        self.decoder = build_decoder(1, 1, nf, g)
+        self.decoder = build_decoder(1, 1, nf, g, head_bias=self.decoder_head_bias)
 
     def _encode(self, x: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = torch.flatten(self.encoder(x), 1)
@@ -41,3 +44,5 @@ class VAE128(VAE158):
 
     arch = "vae128"
     geometry_rule = "valid_head"
+    seed_image_size = 128
+    decoder_head_bias = False  # the seed's code: TConv(5,1,0) with bias=False
