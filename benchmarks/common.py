@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 import json
 import math
 import os
 import platform
 import resource
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -390,7 +388,7 @@ def render_pool(n: int, size: int, workdir: str | Path, seed: int = 0, workers: 
     Going through ``make_synthetic`` and ``build_shards`` (not a private renderer) means
     the pool has the pixel statistics the product's own pipeline produces.
     """
-    from hpcvae.shard import build_shards
+    from hpcvae.shards import build_shards
     from hpcvae.synth import make_synthetic
 
     workdir = Path(workdir)
@@ -409,47 +407,19 @@ def render_pool(n: int, size: int, workdir: str | Path, seed: int = 0, workers: 
 def read_shard_images(
     folder: str | Path, splits: Sequence[str] = ("train", "val")
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All images and redshifts of a shard set, read from the tars by the documented format."""
-    from hpcvae.manifest import Manifest
+    """All images and redshifts of a shard set (``hpcvae.shards.format.iter_samples``)."""
+    from hpcvae.shards.format import iter_samples
+    from hpcvae.shards.manifest import Manifest
 
     m = Manifest.load(folder)
     images: list[np.ndarray] = []
     zs: list[float] = []
-    for split in splits:
-        if split not in m.splits:
-            continue
-        for path in m.shard_paths(split):
-            with tarfile.open(path) as tf:
-                pending: dict[str, dict[str, Any]] = {}
-                for member in tf:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    data = tf.extractfile(member).read()
-                    entry = pending.setdefault(key, {})
-                    if ext == "image.npy":
-                        entry["image"] = np.load(io.BytesIO(data))
-                    elif ext == "meta.json":
-                        entry["meta"] = json.loads(data)
-                    if "image" in entry and "meta" in entry:
-                        images.append(entry["image"].astype(np.float32))
-                        z = entry["meta"].get("zphot")
-                        zs.append(float(z) if z is not None else 0.0)
-                        del pending[key]
+    for split in (s for s in splits if s in m.splits):
+        for _, img, meta in iter_samples(m, split):
+            images.append(img)
+            z = meta.get("zphot")
+            zs.append(float(z) if z is not None else 0.0)
     return np.stack(images), np.asarray(zs, dtype=np.float32)
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(a, dtype="<f4"), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = mtime
-    tf.addfile(info, io.BytesIO(data))
 
 
 def _fit(images: np.ndarray, size: int) -> np.ndarray:
@@ -483,28 +453,13 @@ def make_big_set(
     """
     from tqdm import tqdm
 
-    from hpcvae.manifest import FORMAT, MANIFEST_NAME, sha256_file
+    from hpcvae.shards.format import sample_key
+    from hpcvae.shards.manifest import SetWriter
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     base = _fit(pool.images, size)
     npool = base.shape[0]
     rng = np.random.default_rng(seed)
-    now = time.time()
-    writers: dict[str, dict[str, Any]] = {
-        s: {"tf": None, "index": 0, "count": 0, "shards": [], "total": 0} for s in ("train", "val")
-    }
-
-    def close(split: str) -> None:
-        w = writers[split]
-        if w["tf"] is not None:
-            w["tf"].close()
-            name = f"{split}-{w['index']:06d}.tar"
-            w["shards"].append({"name": name, "count": w["count"], "sha256": sha256_file(out / name)})
-            w["tf"], w["count"] = None, 0
-            w["index"] += 1
-
-    stats_sample: list[np.ndarray] = []
+    writer = SetWriter(out, per_shard=per_shard, stats_every=64)
     block = 1024
     bar = tqdm(total=n, desc=f"make_big_set {size}x{size}", unit="gal", disable=not progress, mininterval=1.0)
     for start in range(0, n, block):
@@ -518,19 +473,10 @@ def make_big_set(
             imgs[sel] = np.rot90(imgs[sel], r, axes=(1, 2))
         imgs[flip] = imgs[flip, :, ::-1]
         imgs = imgs + rng.normal(0.0, pool.noise_sigma, size=imgs.shape).astype(np.float32)
-        if len(stats_sample) < 16:
-            stats_sample.append(imgs[:32].ravel()[:: max(1, imgs[:32].size // 20000)])
         for j in range(m):
             row = start + j
-            key = f"g{row:09d}"
             ident = f"big{row}"
             h = int.from_bytes(hashlib.sha256(f"{ident}:big:{row}".encode()).digest()[:8], "big")
-            split = "val" if h / 2**64 < val_fraction else "train"
-            w = writers[split]
-            if w["tf"] is None:
-                w["tf"] = tarfile.open(
-                    out / f"{split}-{w['index']:06d}.tar", "w", format=tarfile.USTAR_FORMAT
-                )
             meta = {
                 "ident": ident,
                 "row": row,
@@ -542,53 +488,14 @@ def make_big_set(
                 "file": "make_big_set",
                 "hdu": int(idx[j]),
             }
-            _add(w["tf"], f"{key}.image.npy", _npy_bytes(imgs[j]), now)
-            _add(w["tf"], f"{key}.meta.json", json.dumps(meta).encode(), now)
-            w["count"] += 1
-            w["total"] += 1
-            if w["count"] >= per_shard:
-                close(split)
+            writer.add("val" if h / 2**64 < val_fraction else "train", sample_key(row), imgs[j], meta)
         bar.update(m)
     bar.close()
-    for split in writers:
-        close(split)
-    sample = np.concatenate(stats_sample)
-    pcts = (0.1, 1.0, 5.0, 50.0, 95.0, 99.0, 99.9)
-    q = np.percentile(sample, pcts)
-    stats = {
-        "min": float(sample.min()),
-        "max": float(sample.max()),
-        "mean": float(sample.mean()),
-        "std": float(sample.std()),
-        **{f"p{p:g}": float(v) for p, v in zip(pcts, q)},
-        "n_pixels_sampled": int(sample.size),
-    }
-    manifest = {
-        "format": FORMAT,
-        "hpcvae_version": versions()["hpcvae"],
-        "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "image": {"size": size, "dtype": "float32"},
-        "has_redshift": True,
-        "redshift_column": "zphot",
-        "pad": "zeros",
-        "val_fraction": val_fraction,
-        "source": {
-            "kind": "h5",
-            "catalog": f"benchmarks.common.make_big_set(pool={npool})",
-            "catalog_sha256": "",
-            "fits_catalog": None,
-            "fits_catalog_sha256": None,
-        },
-        "splits": {
-            s: {"count": writers[s]["total"], "shards": writers[s]["shards"]} for s in ("train", "val")
-        },
-        "stats": {"train": stats},
-        "n_rows": n,
-        "n_skipped": 0,
-        "skipped": [],
-    }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-    return out
+    source = {"kind": "h5", "catalog": f"benchmarks.common.make_big_set(pool={npool})", "catalog_sha256": "",
+              "fits_catalog": None, "fits_catalog_sha256": None}  # fmt: skip
+    writer.finish(size=size, source=source, has_redshift=True, redshift_column="zphot", n_rows=n,
+                  val_fraction=val_fraction)  # fmt: skip
+    return Path(out)
 
 
 def dir_size_mb(path: str | Path) -> float:

@@ -97,7 +97,7 @@ def _time_epochs(make_iter, epochs: int, batch_size: int) -> list[dict[str, floa
 def bench_ours(shards: Path, cfg: DataBenchConfig, workers: int) -> dict[str, Any]:
     from hpcvae.config import DataConfig
     from hpcvae.data import ShardData
-    from hpcvae.manifest import Manifest
+    from hpcvae.shards.manifest import Manifest
     from hpcvae.transforms import get_transform
 
     m = Manifest.load(shards)
@@ -127,7 +127,7 @@ def bench_resident(shards: Path, cfg: DataBenchConfig) -> dict[str, Any]:
     """The GPU-resident path (on the current device; on CPU it measures the in-memory shuffle/gather)."""
     from hpcvae import data as hdata
     from hpcvae.config import DataConfig
-    from hpcvae.manifest import Manifest
+    from hpcvae.shards.manifest import Manifest
     from hpcvae.transforms import get_transform
 
     if not hasattr(hdata, "GpuResidentData"):
@@ -166,7 +166,7 @@ def bench_sharding(workdir: Path, cfg: DataBenchConfig, h5: Path) -> list[dict[s
     here would bill each worker for importing torch, which the product CLI does not pay.
     The h5 rate is timed in-process with one worker for the same reason.
     """
-    from hpcvae.shard import build_shards_from_h5
+    from hpcvae.shards import build_shards_from_h5
 
     rows: list[dict[str, Any]] = []
     js = workdir / "shard_throughput.json"
@@ -208,7 +208,7 @@ def rss_probe(shards: Path, batch_size: int, workers: int) -> dict[str, Any]:
     """Run in a fresh process: one full train epoch, peak RSS of the process tree."""
     from hpcvae.config import DataConfig
     from hpcvae.data import ShardData
-    from hpcvae.manifest import Manifest
+    from hpcvae.shards.manifest import Manifest
     from hpcvae.transforms import get_transform
 
     base = common.tree_rss_mb()
@@ -321,7 +321,7 @@ def run(cfg: DataBenchConfig, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hpcvae-databench-", dir=cfg.workdir) as tmp:
         workdir = Path(tmp)
         from benchmarks.seed_baseline import write_seed_h5
-        from hpcvae.manifest import Manifest
+        from hpcvae.shards.manifest import Manifest
         from hpcvae.transforms import get_transform
 
         t0 = time.perf_counter()

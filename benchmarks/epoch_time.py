@@ -136,7 +136,7 @@ class StepTimes:
 def prepare_data(cfg: EpochTimeConfig, workdir: Path, size: int) -> tuple[Path, Path, dict[str, Any]]:
     """A shard set for our loader and an h5 file in the seed's layout holding the same train images."""
     from benchmarks.seed_baseline import write_seed_h5
-    from hpcvae.manifest import Manifest
+    from hpcvae.shards.manifest import Manifest
     from hpcvae.transforms import get_transform
 
     shard_dir = workdir / f"shards-{size}"

@@ -25,7 +25,7 @@ from pathlib import Path
 import fitsio
 import numpy as np
 
-from hpcvae.shard import build_shards
+from hpcvae.shards import build_shards
 
 
 def make_random_rgc(folder: Path, n: int, size: int, *, per_file: int = 1000, seed: int = 0) -> Path:

@@ -143,11 +143,11 @@ def score(row: dict[str, Any]) -> float:
 
 
 def read_val(shards: Path) -> tuple[np.ndarray, np.ndarray, float]:
-    from hpcvae.evaluate import iter_split
-    from hpcvae.manifest import Manifest
+    from hpcvae.shards.format import iter_samples
+    from hpcvae.shards.manifest import Manifest
 
     imgs, zs, ps = [], [], set()
-    for _, img, meta in iter_split(Manifest.load(shards), "val"):
+    for _, img, meta in iter_samples(Manifest.load(shards), "val"):
         imgs.append(img)
         zs.append(float(meta["zphot"]))
         ps.add(float(meta.get("pixel_scale") or 0.03))
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                             for b, lr in grid if not keep(out / run_name(b, lr) / "model.json")], args.jobs)  # fmt: skip
     stages["train"] = time.perf_counter() - t0
 
-    from hpcvae.manifest import Manifest
+    from hpcvae.shards.manifest import Manifest
 
     n_val = Manifest.load(shards).count("val")
     t0 = time.perf_counter()

@@ -85,7 +85,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _digest(path: Path) -> str:
-    from hpcvae.manifest import sha256_file
+    from hpcvae.shards.manifest import sha256_file
 
     return sha256_file(path)
 

@@ -1,8 +1,9 @@
 """The README's first command: the whole pipeline on the embedded default, on CPU.
 
 synthetic galaxies (GalSim, RealGalaxyCatalog layout) -> WebDataset shards -> a 2-rank
-DDP training job through the launcher (submitit's LocalExecutor, no SLURM needed) ->
-consolidated model -> evaluation report with PNGs.
+DDP training job of ``galaxy_vae`` through the launcher (submitit's LocalExecutor, no SLURM
+needed) -> consolidated model -> a flow prior fitted to its latents -> evaluation report with
+PNGs and the verdict against the real galaxies.
 
 Each stage runs the same ``python -m hpcvae.<command>`` a user would type, and the
 commands are printed, so the demo doubles as a worked example.
@@ -11,6 +12,7 @@ commands are printed, so the demo doubles as a worked example.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import subprocess
@@ -39,8 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpcvae.demo", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=2000, help="synthetic galaxies to render")
     p.add_argument("--size", type=int, default=64, help="stamp size for shards and the model")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--arch", default="cvae2")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--arch", default="galaxy_vae")
+    p.add_argument("--flow-epochs", type=int, default=100, help="epochs of the flow prior fit (0: none)")
     p.add_argument("--ranks", type=int, default=2, help="training processes (gloo DDP on CPU)")
     p.add_argument("--name", default="demo", help="names shards/synth-NAME, runs/NAME, reports/NAME")
     p.add_argument("--workers", type=int, default=0, help="render/shard processes (0 = all cores)")
@@ -68,12 +71,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _run(
         [py, "-m", "hpcvae.launch", "--cluster", args.cluster, "--nodes", "1",
          "--gpus-per-node", str(args.ranks), "--time", "01:00:00", "--follow",
-         "--config", "configs/debug.toml", "--arch", args.arch, "--data", str(shards),
+         "--config", "configs/demo.toml", "--arch", args.arch, "--data", str(shards),
          "--out", str(run), "--epochs", str(args.epochs)]
     )  # fmt: skip
+    if args.flow_epochs:
+        flow = ["--epochs", str(args.flow_epochs)]
+        _run([py, "-m", "hpcvae.train_prior", str(run), "--data", str(shards), *flow])
     _run([py, "-m", "hpcvae.evaluate", str(run), "--data", str(shards), "--out", str(report), "--n", "512"])
 
     print(f"\nDone in {time.perf_counter() - t0:.0f} s.")
+    verdict = json.loads((report / "report.json").read_text()).get("verdict", {})
+    for k, v in verdict.items():
+        if k != "thresholds":
+            print(f"  {k:20s} {v['verdict']:5s} {v['line']}")
     print(f"  model:   {run / 'model.safetensors'}  (load with hpcvae.load_model({str(run)!r}))")
     print(f"  samples: {run / 'samples.png'}")
     print(f"  report:  {report / 'report.md'}")

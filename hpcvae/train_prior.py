@@ -74,11 +74,12 @@ class PriorConfig:
     """Latents per rank per step."""
     encode_batch_size: int = 64
     """Images per encoder batch; also the loader's drop granularity (< world_size * this per epoch)."""
-    latents: Literal["mean", "posterior"] = "mean"
-    """Fit target: ``mean`` = the encoder means; ``posterior`` = draws z ~ q(z|x) (fresh each epoch), i.e. the
-    aggregate posterior the decoder was trained on, which keeps the spread the means lack at large β."""
-    kind: FlowKind = "maf"
-    """zuko flow: ``maf`` (affine) or ``nsf`` (splines)."""
+    latents: Literal["mean", "posterior"] = "posterior"
+    """Fit target: ``posterior`` (default) = draws z ~ q(z|x), fresh each epoch: the aggregate posterior the
+    decoder was trained on, which keeps the spread the means lack; ``mean`` = the encoder means, which are
+    under-dispersed and give rounder, smaller galaxies (benchmarks/results/science-*.md)."""
+    kind: FlowKind = "nsf"
+    """zuko flow: ``nsf`` (rational-quadratic splines, default) or ``maf`` (affine)."""
     transforms: int = 4
     """Autoregressive transforms in the flow."""
     hidden_features: tuple[int, ...] = (64, 64)
@@ -169,8 +170,8 @@ class PriorTrainer:
     def _build(self, cfg: PriorConfig, dist: DistInfo, src: Path) -> None:
         from hpcvae.data import ShardData
         from hpcvae.engines import DDPEngine
-        from hpcvae.manifest import Manifest
         from hpcvae.schedules import lr_scheduler
+        from hpcvae.shards.manifest import Manifest
 
         self.manifest = Manifest.load(cfg.data)
         arch = self.vae.config["arch"]
@@ -521,9 +522,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="cosine", help="LR schedule: constant or cosine (default)")
     p.add_argument("--batch-size", type=int, default=256, help="latents per rank per step")
     p.add_argument("--encode-batch-size", type=int, default=64)
-    p.add_argument("--latents", default="mean",
-                   help="fit target: mean (encoder means, default) or posterior (draws from q(z|x))")  # fmt: skip
-    p.add_argument("--kind", default="maf", help="maf (default) or nsf")
+    p.add_argument("--latents", default="posterior",
+                   help="fit target: posterior (draws from q(z|x), default) or mean (encoder means)")  # fmt: skip
+    p.add_argument("--kind", default="nsf", help="nsf (splines, default) or maf")
     p.add_argument("--transforms", type=int, default=4)
     p.add_argument("--hidden", default="64,64", help="hidden widths, comma-separated (default 64,64)")
     p.add_argument("--seed", type=int, default=0)

@@ -39,10 +39,10 @@ from hpcvae.config import JobConfig, dump_toml, to_dict
 from hpcvae.dist import DistInfo, barrier, on_rank0, print0
 from hpcvae.engines import Engine, build_engine
 from hpcvae.errors import CheckpointError, ConfigError, HpcvaeError, NumericalError
-from hpcvae.manifest import Manifest
 from hpcvae.metrics import Metrics
 from hpcvae.runlock import RunLock
 from hpcvae.schedules import beta_schedule, lr_scheduler
+from hpcvae.shards.manifest import Manifest
 
 METRICS = ("loss", "recon", "kl", "redshift")
 
@@ -195,7 +195,7 @@ class Trainer:
 
     def _verify_shards(self) -> None:
         """Every shard's sha256 against the manifest, once per run folder (the ranks share the hashing)."""
-        from hpcvae.manifest import (
+        from hpcvae.shards.manifest import (
             VERIFY_CACHE,
             check_hashes,
             hash_shards,

@@ -113,7 +113,7 @@ def tiny_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_h5: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small shard set (32x32, redshifts, ~51 train / ~13 val in shards of 8): for loader/trainer tests."""
-    from hpcvae.shard import build_shards_from_h5
+    from hpcvae.shards import build_shards_from_h5
 
     out = tmp_path_factory.mktemp("shards") / "tiny"
     build_shards_from_h5(tiny_h5, out, size=32, val_fraction=0.2, shard_size=8)
@@ -123,7 +123,7 @@ def tiny_shards(tiny_h5: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def aegis_shards(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real AEGIS F814W stamps (5 galaxies, non-square) sharded at 64x64, no redshift."""
-    from hpcvae.shard import build_shards
+    from hpcvae.shards import build_shards
 
     out = tmp_path_factory.mktemp("shards") / "aegis"
     build_shards(

@@ -1,19 +1,19 @@
-"""Write a small, valid shard set per the DESIGN.md contract, independent of hpcvae.shard.
+"""Write a small, valid shard set with exactly the per-shard counts a loader test asks for.
 
-The loader tests need exact control over shard sizes (deliberately uneven) and must not
-depend on the ingest module, so this writes the tars with WebDataset's own TarWriter.
+The loader tests need exact control over shard sizes (deliberately uneven), so this writes
+shards directly with ``hpcvae.shards.format`` (not through ingest); ``tests/test_shard.py``
+reads ingest's output back with webdataset itself, the independent check of the format.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
-from hpcvae.manifest import FORMAT, MANIFEST_NAME, Manifest, sha256_file
+from hpcvae.shards.format import ShardWriter, sample_key
+from hpcvae.shards.manifest import Manifest, manifest_record, write_manifest
 
 
 @dataclass(kw_only=True)
@@ -47,9 +47,9 @@ def write_shard_set(
         shards = []
         for i, n in enumerate(counts):
             name = f"{split}-{i:06d}.tar"
-            with wds.TarWriter(str(root / name)) as sink:
+            with ShardWriter(str(root / name)) as sink:
                 for _ in range(n):
-                    key = f"g{row:09d}"
+                    key = sample_key(row)
                     img = rng.normal(0.0, 0.01, (size, size)).astype("<f4")
                     z = float(np.round(rng.uniform(0.1, 3.0), 4))
                     meta = {
@@ -63,29 +63,17 @@ def write_shard_set(
                         "file": "synthetic.fits",
                         "hdu": row,
                     }
-                    sink.write({"__key__": key, "image.npy": img, "meta.json": meta})
+                    sink.add_sample(key, img, meta)
                     images[key], redshifts[key] = img, z
                     keys[split].append(key)
                     row += 1
-            shards.append({"name": name, "count": n, "sha256": sha256_file(root / name)})
+            shards.append({"name": name, "count": n, "sha256": sink.sha256})
         splits[split] = {"count": sum(counts), "shards": shards}
-    data = {
-        "format": FORMAT,
-        "hpcvae_version": "0.1.0",
-        "created": "2026-11-24T12:00:00Z",
-        "image": {"size": size, "dtype": "float32"},
-        "has_redshift": has_redshift,
-        "redshift_column": "zphot" if has_redshift else None,
-        "pad": "zeros",
-        "val_fraction": 0.1,
-        "source": {"kind": "rgc", "catalog": "/dev/null", "catalog_sha256": "", "fits_catalog": None},
-        "splits": splits,
-        "stats": {"train": {"min": -0.05, "max": 0.05, "mean": 0.0, "std": 0.01}},
-        "n_rows": row,
-        "n_skipped": 0,
-        "skipped": [],
-    }
-    (root / MANIFEST_NAME).write_text(json.dumps(data, indent=1))
+    source = {"kind": "rgc", "catalog": "/dev/null", "catalog_sha256": "", "fits_catalog": None}
+    stats = {"min": -0.05, "max": 0.05, "mean": 0.0, "std": 0.01}
+    write_manifest(root, manifest_record(size=size, splits=splits, stats=stats, source=source,
+                                         has_redshift=has_redshift, redshift_column="zphot" if has_redshift else None,
+                                         n_rows=row))  # fmt: skip
     return ShardSet(
         manifest=Manifest.load(root),
         images=images,

@@ -23,8 +23,8 @@ import torch
 from train_helpers import REPO, child_env, make_shards, train_args
 
 from hpcvae.checkpoint import list_checkpoints
-from hpcvae.data import tar_members
 from hpcvae.errors import CheckpointError, ConfigError
+from hpcvae.shards.format import tar_members
 
 pytestmark = pytest.mark.slow
 

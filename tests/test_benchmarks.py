@@ -67,7 +67,7 @@ def test_seed_loop_trains_on_h5_in_the_seed_layout(tmp_path):
 def test_make_big_set_is_read_by_the_product_loader(tmp_path):
     from hpcvae.config import DataConfig
     from hpcvae.data import ShardData
-    from hpcvae.manifest import Manifest
+    from hpcvae.shards.manifest import Manifest
     from hpcvae.transforms import get_transform
 
     out = common.make_big_set(300, 16, tmp_path / "big", _pool(), per_shard=64, progress=False)

@@ -20,13 +20,13 @@ from hpcvae.data import (
     GpuResidentData,
     ShardData,
     buffer_shuffle,
-    decode_npy,
     make_data,
     plan_epoch,
     val_ranges,
 )
 from hpcvae.errors import ConfigError, ShardError
-from hpcvae.manifest import Manifest
+from hpcvae.shards.format import decode_npy
+from hpcvae.shards.manifest import Manifest
 
 UNEVEN = [7, 50, 3, 31, 19]
 
@@ -282,7 +282,7 @@ _RANK_SCRIPT = textwrap.dedent(
     import json, sys, torch, torch.distributed as dist
     from hpcvae.config import DataConfig
     from hpcvae.data import ShardData
-    from hpcvae.manifest import Manifest
+    from hpcvae.shards.manifest import Manifest
     root, port, rank, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     cfg = DataConfig(path=root, batch_size=4, num_workers=2, shuffle_buffer=8, start_method="fork")

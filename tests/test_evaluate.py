@@ -36,7 +36,7 @@ def _train(shards: Path, out: Path, arch: str) -> Path:
 @pytest.fixture(scope="module")
 def synth_shards(tmp_path_factory) -> Path:
     """A synthetic shard set (known zphot -> size/flux relation), 32 px, ~50 val galaxies."""
-    from hpcvae.shard import main as shard_main
+    from hpcvae.shards.__main__ import main as shard_main
     from hpcvae.synth import make_synthetic
 
     root = tmp_path_factory.mktemp("evaldata")
@@ -192,8 +192,8 @@ def test_fancy_cvae_in_memory_model_reports_predicted_redshift(synth_shards, tmp
     """A model object (no file): uses its attached normalisation; fancy_cvae adds z_pred numbers."""
     import torch
 
-    from hpcvae.manifest import Manifest
     from hpcvae.models import build_model
+    from hpcvae.shards.manifest import Manifest
     from hpcvae.transforms import get_transform
 
     torch.manual_seed(0)

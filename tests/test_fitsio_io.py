@@ -10,7 +10,8 @@ import numpy.lib.recfunctions as rfn
 import pytest
 
 from hpcvae.errors import CatalogError, FitsReadError
-from hpcvae.fitsio_io import StampReader, fit_to_size, read_catalog, to_float32_le
+from hpcvae.shards.ingest import fit_to_size
+from hpcvae.shards.rgc import StampReader, read_catalog, to_float32_le
 
 COSMOS = "cosmos-23.5-example/real_galaxy_catalog_23.5_example.fits"
 COSMOS_FITS = "cosmos-23.5-example/real_galaxy_catalog_23.5_example_fits.fits"

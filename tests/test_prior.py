@@ -180,7 +180,7 @@ def test_train_prior_cli_writes_the_flow_into_the_model_files(tiny_run, tmp_path
     assert main(_prior_args(run, shards, out, epochs=2)) == 0
     meta = json.loads((out / "model.json").read_text())
     fp = meta["flow_prior"]
-    assert fp["spec"] == {"z_dim": 8, "conditional": True, "kind": "maf", "transforms": 2,
+    assert fp["spec"] == {"z_dim": 8, "conditional": True, "kind": "nsf", "transforms": 2,
                           "hidden_features": [16, 16]}  # fmt: skip
     assert fp["training"]["n_train_latents"] == 80 and fp["training"]["steps"] == 10  # 5 steps x 2 epochs
     assert fp["evaluation"]["val_count"] == 24 and fp["evaluation"]["val_nll"] is not None

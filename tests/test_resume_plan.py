@@ -23,7 +23,7 @@ import pytest
 from train_helpers import REPO, child_env, launch, logs, make_shards, run_ranks, train_args, wait
 
 from hpcvae.checkpoint import latest_checkpoint, list_checkpoints, read_meta
-from hpcvae.manifest import Manifest
+from hpcvae.shards.manifest import Manifest
 
 pytestmark = pytest.mark.slow
 

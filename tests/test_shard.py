@@ -16,8 +16,8 @@ import pytest
 import webdataset as wds
 
 from hpcvae.errors import CatalogError, FitsReadError, ShardError
-from hpcvae.manifest import Manifest, sha256_file
-from hpcvae.shard import build_shards, build_shards_from_h5, find_h5_datasets
+from hpcvae.shards import build_shards, build_shards_from_h5, find_h5_datasets
+from hpcvae.shards.manifest import Manifest, sha256_file
 
 COSMOS = "cosmos-23.5-example/real_galaxy_catalog_23.5_example.fits"
 COSMOS_FITS = "cosmos-23.5-example/real_galaxy_catalog_23.5_example_fits.fits"

@@ -51,7 +51,9 @@ def test_debug_run_writes_everything(shards: Path, tmp_path: Path) -> None:
     assert not model.training
     info = json.loads((out / "model.json").read_text())
     assert info["arch"] == "cvae2" and info["model_config"]["image_size"] == 32
-    assert info["transform"]["name"] == "minmax" and info["beta_schedule"]["value"] == 0.1
+    assert (
+        info["transform"]["name"] == "asinh" and info["beta_schedule"]["value"] == 0.1
+    )  # asinh: the default
     assert info["training"]["steps"] == read_meta(final)["global_step"] and info["manifest_digest"]
     flux = model.sample(3, redshift=0.7)
     norm = model.sample(3, redshift=0.7, normalized=True)

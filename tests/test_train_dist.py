@@ -23,7 +23,7 @@ from train_helpers import (
 
 from hpcvae import load_model
 from hpcvae.checkpoint import list_checkpoints, read_meta
-from hpcvae.manifest import Manifest
+from hpcvae.shards.manifest import Manifest
 
 pytestmark = pytest.mark.slow
 

@@ -88,7 +88,7 @@ def test_global_batch_must_divide_over_ranks() -> None:
 
 
 def test_conditional_model_needs_redshifts(tmp_path: Path) -> None:
-    from hpcvae.shard import build_shards_from_h5
+    from hpcvae.shards import build_shards_from_h5
 
     h5 = make_h5(tmp_path / "g.h5", n=40)
     plain = tmp_path / "plain"

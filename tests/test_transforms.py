@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hpcvae.errors import ConfigError
-from hpcvae.manifest import Manifest
+from hpcvae.shards.manifest import Manifest
 from hpcvae.transforms import Asinh, MinMax, get_transform, transform_from_dict
 
 STATS = {

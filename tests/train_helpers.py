@@ -43,7 +43,7 @@ def make_h5(path: Path, n: int = 120, size: int = 32, seed: int = 0) -> Path:
 
 def make_shards(root: Path, n: int = 120, size: int = 32) -> Path:
     """A shard set of ``n`` galaxies (about 90% train) in ``root/shards``."""
-    from hpcvae.shard import build_shards_from_h5
+    from hpcvae.shards import build_shards_from_h5
 
     root.mkdir(parents=True, exist_ok=True)
     h5 = make_h5(root / "galaxies.h5", n=n, size=size)

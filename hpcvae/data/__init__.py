@@ -19,8 +19,8 @@ from hpcvae.config import DataConfig
 from hpcvae.data.loader import DataPosition, EpochLoader, Loader
 from hpcvae.data.plan import EpochPlan, PlanInputs, buffer_shuffle, plan_epoch, resume_plan, val_ranges
 from hpcvae.data.resident import GpuResidentData
-from hpcvae.data.stream import ShardData, decode_npy, tar_members
-from hpcvae.manifest import Manifest
+from hpcvae.data.stream import ShardData
+from hpcvae.shards.manifest import Manifest
 
 __all__ = [
     "DataPosition",
@@ -31,11 +31,9 @@ __all__ = [
     "PlanInputs",
     "ShardData",
     "buffer_shuffle",
-    "decode_npy",
     "make_data",
     "plan_epoch",
     "resume_plan",
-    "tar_members",
     "val_ranges",
 ]
 

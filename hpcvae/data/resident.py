@@ -13,7 +13,7 @@ from hpcvae.data.loader import EpochLoader, _Failure
 from hpcvae.data.plan import PlanInputs, epoch_steps, resident_order, val_ranges
 from hpcvae.data.stream import _Source, _source, _verify
 from hpcvae.errors import ConfigError, ShardError
-from hpcvae.manifest import Manifest
+from hpcvae.shards.manifest import Manifest
 
 
 class _ResidentBatches:

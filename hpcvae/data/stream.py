@@ -25,14 +25,13 @@ arrive in step order.
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,115 +41,8 @@ from hpcvae.config import DataConfig
 from hpcvae.data.loader import EpochLoader, _Failure, worker_init
 from hpcvae.data.plan import EpochPlan, PlanInputs, epoch_steps, stream_plan, val_ranges
 from hpcvae.errors import ConfigError, ShardError
-from hpcvae.manifest import Manifest
-
-# -- tar headers -----------------------------------------------------------------------------------
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def tar_members(f: BinaryIO) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file in a ustar/pax/GNU tar, reading headers only.
-
-    Python's tarfile spends ~0.25 ms per member parsing headers (WebDataset's writer adds a
-    pax header to each); this reads only what the loader needs and seeks over the data, so
-    skipping samples on resume costs one 512-byte read each.  Raises ValueError on damage.
-    """
-    pos = 0
-    pax: dict[str, str] = {}
-    long_name: str | None = None
-    while True:
-        f.seek(pos)
-        hdr = f.read(512)
-        if len(hdr) == 0:
-            return
-        if len(hdr) < 512:
-            raise ValueError(f"header at byte {pos} cut short")
-        if hdr.count(0) == 512:
-            return
-        if _octal(hdr[148:156]) != sum(hdr) - sum(hdr[148:156]) + 256:
-            raise ValueError(f"bad header checksum at byte {pos}")
-        size = _octal(hdr[124:136])
-        kind = hdr[156:157]
-        data = pos + 512
-        nxt = data + (size + 511) // 512 * 512
-        if kind in (b"x", b"g", b"L"):
-            payload = f.read(size)
-            if len(payload) != size:
-                raise ValueError(f"extended header at byte {pos} cut short")
-            if kind == b"x":
-                pax = _pax_records(payload)
-            elif kind == b"L":
-                long_name = payload.split(b"\0", 1)[0].decode("utf-8")
-            pos = nxt
-            continue
-        name = hdr[:100].split(b"\0", 1)[0].decode("utf-8")
-        if hdr[257:262] == b"ustar" and hdr[345] != 0:
-            name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-        name = pax.get("path", long_name or name)
-        if "size" in pax:
-            size = int(pax["size"])
-            nxt = data + (size + 511) // 512 * 512
-        pax, long_name = {}, None
-        if kind in (b"0", b"\0", b"7"):
-            yield name, data, size
-        pos = nxt
-
-
-def _pax_records(payload: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(payload) and payload[i] != 0:
-        sp = payload.index(b" ", i)
-        n = int(payload[i:sp])
-        key, _, value = payload[sp + 1 : i + n - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8")
-        i += n
-    return out
-
-
-# -- decoding --------------------------------------------------------------------------------------
-
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
-
-
-def decode_npy(data: bytes) -> np.ndarray:
-    """Parse ``.npy`` bytes without np.load's file machinery (headers repeat, so they are cached)."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
-        raise ValueError("not a .npy file (bad magic)")
-    major = data[6]
-    if major == 1:
-        off = 10 + int.from_bytes(data[8:10], "little")
-    elif major in (2, 3):
-        off = 12 + int.from_bytes(data[8:12], "little")
-    else:
-        raise ValueError(f"unsupported .npy version {major}")
-    head = data[:off]
-    parsed = _NPY_HEADERS.get(head)
-    if parsed is None:
-        start = 10 if major == 1 else 12
-        try:
-            d = ast.literal_eval(head[start:].decode("latin1"))
-            dtype = np.dtype(d["descr"])
-            shape = tuple(int(s) for s in d["shape"])
-            fortran = bool(d["fortran_order"])
-        except (ValueError, SyntaxError, KeyError, TypeError) as exc:
-            raise ValueError(f"bad .npy header: {exc}") from None
-        if dtype.hasobject:
-            raise ValueError("object arrays are not allowed")
-        parsed = (dtype, shape, fortran, math.prod(shape))
-        if len(_NPY_HEADERS) < 64:
-            _NPY_HEADERS[head] = parsed
-    dtype, shape, fortran, n = parsed
-    if len(data) - off != n * dtype.itemsize:
-        raise ValueError(f"truncated .npy: {len(data) - off} data bytes, expected {n * dtype.itemsize}")
-    arr = np.frombuffer(data, dtype=dtype, count=n, offset=off)
-    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+from hpcvae.shards.format import IMAGE, META, decode_npy, tar_members
+from hpcvae.shards.manifest import Manifest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,7 +131,7 @@ class _Source:
 
     # stage: decode + transform ------------------------------------------------------------------
     def decode(self, raw: _Raw) -> tuple[str, np.ndarray, float, float]:
-        img = raw.files.get("image.npy")
+        img = raw.files.get(IMAGE)
         if img is None:
             raise ShardError(f"{raw.shard}: sample {raw.key} has no image.npy (has {sorted(raw.files)})")
         try:
@@ -257,7 +149,7 @@ class _Source:
             x = np.asarray(fwd(x), dtype=np.float32)
         z = nv = math.nan
         if self.has_redshift or self.has_noise:
-            meta = raw.files.get("meta.json")
+            meta = raw.files.get(META)
             if meta is None:
                 raise ShardError(f"{raw.shard}: sample {raw.key} has no meta.json")
             try:
@@ -401,7 +293,7 @@ def _source(
 
 def _verify(manifest: Manifest) -> None:
     """Every shard's sha256 against the manifest (no cache: the trainer keeps one per run folder)."""
-    from hpcvae.manifest import check_hashes, hash_shards
+    from hpcvae.shards.manifest import check_hashes, hash_shards
 
     shards = [s for sp in manifest.splits for s in manifest.shards(sp) if s.sha256]
     check_hashes(manifest, hash_shards(manifest, shards))

@@ -17,7 +17,7 @@ from hpcvae.evaluate.plots import (
     plot_redshift_trends,
     read_metrics,
 )
-from hpcvae.evaluate.report import EvalConfig, evaluate, iter_split, main, render_markdown
+from hpcvae.evaluate.report import EvalConfig, evaluate, main, render_markdown
 
 __all__ = [
     "LANUSSE2021",
@@ -26,7 +26,6 @@ __all__ = [
     "compare",
     "evaluate",
     "fit_slope",
-    "iter_split",
     "main",
     "moments",
     "plot_generation_grid",

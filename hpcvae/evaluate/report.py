@@ -7,10 +7,8 @@ batch at a time), so ``--n`` can be large without holding every stamp in memory.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +28,9 @@ from hpcvae.evaluate.moments import (
     moments,
     orientation_agreement,
 )
-from hpcvae.manifest import Manifest
 from hpcvae.metrics import json_safe
+from hpcvae.shards.format import iter_samples
+from hpcvae.shards.manifest import Manifest
 
 DEFAULT_PIXEL_SCALE = 0.03
 """HST ACS arcsec/pixel; used when neither the shard meta nor the manifest records one."""
@@ -103,48 +102,6 @@ class _Accum:
 # Reading a split
 
 
-def iter_split(manifest: Manifest, split: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
-    """``(key, image, meta)`` for every sample of a split, in manifest order (deterministic)."""
-    for path in manifest.shard_paths(split):
-        if not path.is_file():
-            raise ShardError(f"{path}: shard listed in {manifest.path} is missing")
-        try:
-            tf = tarfile.open(path, "r")
-        except (OSError, tarfile.TarError) as exc:
-            raise ShardError(f"{path}: unreadable tar shard: {exc}") from None
-        with tf:
-            pending: dict[str, dict[str, Any]] = {}
-            for member in tf:
-                if not member.isfile() or "." not in member.name:
-                    continue
-                key, ext = member.name.split(".", 1)
-                if ext not in ("image.npy", "meta.json"):
-                    continue
-                raw = tf.extractfile(member).read()  # type: ignore[union-attr]
-                try:
-                    if ext == "image.npy":
-                        value: Any = np.load(io.BytesIO(raw), allow_pickle=False)
-                    else:
-                        value = json.loads(raw)
-                except (ValueError, OSError) as exc:
-                    raise ShardError(f"{path}: member {member.name}: unreadable: {exc}") from None
-                entry = pending.setdefault(key, {})
-                entry[ext] = value
-                if "image.npy" in entry and "meta.json" in entry:
-                    del pending[key]
-                    img = np.asarray(entry["image.npy"], dtype=np.float32)
-                    if img.ndim != 2:
-                        raise ShardError(
-                            f"{path}: member {key}.image.npy: expected a 2-D image, got {img.shape}"
-                        )
-                    yield key.rsplit("/", 1)[-1], img, entry["meta.json"]
-            if pending:
-                k = next(iter(pending))
-                raise ShardError(
-                    f"{path}: sample {k} lacks {'meta.json' if 'image.npy' in pending[k] else 'image.npy'}"
-                )
-
-
 def _batches(
     manifest: Manifest, split: str, n: int, bs: int, need_redshift: bool, skipped: list[dict[str, Any]]
 ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[dict[str, Any]]]]:
@@ -153,7 +110,7 @@ def _batches(
     zs: list[float] = []
     metas: list[dict[str, Any]] = []
     taken = 0
-    for key, img, meta in iter_split(manifest, split):
+    for key, img, meta in iter_samples(manifest, split):
         if taken >= n:
             break
         z = meta.get("zphot")

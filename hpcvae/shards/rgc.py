@@ -1,4 +1,6 @@
-"""RealGalaxyCatalog reading with fitsio: catalog tables, stamps and their validation.
+"""GalSim's RealGalaxyCatalog layout, read with fitsio: the catalog, its stamps, and shards from them.
+
+RealGalaxyCatalog reading with fitsio: catalog tables, stamps and their validation.
 
 GalSim's RealGalaxyCatalog layout is a FITS table (one row per galaxy) whose
 ``GAL_FILENAME`` / ``GAL_HDU`` columns point at one image HDU per galaxy in a few
@@ -11,18 +13,22 @@ that names the file, the HDU or row, and what is wrong; :attr:`FitsReadError.pro
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import fitsio
 import numpy as np
 
 from hpcvae.errors import CatalogError, FitsReadError
+from hpcvae.shards.ingest import Job, Row, ShardConfig, Source, build, identity_digest, seed_of, skip_record
+from hpcvae.shards.manifest import Manifest, sha256_file
 
 FITS_BLOCK = 2880
-"""Every valid FITS file is a whole number of 2880-byte blocks; anything else is truncated."""
 
 REQUIRED_COLUMNS = ("GAL_FILENAME", "GAL_HDU")
 
@@ -49,9 +55,6 @@ def fits_error(
 def to_float32_le(a: np.ndarray) -> np.ndarray:
     """FITS stores big-endian; shards and torch want native little-endian float32."""
     return np.ascontiguousarray(a, dtype="<f4")
-
-
-# -- catalogs ------------------------------------------------------------------------------
 
 
 def _table_hdu(fits: fitsio.FITS, path: Path) -> int:
@@ -227,9 +230,6 @@ def _as_redshift(col: np.ndarray, path: Path, column: str) -> np.ndarray:
     return col.astype(np.float64)
 
 
-# -- stamps --------------------------------------------------------------------------------
-
-
 class StampReader:
     """Reads galaxy stamps, keeping up to ``max_open`` FITS handles open (LRU).
 
@@ -320,44 +320,127 @@ class StampReader:
         self.close()
 
 
-# -- crop / pad ----------------------------------------------------------------------------
+_READER: StampReader | None = None
+"""One stamp reader per process (it caches open FITS files)."""
 
 
-def fit_to_size(
-    img: np.ndarray,
-    size: int,
+def _reader() -> StampReader:
+    global _READER
+    if _READER is None:
+        _READER = StampReader()
+    return _READER
+
+
+def close_readers() -> None:
+    global _READER
+    if _READER is not None:
+        _READER.close()
+        _READER = None
+
+
+def iter_images(job: Job) -> Iterator[tuple[Row, Any]]:
+    """(row, stamp or FitsReadError) for every row of ``job``, in row order."""
+    reader = _reader()
+    root = Path(job.source)
+    for r in job.rows:
+        try:
+            yield r, reader.read(root / r.file, r.hdu, row=r.row)
+        except FitsReadError as exc:
+            yield r, exc
+
+
+def _finite_or_none(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def build_shards(
+    catalog: str | Path,
+    out: str | Path,
     *,
-    pad: str = "zeros",
-    noise_variance: float | None = None,
-    seed: int | None = None,
-) -> np.ndarray:
-    """Centre-crop or pad each axis independently to ``size`` (stamps are often non-square).
+    size: int = 158,
+    fits_catalog: str | Path | None = None,
+    redshift_column: str | None = None,
+    use_redshift: bool | None = None,
+    val_fraction: float = 0.1,
+    shard_size: int = 1000,
+    workers: int = 1,
+    pad: Literal["zeros", "noise"] = "zeros",
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> Manifest:
+    """Shard a RealGalaxyCatalog; see the module docstring and docs/DESIGN.md for the layout."""
+    cfg = ShardConfig(
+        size=size,
+        val_fraction=val_fraction,
+        shard_size=shard_size,
+        workers=workers,
+        pad=pad,
+        skip_bad=skip_bad,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
+    cat = read_catalog(
+        catalog, fits_catalog=fits_catalog, redshift_column=redshift_column, use_redshift=use_redshift
+    )
+    if cfg.pad == "noise" and cat.noise_variance is None:
+        raise CatalogError(f"{cat.path}: --pad noise needs a NOISE_VARIANCE column, which the catalog lacks")
+    rows, pre_skipped = _rgc_rows(cat, cfg)
+    info = {
+        "kind": "rgc",
+        "catalog": str(cat.path),
+        "catalog_sha256": sha256_file(cat.path),
+        "fits_catalog": str(cat.fits_catalog) if cat.fits_catalog else None,
+        "fits_catalog_sha256": sha256_file(cat.fits_catalog) if cat.fits_catalog else None,
+    }
+    src = Source(
+        kind="rgc",
+        location=str(cat.root),
+        rows=rows,
+        n_rows=len(cat),
+        pre_skipped=pre_skipped,
+        has_redshift=cat.redshift is not None,
+        redshift_column=cat.redshift_column,
+        source_info=info,
+    )
+    return build(src, Path(out), cfg)
 
-    Noise padding draws Gaussian noise of the row's NOISE_VARIANCE from a generator seeded
-    by the row, so shards are reproducible; padding with zeros next to a noisy stamp leaves
-    a sharp edge the VAE would otherwise learn.
-    """
-    h, w = img.shape
-    out = np.zeros((size, size), dtype=np.float32)
-    if pad == "noise":
-        if noise_variance is None or not np.isfinite(noise_variance) or noise_variance < 0:
-            raise ValueError(
-                f"noise padding needs a finite, non-negative NOISE_VARIANCE (got {noise_variance})"
-            )
-        if h < size or w < size:
-            rng = np.random.default_rng(seed)
-            out[:] = rng.normal(0.0, np.sqrt(noise_variance), size=(size, size)).astype(np.float32)
-    elif pad != "zeros":
-        raise ValueError(f"pad must be 'zeros' or 'noise', got {pad!r}")
 
-    def span(n: int) -> tuple[slice, slice]:
-        if n >= size:
-            s = (n - size) // 2
-            return slice(s, s + size), slice(0, size)
-        p = (size - n) // 2
-        return slice(0, n), slice(p, p + n)
+DUPLICATE = "duplicate of row"
 
-    src_y, dst_y = span(h)
-    src_x, dst_x = span(w)
-    out[dst_y, dst_x] = img[src_y, src_x]
-    return out
+
+def _rgc_rows(cat: RGCCatalog, cfg: ShardConfig) -> tuple[list[Row], list[dict[str, Any]]]:
+    rows: list[Row] = []
+    skipped: list[dict[str, Any]] = []
+    first_row: dict[tuple[str, str, int], int] = {}
+    for i in range(len(cat)):
+        ident, file, hdu = cat.ident[i], cat.gal_filename[i], int(cat.gal_hdu[i])
+        r = Row(
+            row=i,
+            ident=ident,
+            file=file,
+            hdu=hdu,
+            seed=seed_of(identity_digest(ident, file, hdu)),
+            zphot=None if cat.redshift is None else float(cat.redshift[i]),
+            mag=None if cat.mag is None else _finite_or_none(cat.mag[i]),
+            pixel_scale=None if cat.pixel_scale is None else _finite_or_none(cat.pixel_scale[i]),
+            noise_variance=None if cat.noise_variance is None else _finite_or_none(cat.noise_variance[i]),
+        )
+        if r.zphot is not None and not math.isfinite(r.zphot):
+            problem = f"redshift {cat.redshift_column} is {r.zphot} (not finite)"
+            if not cfg.skip_bad:
+                raise CatalogError(f"{cat.fits_catalog or cat.path}, row {i} (IDENT {ident}): {problem}")
+            skipped.append(skip_record(r, problem))
+            continue
+        first = first_row.setdefault((ident, file, hdu), i)
+        if first != i:  # the same galaxy twice would be trained on twice per epoch
+            problem = f"{DUPLICATE} {first} (same IDENT {ident}, GAL_FILENAME {file}, GAL_HDU {hdu})"
+            if not cfg.skip_bad:
+                raise CatalogError(f"{cat.path}, row {i}: {problem}; remove it or pass --skip-bad")
+            skipped.append(skip_record(r, problem))
+            continue
+        rows.append(r)
+    return rows, skipped

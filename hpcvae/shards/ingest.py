@@ -1,0 +1,401 @@
+"""The build: sources' rows -> shard jobs (in worker processes) -> shards + manifest.
+
+Training on a cluster reads tens of thousands of galaxies per second; random access
+into hundreds of multi-extension FITS files on a parallel file system cannot keep up,
+sequential tar shards can.  Shards hold the *physical* float32 pixels so the
+normalisation stays a choice of the training run (``hpcvae.transforms``), and the
+manifest carries the per-shard counts the loader needs for exact epochs.
+
+Crash safety: every shard is written under a temporary name and renamed only after the
+whole set is written; the manifest is written last, atomically.  A folder with a
+``manifest.json`` therefore always holds a complete shard set.
+
+A source (``hpcvae.shards.rgc``, ``hpcvae.shards.h5``) turns its input into :class:`Row`
+records and a :class:`Source`, and reads stamps for a :class:`Job` with ``iter_images``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+import sys
+import time
+import uuid
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from hpcvae.errors import ConfigError, HpcvaeError, ShardError
+from hpcvae.shards.format import ShardWriter, sample_key
+from hpcvae.shards.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    PixelStats,
+    manifest_record,
+    shard_name,
+    write_manifest,
+)
+
+MAX_STATS_PIXELS = 4_000_000
+
+MIN_STATS_PIXELS_PER_GALAXY = 16
+
+SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
+
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(kw_only=True)
+class ShardConfig:
+    """Options shared by the FITS and h5 ingest paths."""
+
+    size: int = 158
+    val_fraction: float = 0.1
+    shard_size: int = 1000
+    """Samples per shard; 1000 x 158^2 float32 is ~100 MB, WebDataset's sweet spot."""
+    workers: int = 1
+    pad: Literal["zeros", "noise"] = "zeros"
+    skip_bad: bool = False
+    overwrite: bool = False
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ConfigError(f"size must be a positive integer, got {self.size!r}")
+        if not 0.0 <= float(self.val_fraction) < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ConfigError(f"shard_size must be a positive integer, got {self.shard_size!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"workers must be >= 0 (0 = all cores), got {self.workers!r}")
+        if self.workers == 0:
+            self.workers = (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            )
+        if self.pad not in ("zeros", "noise"):
+            raise ConfigError(f"pad must be 'zeros' or 'noise', got {self.pad!r}")
+
+
+def identity_digest(ident: str, file: str, hdu: int) -> bytes:
+    """The galaxy's identity, independent of its row, so appending rows moves nothing."""
+    return hashlib.sha256(f"{ident}:{file}:{hdu}".encode()).digest()
+
+
+def split_of(digest: bytes, val_fraction: float) -> str:
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    return "val" if u < val_fraction else "train"
+
+
+def seed_of(digest: bytes) -> int:
+    return int.from_bytes(digest[8:16], "big")
+
+
+@dataclass(kw_only=True)
+class Row:
+    row: int
+    ident: str
+    file: str
+    hdu: int
+    seed: int
+    zphot: float | None
+    mag: float | None
+    pixel_scale: float | None
+    noise_variance: float | None
+
+
+@dataclass(kw_only=True)
+class Job:
+    split: str
+    index: int
+    tmp_path: str
+    kind: Literal["rgc", "h5"]
+    """The source module, ``hpcvae.shards.<kind>``: it reads the stamps (``iter_images``)."""
+    source: str
+    """Catalog folder (rgc) or h5 file (h5)."""
+    h5_images: str | None
+    rows: list[Row]
+    size: int
+    pad: str
+    skip_bad: bool
+    stats_pixels: int
+    """Pixels per galaxy sampled for the percentiles; 0 = no stats (val)."""
+
+
+@dataclass(kw_only=True)
+class JobResult:
+    split: str
+    index: int
+    tmp_path: str
+    count: int
+    sha256: str
+    skipped: list[dict[str, Any]]
+    stats: PixelStats = field(default_factory=PixelStats)
+    """Partial statistics of the train pixels this shard holds (merged by the build)."""
+
+
+def row_error(problem: str, r: Row, source: str) -> HpcvaeError:
+    err = ShardError(f"{source}, row {r.row}: {problem}")
+    err.problem = problem
+    return err
+
+
+def skip_record(r: Row, reason: str) -> dict[str, Any]:
+    return {"row": r.row, "ident": r.ident, "file": r.file, "hdu": r.hdu, "reason": reason}
+
+
+def run_job(job: Job) -> JobResult:
+    """Write one shard to its temporary name; returns counts, digest, skips and stats partials."""
+    source = importlib.import_module(f"hpcvae.shards.{job.kind}")
+    res = JobResult(split=job.split, index=job.index, tmp_path=job.tmp_path, count=0, sha256="", skipped=[])
+    try:
+        tar = ShardWriter(job.tmp_path)
+        try:
+            for r, img in source.iter_images(job):
+                write_row(job, tar, res, r, img)
+        except BaseException:
+            tar.abort()
+            raise
+        res.sha256 = tar.close()
+    except BaseException:
+        Path(job.tmp_path).unlink(missing_ok=True)
+        raise
+    return res
+
+
+def write_row(job: Job, tar: ShardWriter, res: JobResult, r: Row, img: Any) -> None:
+    if not isinstance(img, np.ndarray):
+        if not job.skip_bad:
+            raise img
+        res.skipped.append(skip_record(r, img.problem))
+        return
+    try:
+        out = fit_to_size(img, job.size, pad=job.pad, noise_variance=r.noise_variance, seed=r.seed)
+    except ValueError as exc:
+        if not job.skip_bad:
+            raise row_error(str(exc), r, job.source) from None
+        res.skipped.append(skip_record(r, str(exc)))
+        return
+    meta = {
+        "ident": r.ident,
+        "row": r.row,
+        "zphot": r.zphot,
+        "mag": r.mag,
+        "pixel_scale": r.pixel_scale,
+        "noise_variance": r.noise_variance,
+        "orig_shape": [int(img.shape[0]), int(img.shape[1])],
+        "file": r.file,
+        "hdu": r.hdu,
+    }
+    tar.add_sample(sample_key(r.row), out, meta)
+    res.count += 1
+    if job.stats_pixels:
+        flat = out.ravel()
+        if job.stats_pixels < flat.size:
+            flat = flat[np.random.default_rng(r.seed ^ 0x5EED).integers(0, flat.size, job.stats_pixels)]
+        res.stats.add(out, sample=flat, noise_variance=r.noise_variance)
+
+
+@dataclass(kw_only=True)
+class Source:
+    kind: Literal["rgc", "h5"]
+    location: str
+    rows: list[Row]
+    n_rows: int
+    pre_skipped: list[dict[str, Any]]
+    has_redshift: bool
+    redshift_column: str | None
+    source_info: dict[str, Any]
+    h5_images: str | None = None
+
+
+def check_out(out: Path, overwrite: bool) -> list[Path]:
+    """Refuse to mix a new shard set into an old one; returns the old files to replace."""
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: output exists and is not a folder")
+    if not out.exists():
+        return []
+    old = [p for p in out.iterdir() if p.name == MANIFEST_NAME or p.suffix == ".tar"]
+    if old and not overwrite:
+        n_tar = sum(p.suffix == ".tar" for p in old)
+        has_manifest = any(p.name == MANIFEST_NAME for p in old)
+        what = ", ".join(
+            x for x in (MANIFEST_NAME if has_manifest else "", f"{n_tar} .tar file(s)" if n_tar else "") if x
+        )
+        raise ShardError(f"{out}: folder already holds shards ({what}); pass --overwrite to replace them")
+    return [
+        p for p in old if p.name == MANIFEST_NAME or SHARD_RE.match(p.name) or p.name.startswith(TMP_PREFIX)
+    ]
+
+
+def build(src: Source, out: Path, cfg: ShardConfig) -> Manifest:
+    t0 = time.perf_counter()
+    out = Path(out).resolve()
+    old = check_out(out, cfg.overwrite)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+
+    by_split: dict[str, list[Row]] = {s: [] for s in SPLITS}
+    for r in src.rows:
+        by_split[split_of(identity_digest(r.ident, r.file, r.hdu), cfg.val_fraction)].append(r)
+    n_train = len(by_split["train"])
+    stats_pixels = max(MIN_STATS_PIXELS_PER_GALAXY, MAX_STATS_PIXELS // max(n_train, 1))
+
+    token = uuid.uuid4().hex[:12]
+    jobs: list[Job] = []
+    for split in SPLITS:
+        rows = by_split[split]
+        for i in range(0, len(rows), cfg.shard_size):
+            jobs.append(
+                Job(
+                    split=split,
+                    index=i // cfg.shard_size,
+                    tmp_path=str(out / f"{TMP_PREFIX}{token}-{split}-{i // cfg.shard_size:06d}.tar"),
+                    kind=src.kind,
+                    source=src.location,
+                    h5_images=src.h5_images,
+                    rows=rows[i : i + cfg.shard_size],
+                    size=cfg.size,
+                    pad=cfg.pad,
+                    skip_bad=cfg.skip_bad,
+                    stats_pixels=stats_pixels if split == "train" else 0,
+                )
+            )
+
+    results: list[JobResult] = []
+    try:
+        if cfg.workers <= 1 or len(jobs) <= 1:
+            try:
+                for job in jobs:
+                    results.append(run_job(job))
+                    progress(cfg, results, jobs, t0)
+            finally:
+                _close_all_readers()
+        else:
+            with ProcessPoolExecutor(
+                max_workers=min(cfg.workers, len(jobs)), mp_context=get_context("spawn")
+            ) as ex:
+                futures: list[Future[JobResult]] = [ex.submit(run_job, j) for j in jobs]
+                try:
+                    for fut in futures:
+                        results.append(fut.result())
+                        progress(cfg, results, jobs, t0)
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+        return _finish(src, out, cfg, results, old, t0)
+    finally:
+        for p in out.glob(f"{TMP_PREFIX}{token}-*"):
+            p.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+
+
+def progress(cfg: ShardConfig, results: list[JobResult], jobs: list[Job], t0: float) -> None:
+    if cfg.verbose:
+        done = sum(len(j.rows) for j in jobs[: len(results)])
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        print(
+            f"hpcvae.shard: {len(results)}/{len(jobs)} shards, {done} rows, {rate:.0f} rows/s",
+            file=sys.stderr,
+        )
+
+
+def _finish(
+    src: Source, out: Path, cfg: ShardConfig, results: list[JobResult], old: list[Path], t0: float
+) -> Manifest:
+    skipped = sorted(src.pre_skipped + [s for r in results for s in r.skipped], key=lambda s: s["row"])
+    train = [r for r in results if r.split == "train"]
+    if sum(r.count for r in train) == 0:
+        reasons: dict[str, int] = {}
+        for sk in skipped:
+            reasons[sk["reason"]] = reasons.get(sk["reason"], 0) + 1
+        summary = "; ".join(f"{n} x {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        first = (
+            f" (first: row {skipped[0]['row']}, {skipped[0]['file']}, HDU {skipped[0]['hdu']})"
+            if skipped
+            else ""
+        )
+        raise ShardError(
+            f"{src.source_info['catalog']}: no usable train galaxies: {src.n_rows} rows, "
+            f"{len(skipped)} skipped{': ' + summary if summary else ''}{first}"
+        )
+    stats = PixelStats()
+    for r in train:
+        stats.merge(r.stats)
+
+    # Replace the old set only now that the new one is complete: manifest first, so a
+    # crash in between leaves "no shard set", never a manifest pointing at wrong shards.
+    for name in [p for p in old if p.name == MANIFEST_NAME] + [p for p in old if p.name != MANIFEST_NAME]:
+        name.unlink(missing_ok=True)
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        shards = []
+        for r in (r for r in results if r.split == split):
+            if r.count == 0:
+                Path(r.tmp_path).unlink(missing_ok=True)
+                continue
+            name = shard_name(split, len(shards))
+            os.replace(r.tmp_path, out / name)
+            shards.append({"name": name, "count": r.count, "sha256": r.sha256})
+        splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+
+    data = manifest_record(
+        size=cfg.size, splits=splits, stats=stats.to_dict(), source=src.source_info,
+        has_redshift=src.has_redshift, redshift_column=src.redshift_column, n_rows=src.n_rows,
+        skipped=skipped, pad=cfg.pad, val_fraction=cfg.val_fraction, shard_size=cfg.shard_size,
+        build_seconds=round(time.perf_counter() - t0, 3),
+    )  # fmt: skip
+    return write_manifest(out, data)
+
+
+def _close_all_readers() -> None:
+    for kind in ("rgc", "h5"):
+        importlib.import_module(f"hpcvae.shards.{kind}").close_readers()
+
+
+def fit_to_size(
+    img: np.ndarray,
+    size: int,
+    *,
+    pad: str = "zeros",
+    noise_variance: float | None = None,
+    seed: int | None = None,
+) -> np.ndarray:
+    """Centre-crop or pad each axis independently to ``size`` (stamps are often non-square).
+
+    Noise padding draws Gaussian noise of the row's NOISE_VARIANCE from a generator seeded
+    by the row, so shards are reproducible; padding with zeros next to a noisy stamp leaves
+    a sharp edge the VAE would otherwise learn.
+    """
+    h, w = img.shape
+    out = np.zeros((size, size), dtype=np.float32)
+    if pad == "noise":
+        if noise_variance is None or not np.isfinite(noise_variance) or noise_variance < 0:
+            raise ValueError(
+                f"noise padding needs a finite, non-negative NOISE_VARIANCE (got {noise_variance})"
+            )
+        if h < size or w < size:
+            rng = np.random.default_rng(seed)
+            out[:] = rng.normal(0.0, np.sqrt(noise_variance), size=(size, size)).astype(np.float32)
+    elif pad != "zeros":
+        raise ValueError(f"pad must be 'zeros' or 'noise', got {pad!r}")
+
+    def span(n: int) -> tuple[slice, slice]:
+        if n >= size:
+            s = (n - size) // 2
+            return slice(s, s + size), slice(0, size)
+        p = (size - n) // 2
+        return slice(0, n), slice(p, p + n)
+
+    src_y, dst_y = span(h)
+    src_x, dst_x = span(w)
+    out[dst_y, dst_x] = img[src_y, src_x]
+    return out
