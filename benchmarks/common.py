@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -500,3 +501,34 @@ def make_big_set(
 
 def dir_size_mb(path: str | Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+def job_env() -> dict[str, str]:
+    """One thread per process: with several jobs on 2 shared cores, more threads only spin-wait."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> dict[str, float]:
+    """Run ``(name, argv, log)`` commands, ``parallel`` at a time; wall seconds per job. Fails loudly."""
+    pending, running, times = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, argv, log = pending.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(log, "w")
+            print(f"  start {name}: {' '.join(argv[2:])}", flush=True)
+            running[name] = (subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=job_env(), cwd=Path(__file__).resolve().parents[1]),
+                             fh, time.perf_counter(), log)  # fmt: skip
+        time.sleep(0.5)
+        for name in list(running):
+            proc, fh, t0, log = running[name]
+            if proc.poll() is None:
+                continue
+            fh.close()
+            del running[name]
+            times[name] = time.perf_counter() - t0
+            if proc.returncode != 0:
+                tail = log.read_text()[-2000:]
+                raise SystemExit(f"{name} failed with exit code {proc.returncode}; log {log}:\n{tail}")
+            print(f"  done  {name} in {times[name]:.0f} s", flush=True)
+    return times

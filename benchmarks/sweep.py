@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,43 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import env_md, environment, finite_or_none, fmt, loadavg, md_table
+from benchmarks.common import env_md, environment, finite_or_none, fmt, loadavg, md_table, run_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 BETAS = (0.01, 0.1, 1.0)
 LR_SCHEDULES = ("constant", "cosine")
 W1_STATS = ("sigma_arcsec", "g", "flux")
-
-
-def _env() -> dict[str, str]:
-    """One thread per process: with several jobs on 2 shared cores, more threads only spin-wait."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> dict[str, float]:
-    """Run ``(name, argv, log)`` commands, ``parallel`` at a time; wall seconds per job. Fails loudly."""
-    pending, running, times = list(jobs), {}, {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, argv, log = pending.pop(0)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(log, "w")
-            print(f"  start {name}: {' '.join(argv[2:])}", flush=True)
-            running[name] = (subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO),
-                             fh, time.perf_counter(), log)  # fmt: skip
-        time.sleep(0.5)
-        for name in list(running):
-            proc, fh, t0, log = running[name]
-            if proc.poll() is None:
-                continue
-            fh.close()
-            del running[name]
-            times[name] = time.perf_counter() - t0
-            if proc.returncode != 0:
-                tail = log.read_text()[-2000:]
-                raise SystemExit(f"sweep: {name} failed with exit code {proc.returncode}; log {log}:\n{tail}")
-            print(f"  done  {name} in {times[name]:.0f} s", flush=True)
-    return times
 
 
 def make_data(args: argparse.Namespace) -> Path:
