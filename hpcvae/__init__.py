@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from hpcvae._version import __version__
 
 __all__ = ["__version__", "load_model"]
 
 
 def load_model(path, device="cpu", **kwargs):
     """Load a consolidated model (``model.safetensors`` + ``model.json``, or a run folder)."""
-    from hpcvae.consolidate import load_model as _load
+    from hpcvae.model_files import load_model as _load
 
     return _load(path, device=device, **kwargs)

@@ -139,7 +139,7 @@ class PriorTrainer:
     """Encode once, then fit the flow; every method runs on all ranks together."""
 
     def __init__(self, cfg: PriorConfig, dist: DistInfo) -> None:
-        from hpcvae.consolidate import load_model
+        from hpcvae.model_files import load_model
 
         self.cfg, self.dist = cfg, dist
         src = Path(cfg.model)
@@ -465,7 +465,7 @@ class PriorTrainer:
 
     def _finish(self) -> dict[str, Any]:
         """Write VAE + flow into the model files (rank 0), with the flow's description in model.json."""
-        from hpcvae.consolidate import write_model
+        from hpcvae.model_files import write_model
 
         val = self.history.get("val") or self.validate()
         training = {

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from hpcvae import __version__
+from hpcvae._version import __version__
 from hpcvae.checkpoint import Checkpointer, read_meta, resolve_resume
 from hpcvae.config import JobConfig, dump_toml, to_dict
 from hpcvae.dist import DistInfo, barrier, on_rank0, print0
@@ -620,7 +620,7 @@ class Trainer:
 
     def _finish(self) -> Path:
         """Consolidated fp32 model + sample grid (rank 0), from the final state."""
-        from hpcvae.consolidate import MODEL_FILE, write_model
+        from hpcvae.model_files import MODEL_FILE, write_model
 
         self._control_point()
         sd = self.engine.full_state_dict(self.last_checkpoint)
@@ -646,7 +646,7 @@ def write_samples(run_dir: Path, n: int = 64, redshift: float = 0.7, seed: int =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hpcvae.consolidate import load_model
+    from hpcvae.model_files import load_model
 
     model = load_model(run_dir)
     g = torch.Generator().manual_seed(seed)

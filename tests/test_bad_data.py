@@ -166,7 +166,7 @@ def test_load_model_and_evaluate_refuse_non_finite_weights(
 
 def test_write_model_refuses_non_finite_weights(trained: Path, tmp_path: Path) -> None:
     from hpcvae import load_model
-    from hpcvae.consolidate import write_model
+    from hpcvae.model_files import write_model
 
     m = load_model(trained)
     sd = m.state_dict()

@@ -210,7 +210,7 @@ def test_fancy_cvae_in_memory_model_reports_predicted_redshift(synth_shards, tmp
 
 @pytest.mark.slow
 def test_image_size_mismatch_is_a_one_line_cli_error(synth_shards, tmp_path):
-    from hpcvae.consolidate import write_model
+    from hpcvae.model_files import write_model
     from hpcvae.models import build_model
 
     m = build_model("cvae2", flavour="debug", image_size=48)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcvae.consolidate import load_model, write_model
 from hpcvae.errors import CheckpointError, ModelError
+from hpcvae.model_files import load_model, write_model
 from hpcvae.models import build_model
 from hpcvae.prior import PREFIX, FlowPrior, FlowSpec, build_flow, flow_meta, vae_digest
 from tests.helpers_shards import write_shard_set

@@ -6,6 +6,8 @@ Notebook API: :func:`evaluate` writes the whole report; :func:`moments` and the
 
 from __future__ import annotations
 
+from hpcvae.evaluate.__main__ import main
+from hpcvae.evaluate.markdown import render_markdown
 from hpcvae.evaluate.moments import LANUSSE2021, STATS, compare, fit_slope, moments
 from hpcvae.evaluate.plots import (
     plot_generation_grid,
@@ -17,7 +19,7 @@ from hpcvae.evaluate.plots import (
     plot_redshift_trends,
     read_metrics,
 )
-from hpcvae.evaluate.report import EvalConfig, evaluate, main, render_markdown
+from hpcvae.evaluate.report import EvalConfig, evaluate
 
 __all__ = [
     "LANUSSE2021",

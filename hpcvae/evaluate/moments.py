@@ -8,6 +8,7 @@ size ``sigma = det(M)^(1/4)`` and the ellipticity of the best-fit elliptical Gau
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -165,3 +166,62 @@ def border_median(images: Any, width: int = 2) -> np.ndarray:
     mask = np.ones(a.shape[1:], dtype=bool)
     mask[width:-width, width:-width] = False
     return np.median(a[:, mask], axis=1)
+
+
+def merge_moments(parts: Sequence[dict[str, np.ndarray]], pixel_scale: float) -> dict[str, np.ndarray]:
+    """Concatenate per-batch moment results (measured in pixels) and convert sizes to arcsec."""
+    merged: dict[str, np.ndarray] = {}
+    offset = 0
+    errors: list[str] = []
+    for p in parts:
+        errors += [f"{int(e.split(':')[0]) + offset}:{e.split(':', 1)[1]}" for e in p["errors"]]
+        offset += len(p["ok"])
+    for k in (*STATS, "ok"):
+        merged[k] = np.concatenate([p[k] for p in parts])
+    merged["sigma_arcsec"] = merged["sigma_arcsec"] * pixel_scale
+    merged["errors"] = np.asarray(errors, dtype=object)
+    return merged
+
+
+def summary(a: np.ndarray) -> dict[str, float]:
+    a = a[np.isfinite(a)]
+    if not a.size:
+        return {}
+    return {
+        "min": float(a.min()),
+        "median": float(np.median(a)),
+        "max": float(a.max()),
+        "mean": float(a.mean()),
+    }
+
+
+def redshift_trends(z: np.ndarray, real: dict[str, np.ndarray], gen: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Slopes of log10 size and flux against zphot: real galaxies, generated ones, the truth.
+
+    Two views: d log10(X)/dz (dex per unit redshift), and the response d log10(X) /
+    d log10(X_true(z)) which is 1 when a population follows the true relation exactly,
+    whatever the constant factor between the measured and the generating quantity.
+    """
+    from hpcvae import cosmology
+
+    true_fn = {"sigma_arcsec": cosmology.expected_hlr_arcsec, "flux": cosmology.expected_flux}
+    vs_z: dict[str, dict[str, Any]] = {}
+    response: dict[str, dict[str, Any]] = {}
+    for key, fn in true_fn.items():
+        log_true = np.log10(np.asarray(fn(z), dtype=float))
+        vs_z[key] = {"truth": fit_slope(z, log_true)}
+        response[key] = {"truth": {"slope": 1.0, "slope_se": 0.0, "n": int(np.isfinite(log_true).sum())}}
+        for label, st in (("real", real), ("generated", gen)):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                y = np.log10(np.asarray(st[key], dtype=float))
+            vs_z[key][label] = fit_slope(z, y)
+            response[key][label] = fit_slope(log_true, y)
+    return {
+        "quantities": {
+            "sigma_arcsec": "HSM σ vs expected_hlr_arcsec(z)",
+            "flux": "HSM amplitude vs expected_flux(z)",
+        },
+        "slopes_vs_z": vs_z,
+        "response_vs_log_truth": response,
+        "z_range": summary(z),
+    }

@@ -278,12 +278,12 @@ def manifest_record(
     **extra: Any,
 ) -> dict[str, Any]:
     """A ``manifest.json`` body with every field the loader, training and evaluation rely on."""
-    import hpcvae
+    from hpcvae._version import __version__
 
     skipped = list(skipped)
     return {
         "format": FORMAT,
-        "hpcvae_version": hpcvae.__version__,
+        "hpcvae_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "image": {"size": int(size), "dtype": dtype},
         "has_redshift": bool(has_redshift),

@@ -1,0 +1,189 @@
+"""The consolidated model: ``model.safetensors`` + ``model.json``, written by ``write_model``, read by ``load_model``.
+
+A trained model leaves the cluster as two plain files: fp32 weights (BatchNorm running
+statistics included) in safetensors, and a JSON with everything needed to rebuild and use
+it: architecture and model config (likelihood included), the normalisation (so
+``model.sample`` speaks flux units), the β and LR schedules, the manifest digest of the
+training data, a training summary and, when fitted, the flow prior's description.  Neither
+file is ever unpickled, so loading a model from someone else is safe; this module imports
+neither ``torch.load`` nor DeepSpeed.  ``hpcvae.consolidate`` makes the pair from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpcvae._version import __version__
+from hpcvae.errors import CheckpointError, HpcvaeError
+
+MODEL_FILE = "model.safetensors"
+
+MODEL_JSON = "model.json"
+
+FORMAT = "hpcvae-model/1"
+
+
+def write_model(
+    out: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    model_config: dict[str, Any],
+    transform: dict[str, Any] | None,
+    training: dict[str, Any],
+    manifest_digest: str | None,
+    beta_schedule: dict[str, Any] | None,
+    lr_schedule: dict[str, Any] | None = None,
+    flow_prior: dict[str, Any] | None = None,
+) -> Path:
+    """Write the pair into folder ``out`` (atomically: temp files, then rename); returns the weights path.
+
+    ``flow_prior`` is the description from ``hpcvae.prior.flow_meta``; the flow's weights are
+    then expected in ``state_dict`` under the ``flow_prior.`` prefix (``model.flow_prior``).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    sd = {}
+    for k, v in state_dict.items():
+        v = v.detach().to("cpu")
+        sd[k] = (v.float() if v.is_floating_point() else v).contiguous()
+    check_finite(sd, where=f"{out / MODEL_FILE}: refusing to write it")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "arch": model_config["arch"],
+        "model_config": model_config,
+        "transform": transform,
+        "training": training,
+        "manifest_digest": manifest_digest,
+        "hpcvae_version": __version__,
+        "beta_schedule": beta_schedule,
+        "lr_schedule": lr_schedule,
+        "flow_prior": flow_prior,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp_w, tmp_j = out / f".{MODEL_FILE}.tmp", out / f".{MODEL_JSON}.tmp"
+    save_file(sd, str(tmp_w), metadata={"format": FORMAT, "arch": model_config["arch"],
+                                        "model_config": json.dumps(model_config, sort_keys=True)})  # fmt: skip
+    tmp_j.write_text(json.dumps(meta, indent=1))
+    tmp_w.replace(out / MODEL_FILE)
+    tmp_j.replace(out / MODEL_JSON)
+    return out / MODEL_FILE
+
+
+def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:
+    """CheckpointError naming the first tensor holding NaN or inf: such a model only produces garbage."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(
+                f"{where}: tensor {k} holds {n} non-finite value(s) (NaN/inf); the model is unusable, "
+                "consolidate an earlier checkpoint or retrain"
+            )
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.is_dir():
+        return p / MODEL_FILE, p / MODEL_JSON
+    if p.suffix == ".json":
+        return p.with_name(MODEL_FILE), p
+    return p, p.with_name(MODEL_JSON)
+
+
+def read_model_json(path: str | Path) -> dict[str, Any]:
+    weights, meta_path = _paths(path)
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{meta_path}: no such file (a consolidated model is {MODEL_FILE} + {MODEL_JSON})"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{meta_path}: not an hpcvae model (format {meta.get('format')!r}, expected {FORMAT!r})"
+        )
+    return meta
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: bool = True) -> Any:
+    """A ready model in eval mode with its normalisation attached (``sample`` returns flux units).
+
+    A flow prior recorded in ``model.json`` is rebuilt and loaded too, and ``sample`` then
+    draws from it by default.
+
+    ``path`` is a run folder, ``model.safetensors`` or ``model.json``.  Weights that do not
+    fit the architecture and config in ``model.json`` are refused with the first mismatch.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from hpcvae.models import build_model
+
+    if not Path(path).exists():
+        raise CheckpointError(
+            f"{path}: no such file or folder (expected a run folder, {MODEL_FILE} or {MODEL_JSON})"
+        )
+    weights, meta_path = _paths(path)
+    meta = read_model_json(meta_path)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: no such file (next to {meta_path})")
+    cfg = dict(meta["model_config"])
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            file_meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights}: unreadable safetensors file: {exc}") from None
+    check_finite(sd, where=str(weights))
+    if file_meta.get("arch") not in (None, cfg.get("arch")):
+        raise CheckpointError(
+            f"{weights}: weights are for arch {file_meta['arch']!r} but {meta_path} says {cfg.get('arch')!r}"
+        )
+    if "model_config" in file_meta and json.loads(file_meta["model_config"]) != cfg:
+        raise CheckpointError(f"{weights}: model config stored with the weights differs from {meta_path}")
+    try:
+        model = build_model(**cfg)
+    except (HpcvaeError, TypeError) as exc:
+        raise CheckpointError(f"{meta_path}: cannot rebuild the model from model_config: {exc}") from None
+    if meta.get("flow_prior"):  # weights under flow_prior.*; rebuilt from JSON, never unpickled
+        from hpcvae.prior import flow_from_meta
+
+        model.flow_prior = flow_from_meta(meta["flow_prior"], where=f"{meta_path}")
+    _load_state(model, sd, strict=strict, where=f"{weights} (arch {cfg.get('arch')})")
+    if meta.get("transform"):
+        from hpcvae.transforms import transform_from_dict
+
+        model.set_normalisation(transform_from_dict(meta["transform"]))
+    model.to(device)
+    model.eval()
+    model.model_info = meta
+    return model
+
+
+def _load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, strict: bool, where: str) -> None:
+    """load_state_dict with the mismatches named on one line instead of PyTorch's multi-line dump."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+    if strict and unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})")
+    if shapes:
+        problems.append(f"shape mismatch {shapes[0]}")
+    if problems:
+        raise CheckpointError(f"{where}: weights do not match the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=strict)
