@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from hpcvae.checkpoint import latest_checkpoint
 from hpcvae.errors import ConfigError, ShardError
 from hpcvae.launch import (
     LaunchOptions,
     SiteProfile,
     dry_run_script,
-    latest_checkpoint,
     load_profile,
     main,
     parse_mem_gb,
@@ -365,3 +365,15 @@ def test_dry_run_without_the_data_folder_warns_and_prints_the_script(tmp_path: P
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --nodes=4" in r.stdout
     assert "warning" in r.stderr and "does not exist" in r.stderr and str(tmp_path / "none") in r.stderr
+
+
+def test_submitit_is_in_the_tested_range() -> None:
+    """hpcvae/launch/submitit_compat.py uses submitit internals: recheck them before widening the range."""
+    import submitit
+
+    from hpcvae.launch.submitit_compat import TESTED_SUBMITIT, preempt_signal
+
+    have = tuple(int(x) for x in submitit.__version__.split(".")[:3])
+    lo, hi = (tuple(int(x) for x in v.lstrip("<>=").split(".")) for v in TESTED_SUBMITIT)
+    assert lo <= have < hi, f"submitit {submitit.__version__} is outside {TESTED_SUBMITIT}"
+    assert preempt_signal().name == "SIGUSR2"

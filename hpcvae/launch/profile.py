@@ -1,0 +1,190 @@
+"""Site profiles (``slurm/<site>.toml``) and the launcher's options, with the checks both need."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from hpcvae.errors import ConfigError
+
+ClusterKind = Literal["slurm", "local", "debug"]
+
+
+def parse_time_minutes(text: str) -> int:
+    """SLURM time string (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) -> whole minutes."""
+    t = text.strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", t)
+    if not m or not t:
+        raise ConfigError(f"--time {text!r} is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        secs = int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+    elif c is not None:  # HH:MM:SS
+        secs = int(a) * 3600 + int(b) * 60 + int(c)
+    elif b is not None:  # MM:SS
+        secs = int(a) * 60 + int(b)
+    else:  # MM
+        secs = int(a) * 60
+    if secs <= 0:
+        raise ConfigError(f"--time {text!r} must be longer than zero")
+    return max(1, math.ceil(secs / 60))
+
+
+def parse_mem_gb(text: str) -> float:
+    """``64G``, ``500M``, ``1T`` or a bare number of GB -> GB (per node)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--mem {text!r} is not a memory size such as 64G or 500M")
+    value = float(m.group(1))
+    scale = {"": 1.0, "K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}[m.group(2).upper()]
+    gb = value * scale
+    if gb <= 0:
+        raise ConfigError(f"--mem {text!r} must be more than zero")
+    return gb
+
+
+def check_script_text(what: str, value: str) -> str:
+    """Refuse control characters in a value that lands in the sbatch script.
+
+    Quotes, ``$()`` and backticks are quoted safely, but a newline (or any other control
+    character) would end the line it is on and start a new line of shell.
+    """
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ConfigError(
+            f"{what} {value!r} contains a control character ({bad!r}); it would become part of the batch "
+            "script's shell, so it is not allowed"
+        )
+    return value
+
+
+@dataclass(kw_only=True)
+class SiteProfile:
+    """Site defaults from ``slurm/<site>.toml``; command-line flags win over them."""
+
+    name: str = "default"
+    """Shown in logs; defaults to the file name."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gpus: bool = True
+    """Request GPUs (``--gpus-per-node``).  ``false`` on CPU-only clusters such as the dev
+    cluster, where ``--gpus-per-node N`` then only means N tasks per node."""
+    time: str = "02:00:00"
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    """Memory per node, e.g. ``"200G"``."""
+    signal_delay_s: int = 120
+    """Seconds between SLURM's USR2 warning and the time limit: must cover one step plus a save."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before ``srun`` (``module load ...``, activating an environment)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for every task, on top of :data:`DEFAULT_ENV`."""
+    python: str | None = None
+    """Command that runs Python inside the job; default: the interpreter running the launcher."""
+    srun_args: list[str] = field(default_factory=list)
+    sbatch: dict[str, str] = field(default_factory=dict)
+    """Any other ``#SBATCH`` flags, e.g. ``{mail-type = "END"}``."""
+
+    def __post_init__(self) -> None:
+        if self.signal_delay_s < 10:
+            raise ConfigError(f"profile {self.name}: signal_delay_s must be >= 10, got {self.signal_delay_s}")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise ConfigError(f"profile {self.name}: cpus_per_task must be >= 1")
+        parse_time_minutes(self.time)
+        if self.mem is not None:
+            parse_mem_gb(self.mem)
+        for k, v in {**self.env, **self.sbatch}.items():
+            if not isinstance(v, str) or not isinstance(k, str):
+                raise ConfigError(f"profile {self.name}: env/sbatch entry {k!r} must be a string, got {v!r}")
+        for k in self.env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+                raise ConfigError(f"profile {self.name}: {k!r} is not a valid environment variable name")
+        # Everything but ``setup`` (shell by design) reaches the script as a quoted value.
+        for key in ("name", "partition", "account", "qos", "constraint", "time", "mem", "python"):
+            if getattr(self, key) is not None:
+                check_script_text(f"profile {self.name}: {key}", getattr(self, key))
+        for key, table in (("env", self.env), ("sbatch", self.sbatch)):
+            for k, v in table.items():
+                check_script_text(f"profile {self.name}: {key}.{k}", k)
+                check_script_text(f"profile {self.name}: {key}.{k}", v)
+        for i, a in enumerate(self.srun_args):
+            check_script_text(f"profile {self.name}: srun_args[{i}]", str(a))
+
+
+def load_profile(path: str | Path | None) -> SiteProfile:
+    """Read a TOML site profile (``None``: built-in defaults)."""
+    if path is None:
+        return SiteProfile()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"profile {p} does not exist (see slurm/example-site.toml)")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"profile {p}: invalid TOML: {exc}") from None
+    known = {f.name for f in dataclasses.fields(SiteProfile)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"profile {p}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    data.setdefault("name", p.stem)
+    try:
+        return SiteProfile(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"profile {p}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"profile {p}: {exc}") from None
+
+
+@dataclass(kw_only=True)
+class LaunchOptions:
+    """What ``python -m hpcvae.launch`` was asked for; ``train_args`` go to ``hpcvae.train``."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    """One task per GPU; on a CPU-only profile simply the tasks per node."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    profile: str | None = None
+    cluster: ClusterKind = "slurm"
+    dry_run: bool = False
+    follow: bool = False
+    follow_timeout_s: float = 0.0
+    """Stop following after this long (0: until the job ends)."""
+    max_requeues: int = 3
+    job_name: str | None = None
+    train_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"--nodes must be >= 1, got {self.nodes}")
+        if self.gpus_per_node < 1:
+            raise ConfigError(
+                f"--gpus-per-node must be >= 1 (it sets the tasks per node), got {self.gpus_per_node}"
+            )
+        if self.max_requeues < 0:
+            raise ConfigError(f"--max-requeues must be >= 0, got {self.max_requeues}")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise ConfigError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
+        if self.time is not None:
+            parse_time_minutes(self.time)
+        if self.mem is not None:
+            parse_mem_gb(self.mem)
+        if self.cluster not in ("slurm", "local", "debug"):
+            raise ConfigError(f"--cluster must be slurm, local or debug, got {self.cluster!r}")
+        if self.job_name is not None and not self.job_name.strip():
+            raise ConfigError("--job-name must not be empty")
+        for flag in ("job_name", "partition", "account", "qos", "time", "mem"):
+            value = getattr(self, flag)
+            if value is not None:
+                check_script_text(f"--{flag.replace('_', '-')}", value)
