@@ -208,12 +208,16 @@ def on_rank0(fn: Callable[[], T]) -> T:
     return rest[0]
 
 
-def all_reduce_flag(flag: bool, device: torch.device | None = None) -> bool:
-    """True on every rank if any rank passed True (used to agree on stopping/saving)."""
+def any_rank(flag: bool, group: Any = None) -> bool:
+    """True on every rank if any rank passed True.
+
+    A CPU tensor, so ``group`` must be a gloo group (the default group on CPU; the loop's control
+    group under NCCL).
+    """
     if get_world_size() == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device or torch.device("cpu"))
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from hpcvae.config import JobConfig
+from hpcvae.config import EngineConfig
 from hpcvae.dist import DistInfo
 from hpcvae.errors import CheckpointError, ConfigError
 
@@ -44,7 +44,7 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_optimizer(
-    cfg: JobConfig, params: list[nn.Parameter], device: torch.device
+    cfg: EngineConfig, params: list[nn.Parameter], device: torch.device
 ) -> torch.optim.Optimizer:
     """Adam (AdamW with weight decay); fused kernels where the device has them (CUDA, recent CPU builds)."""
     o = cfg.optim
@@ -69,22 +69,22 @@ class Engine:
 
     name = "base"
 
-    def __init__(self, cfg: JobConfig, module: nn.Module, dist: DistInfo) -> None:
+    def __init__(self, cfg: EngineConfig, module: nn.Module, dist: DistInfo) -> None:
         self.cfg, self.module, self.dist = cfg, module, dist
         self.device = dist.device
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         """Optimizer steps skipped for an fp16 overflow (device tensor: read it only when logging)."""
         self.skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)
         """Consecutive skipped steps up to the last one (device tensor); the trainer stops on a long run."""
         self.grad_finite: torch.Tensor | None = None
         """Whether the last step's gradients were all finite (device bool), where the engine can tell."""
-        self.overflow_is_normal = cfg.train.precision == "fp16"
+        self.overflow_is_normal = cfg.precision == "fp16"
         """fp16 overflows are expected and skipped by the loss scaler, so they are not errors."""
 
     # -- hot path ---------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        p = self.cfg.train.precision
+        p = self.cfg.precision
         if p == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_AMP_DTYPES[p])
@@ -131,7 +131,7 @@ class DDPEngine(Engine):
 
     name = "ddp"
 
-    def __init__(self, cfg: JobConfig, module: nn.Module, dist: DistInfo) -> None:
+    def __init__(self, cfg: EngineConfig, module: nn.Module, dist: DistInfo) -> None:
         super().__init__(cfg, module, dist)
         module.to(self.device, memory_format=self.memory_format)
         self._opt = build_optimizer(cfg, list(module.parameters()), self.device)
@@ -140,16 +140,16 @@ class DDPEngine(Engine):
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             wrapped = DDP(module, device_ids=[self.device] if self.device.type == "cuda" else None)
-        if cfg.train.compile:
+        if cfg.compile:
             wrapped = torch.compile(wrapped)
         self.wrapped = wrapped
         self.scaler = (
             torch.amp.GradScaler(
                 self.device.type,
-                init_scale=2.0**cfg.deepspeed.initial_scale_power,
-                growth_interval=cfg.deepspeed.loss_scale_window,
+                init_scale=2.0**cfg.initial_scale_power,
+                growth_interval=cfg.loss_scale_window,
             )  # fmt: skip
-            if cfg.train.precision == "fp16"
+            if cfg.precision == "fp16"
             else None
         )
 
@@ -212,7 +212,7 @@ class DDPEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed ZeRO 0-3; the JSON config is generated from ``cfg.deepspeed``.
+    """DeepSpeed ZeRO 0-3; the JSON config is generated from the engine config.
 
     We pass our own torch Adam (``zero_allow_untested_optimizer``) so both engines run the
     same optimizer maths, and step our LR scheduler ourselves.
@@ -220,11 +220,11 @@ class DeepSpeedEngine(Engine):
 
     name = "deepspeed"
 
-    def __init__(self, cfg: JobConfig, module: nn.Module, dist: DistInfo) -> None:
+    def __init__(self, cfg: EngineConfig, module: nn.Module, dist: DistInfo) -> None:
         super().__init__(cfg, module, dist)
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            if cfg.train.precision == "fp16":
+            if cfg.precision == "fp16":
                 raise ConfigError(
                     "train.precision = 'fp16' with engine 'deepspeed' needs a GPU (DeepSpeed has no fp16 on CPU); "
                     "use bf16 or fp32"
@@ -244,12 +244,12 @@ class DeepSpeedEngine(Engine):
         self.ds_config = deepspeed_config(cfg, dist.world_size)
         opt = build_optimizer(cfg, list(module.parameters()), self.device)
         self.ds, self._opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=self.ds_config)
-        if self.memory_format is torch.channels_last and cfg.deepspeed.zero_stage == 0:
+        if self.memory_format is torch.channels_last and cfg.zero_stage == 0:
             module.to(memory_format=torch.channels_last)  # in place: same Parameter objects
-        if cfg.train.compile:
+        if cfg.compile:
             self.ds.compile()
         self._base_opt = opt
-        self._fp16 = cfg.train.precision == "fp16"
+        self._fp16 = cfg.precision == "fp16"
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -299,7 +299,7 @@ class DeepSpeedEngine(Engine):
     def full_state_dict(self, folder: Path | None) -> dict[str, torch.Tensor] | None:
         if not self.dist.is_main:
             return None
-        stage = self.cfg.deepspeed.zero_stage
+        stage = self.cfg.zero_stage
         # Stages 0-2 keep full parameters in the module; only ZeRO-3 (and the fp32 masters of
         # fp16 ZeRO) must be gathered from the saved partitions.
         if folder is None or stage == 0 or (stage < 3 and not self._fp16):
@@ -307,28 +307,28 @@ class DeepSpeedEngine(Engine):
         return zero_state_dict(folder)
 
 
-def deepspeed_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for our config: one micro-batch per step, ZeRO stage, fp16 loss scaling."""
-    b = cfg.data.batch_size
-    fp16 = cfg.train.precision == "fp16"
+    b = cfg.batch_size
+    fp16 = cfg.precision == "fp16"
     return {
         "train_micro_batch_size_per_gpu": b,
         "gradient_accumulation_steps": 1,
         "train_batch_size": b * world_size,
         "zero_optimization": {
-            "stage": cfg.deepspeed.zero_stage,
+            "stage": cfg.zero_stage,
             # DeepSpeed's 5e8-element default buckets cost seconds per step to fill and zero
             # on a CPU; our models have 1e5-1e7 parameters.
-            "reduce_bucket_size": cfg.deepspeed.bucket_size,
-            "allgather_bucket_size": cfg.deepspeed.bucket_size,
+            "reduce_bucket_size": cfg.bucket_size,
+            "allgather_bucket_size": cfg.bucket_size,
         },
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": cfg.optim.grad_clip,
         "fp16": {
             "enabled": fp16,
             "loss_scale": 0,  # 0 = dynamic
-            "initial_scale_power": cfg.deepspeed.initial_scale_power,
-            "loss_scale_window": cfg.deepspeed.loss_scale_window,
+            "initial_scale_power": cfg.initial_scale_power,
+            "loss_scale_window": cfg.loss_scale_window,
             "hysteresis": 1,
         },
         "bf16": {"enabled": False},  # bf16 runs under autocast, see the module docstring
@@ -365,12 +365,8 @@ def zero0_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return _fp32(state["module"])
 
 
-def build_engine(cfg: JobConfig, module: nn.Module, dist: DistInfo) -> Engine:
-    return (
-        DeepSpeedEngine(cfg, module, dist)
-        if cfg.train.engine == "deepspeed"
-        else DDPEngine(cfg, module, dist)
-    )
+def build_engine(cfg: EngineConfig, module: nn.Module, dist: DistInfo) -> Engine:
+    return DeepSpeedEngine(cfg, module, dist) if cfg.kind == "deepspeed" else DDPEngine(cfg, module, dist)
 
 
 def _ensure_process_group(dist: DistInfo) -> None:

@@ -22,7 +22,11 @@ class HpcvaeError(Exception):
 
 
 class ConfigError(HpcvaeError, ValueError):
-    """A config file or CLI flag holds a bad value."""
+    """A config file or CLI flag holds a bad value; ``key`` is its dotted name where known."""
+
+    def __init__(self, *args: object, key: str | None = None, collective: bool = False) -> None:
+        super().__init__(*args, collective=collective)
+        self.key = key
 
 
 class CatalogError(HpcvaeError, ValueError):

@@ -52,6 +52,7 @@ import numpy as np
 
 from hpcvae import cosmology as cosmo
 from hpcvae.cli import run_cli
+from hpcvae.config import add_options, options_from_args
 from hpcvae.errors import ConfigError
 
 PIXEL_SCALE = 0.03
@@ -126,11 +127,13 @@ class SynthConfig:
     out: Path
     """Output folder (created)."""
     seed: int = 0
+    """Seeds every galaxy's parameters and noise (the same set for any worker count)."""
     workers: int | None = None
-    """Rendering processes; ``None`` uses every core."""
+    """Rendering processes; ``None`` uses every core this process may use."""
     per_file: int = 1000
     """HDUs per image file (COSMOS uses 1000)."""
     progress: bool = True
+    """A progress bar on stderr."""
     overwrite: bool = False
     """Replace a synthetic set already in ``out`` (its catalogs and image files; nothing else)."""
 
@@ -578,27 +581,8 @@ def make_synthetic(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hpcvae.synth", description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, required=True, help="number of galaxies")
-    ap.add_argument("--size", type=int, required=True, help="nominal stamp side in pixels (>= 16)")
-    ap.add_argument("--out", type=Path, required=True, help="output folder")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--workers", type=int, default=None, help="processes (default: every core this process may use)"
-    )
-    ap.add_argument("--per-file", type=int, default=1000, help="HDUs per image file")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--overwrite", action="store_true", help="replace a synthetic set already in --out")
-    args = ap.parse_args(argv)
-    cfg = SynthConfig(
-        n=args.n,
-        size=args.size,
-        out=args.out,
-        seed=args.seed,
-        workers=args.workers,
-        per_file=args.per_file,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    table = add_options(ap, SynthConfig)
+    cfg = options_from_args(SynthConfig, ap.parse_args(argv), table)
     res = run(cfg)
     print(
         f"hpcvae.synth: wrote {res.n} galaxies ({res.n_files} image files) to {cfg.out} "

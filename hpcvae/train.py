@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from hpcvae.cli import run_cli
-from hpcvae.config import JobConfig, apply_overrides, load_config
+from hpcvae.config import JobConfig, add_options, options_from_args
 from hpcvae.dist import cleanup, init_distributed, read_env
 from hpcvae.errors import ConfigError
 from hpcvae.trainer import RunResult, Trainer
@@ -23,7 +22,7 @@ from hpcvae.trainer import RunResult, Trainer
 EXIT_COMPLETED = 0
 EXIT_PREEMPTED = 3
 
-_FLAGS = {  # CLI flag -> config key
+_FLAGS = {  # CLI flag -> config key; every other option is --set section.key=value
     "arch": "model.arch",
     "flavour": "model.flavour",
     "data": "data.path",
@@ -37,46 +36,21 @@ _FLAGS = {  # CLI flag -> config key
     "device": "train.device",
     "zero_stage": "deepspeed.zero_stage",
     "seed": "train.seed",
+    "compile": "train.compile",
+    "channels_last": "train.channels_last",
+    "deterministic": "train.deterministic",
 }
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpcvae.train", description="Train a galaxy VAE (DDP or DeepSpeed).")
-    p.add_argument("--config", help="TOML file from configs/ (defaults if omitted)")
-    p.add_argument("--arch", help="vae128, vae158, cvae, cvae2 or fancy_cvae")
-    p.add_argument("--flavour", help="default (the seed's model) or debug (tiny, CPU-friendly)")
-    p.add_argument("--data", help="shard set folder (shards/NAME)")
-    p.add_argument("--out", help="run folder (runs/NAME)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--engine", help="ddp or deepspeed")
-    p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3")
-    p.add_argument("--precision", help="fp32, bf16 or fp16")
-    p.add_argument(
-        "--resume", help="auto (latest checkpoint in --out, if any), none, or a checkpoint/run path"
-    )
-    p.add_argument("--batch-size", type=int, help="per-rank batch size")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto, cpu or cuda")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
-    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config value, e.g. --set scheduler.kind=cosine (repeatable)")  # fmt: skip
+    p.set_defaults(_table=add_options(p, JobConfig, flags=_FLAGS, skip=("name",)))
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     """Config file, then ``--set``, then the named flags (most specific wins)."""
-    cfg = load_config(args.config, list(args.set) or None)
-    flags: dict[str, Any] = {
-        key: getattr(args, name) for name, key in _FLAGS.items() if getattr(args, name) is not None
-    }
-    for name, key in (("compile", "train.compile"), ("channels_last", "train.channels_last"),
-                      ("deterministic", "train.deterministic")):  # fmt: skip
-        if getattr(args, name):
-            flags[key] = True
-    return apply_overrides(cfg, flags) if flags else cfg
+    return options_from_args(JobConfig, args, args._table)
 
 
 def _per_rank_batch(cfg: JobConfig, world_size: int) -> JobConfig:

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,19 +32,21 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from hpcvae.checkpoint import CHECKPOINT_DIR, Checkpointer, resolve_resume, resume_position
+from hpcvae.checkpoint import CHECKPOINT_DIR, resolve_resume, resume_position
 from hpcvae.cli import run_cli
 from hpcvae.config import (
     CheckpointConfig,
     DataConfig,
-    JobConfig,
+    EngineConfig,
     OptimConfig,
     SchedulerConfig,
-    TrainConfig,
+    add_options,
+    options_from_args,
     to_dict,
 )
-from hpcvae.dist import DistInfo, all_reduce_flag, barrier, cleanup, init_distributed, on_rank0, print0
+from hpcvae.dist import DistInfo, barrier, cleanup, init_distributed, on_rank0, print0
 from hpcvae.errors import CheckpointError, ConfigError, ModelError
+from hpcvae.loop import Loop, LoopConfig
 from hpcvae.metrics import Metrics
 from hpcvae.prior import PREFIX, FlowKind, FlowSpec, build_flow, flow_meta, gaussian_nll, vae_digest
 from hpcvae.runlock import RunLock
@@ -94,6 +94,8 @@ class PriorConfig:
     """Cap steps per epoch (0 = none); for smoke runs."""
     log_every: int = 20
     """Steps between train-metric records."""
+    sync_every: int = 50
+    """Steps between the ranks' agreement on stopping and on numerical health (as for VAE training)."""
     checkpoint: CheckpointConfig = field(
         default_factory=lambda: CheckpointConfig(every_steps=500, keep_last=2)
     )
@@ -135,8 +137,10 @@ def _shuffle_seed(seed: int, epoch: int, rank: int, stream: int = 0xF10) -> int:
     return int(np.random.SeedSequence([seed, stream, epoch, rank]).generate_state(1)[0])
 
 
-class PriorTrainer:
-    """Encode once, then fit the flow; every method runs on all ranks together."""
+class PriorTrainer(Loop):
+    """Encode once, then fit the flow through the shared loop; every method runs on all ranks together."""
+
+    log_prefix = "train_prior: "
 
     def __init__(self, cfg: PriorConfig, dist: DistInfo) -> None:
         from hpcvae.model_files import load_model
@@ -151,7 +155,6 @@ class PriorTrainer:
         self.digest = vae_digest(self.vae_sd)
         self.out = Path(cfg.out) if cfg.out else _model_dir(src)
         self.work = self.out / WORK_DIR
-        self._stop = False
         # It rewrites the model files in place: never while a training (or another fit) uses the folder.
         self._lock = RunLock(self.out, what="hpcvae.train_prior")
         on_rank0(self._lock.acquire)
@@ -228,18 +231,19 @@ class PriorTrainer:
                 f"{self.manifest.path}: {n_local} train latents on rank {dist.rank}, fewer than "
                 f"--batch-size {cfg.batch_size}; lower it"
             )
-        job = JobConfig(out=str(self.work), optim=OptimConfig(lr=cfg.lr),
-                        train=TrainConfig(epochs=cfg.epochs, seed=cfg.seed, device=cfg.device))  # fmt: skip
-        self.engine = DDPEngine(job, self.flow, dist)
+        engine = DDPEngine(EngineConfig(optim=OptimConfig(lr=cfg.lr)), self.flow, dist)
+        c = cfg.checkpoint
+        loop = LoopConfig(epochs=cfg.epochs, every_steps=c.every_steps, keep_last=c.keep_last,
+                          sync_every=cfg.sync_every, log_every=cfg.log_every)  # fmt: skip
+        Loop.__init__(self, loop=loop, dist=dist, engine=engine, checkpoint_dir=self.work,
+                      metrics=Metrics(self.work, enabled=dist.is_main, tensorboard=False, prog="hpcvae.train_prior"))  # fmt: skip
         self.sched_cfg = SchedulerConfig(kind=cfg.schedule)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.scheduler = lr_scheduler(self.engine.optimizer, self.sched_cfg, total_steps=self.total_steps,
                                       steps_per_epoch=self.steps_per_epoch)  # fmt: skip
-        self.checkpointer = Checkpointer(self.work, keep_last=cfg.checkpoint.keep_last, dist=dist)
-        self.epoch = self.step_in_epoch = self.global_step = 0
-        self.last_checkpoint: Path | None = None
         self.history: dict[str, Any] = {"train_nll": None, "val_nll": None, "train_time_s": 0.0}
-        self.metrics = Metrics(self.work, enabled=dist.is_main, tensorboard=False, prog="hpcvae.train_prior")
+        self._acc = torch.zeros((), device=dist.device)
+        self._t0 = time.perf_counter()
         if dist.is_main:
             self.work.mkdir(parents=True, exist_ok=True)
             (self.work / "prior_config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -318,51 +322,37 @@ class PriorTrainer:
         self.last_checkpoint = folder
         print0(f"train_prior: resumed from {folder} at epoch {self.epoch}, step {self.step_in_epoch}")
 
-    def save_checkpoint(self) -> Path:
-        meta = {**self._expect(), "global_step": self.global_step, "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
-                "batch_size": self.cfg.batch_size, "history": self.history}  # fmt: skip
-        self.last_checkpoint = self.checkpointer.save(
-            self.global_step, engine=self.engine, components={"scheduler": self.scheduler}, meta=meta,
-            config_toml=f"# hpcvae.train_prior\n# {json.dumps(to_dict(self.cfg))}\n",
-        )  # fmt: skip
-        return self.last_checkpoint
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**self._expect(), "steps_per_epoch": self.steps_per_epoch, "batch_size": self.cfg.batch_size,
+                "history": self.history}  # fmt: skip
 
-    # -- phase 2 ---------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        self._stop = True
+    def checkpoint_components(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler}
 
+    def checkpoint_config(self) -> str:
+        return f"# hpcvae.train_prior\n# {json.dumps(to_dict(self.cfg))}\n"
+
+    # -- phase 2: the loop's hooks ------------------------------------------------------------------
     def train(self) -> PriorResult:
-        old: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR2, signal.SIGTERM):
-                old[sig] = signal.signal(sig, lambda s, f: self.request_stop())
-        try:
-            self._open_logs()
-            print0(
-                f"train_prior: {self.spec.kind} flow ({self.spec.transforms} transforms, hidden "
-                f"{list(self.spec.hidden_features)}, context {'zphot' if self.spec.conditional else 'none'}) on "
-                f"{self.n_train} train latents ({self.encode_dropped} dropped by the loader), "
-                f"{self.dist.world_size} rank(s), {self.steps_per_epoch} steps/epoch of {self.cfg.batch_size}; "
-                f"encoding took {self.encode_s:.1f} s"
-            )
-            while self.epoch < self.cfg.epochs:
-                if not self._train_epoch():
-                    return PriorResult(status="preempted", model_dir=self.out, checkpoint=self.last_checkpoint,
-                                       summary=self.history)  # fmt: skip
-                self.epoch += 1
-                self.step_in_epoch = 0
-                self.save_checkpoint()
-            summary = self._finish()
-            return PriorResult(status="completed", model_dir=self.out, checkpoint=self.last_checkpoint,
-                               summary=summary)  # fmt: skip
-        finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
-            self.metrics.close()
-            self._unlock()
+        self._open_logs()
+        print0(
+            f"train_prior: {self.spec.kind} flow ({self.spec.transforms} transforms, hidden "
+            f"{list(self.spec.hidden_features)}, context {'zphot' if self.spec.conditional else 'none'}) on "
+            f"{self.n_train} train latents ({self.encode_dropped} dropped by the loader), "
+            f"{self.dist.world_size} rank(s), {self.steps_per_epoch} steps/epoch of {self.cfg.batch_size}; "
+            f"encoding took {self.encode_s:.1f} s"
+        )
+        status = self.run()
+        summary = self.fit_summary if status == "completed" else self.history
+        return PriorResult(
+            status=status, model_dir=self.out, checkpoint=self.last_checkpoint, summary=summary
+        )
 
-    def _train_epoch(self) -> bool:
+    def close(self) -> None:
+        self._unlock()
+
+    def epoch_batches(self) -> tuple[int, Iterator[Any]]:
+        """This rank's share of the train latents in a seeded per-(epoch, rank) order, from step_in_epoch."""
         cfg, dev = self.cfg, self.dist.device
         g = torch.Generator().manual_seed(_shuffle_seed(cfg.seed, self.epoch, self.dist.rank))
         perm = torch.randperm(self.z_train.shape[0], generator=g)
@@ -371,37 +361,39 @@ class PriorTrainer:
         self.metrics.epoch(f"prior epoch {self.epoch + 1}/{cfg.epochs}", total=self.steps_per_epoch,
                            done=self.step_in_epoch)  # fmt: skip
         self.engine.module.train()
-        acc, n_acc, t0 = torch.zeros((), device=dev), 0, time.perf_counter()
-        b = cfg.batch_size
-        while self.step_in_epoch < self.steps_per_epoch:
-            idx = perm[self.step_in_epoch * b : (self.step_in_epoch + 1) * b]
-            z = self.z_train[idx] if eps is None else self.z_train[idx] + self.s_train[idx] * eps[idx]
-            z = z.to(dev, non_blocking=True)
-            c = self.c_train[idx].to(dev, non_blocking=True) if self.c_train is not None else None
-            loss = self.engine.forward(z, c)
-            self.engine.backward(loss)
-            self.engine.step()
-            self.scheduler.step()
-            acc += loss.detach()
-            n_acc += 1
-            self.step_in_epoch += 1
-            self.global_step += 1
-            self.metrics.step()
-            if n_acc >= cfg.log_every or self.step_in_epoch == self.steps_per_epoch:
-                self._log_train(acc, n_acc, time.perf_counter() - t0)
-                acc.zero_()
-                n_acc, t0 = 0, time.perf_counter()
-            every = cfg.checkpoint.every_steps
-            if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
-                self.save_checkpoint()
-            if all_reduce_flag(self._stop, dev if self.dist.backend == "nccl" else None):
-                if n_acc:
-                    self._log_train(acc, n_acc, time.perf_counter() - t0)
-                self.save_checkpoint()
-                print0(f"train_prior: stop requested: checkpoint {self.last_checkpoint} written")
-                return False
+        self._t0 = time.perf_counter()
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+            b = cfg.batch_size
+            for step in range(self.step_in_epoch, self.steps_per_epoch):
+                idx = perm[step * b : (step + 1) * b]
+                z = self.z_train[idx] if eps is None else self.z_train[idx] + self.s_train[idx] * eps[idx]
+                c = self.c_train[idx].to(dev, non_blocking=True) if self.c_train is not None else None
+                yield z.to(dev, non_blocking=True), c
+
+        return self.steps_per_epoch, batches()
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        z, c = batch
+        loss = self.engine.forward(z, c)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.scheduler.step()
+        self.record_step(loss, [])
+        self._acc += loss.detach()
+
+    def log_train(self) -> None:
+        dt = time.perf_counter() - self._t0
+        self._log_train(self._acc, self._steps_since_log, dt)
+        self._acc.zero_()
+        self._t0 = time.perf_counter()
+
+    def validate_epoch(self) -> None:
         self.validate()
-        return True
+
+    def finish(self) -> dict[str, Any]:
+        self.fit_summary = self._finish()
+        return self.fit_summary
 
     def _reduce(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -512,46 +504,25 @@ def run(cfg: PriorConfig) -> PriorResult:
         cleanup()
 
 
+_FLAGS = {
+    "workers": "num_workers",
+    "hidden": "hidden_features",
+    "resume": "checkpoint.resume",
+    "every_steps": "checkpoint.every_steps",
+    "keep_last": "checkpoint.keep_last",
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpcvae.train_prior", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="trained VAE: run folder, model.safetensors or model.json")
-    p.add_argument("--data", required=True, help="shard set folder (normally the VAE's training data)")
-    p.add_argument("--out", help="folder for the model files with the flow (default: the model's folder)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--schedule", default="cosine", help="LR schedule: constant or cosine (default)")
-    p.add_argument("--batch-size", type=int, default=256, help="latents per rank per step")
-    p.add_argument("--encode-batch-size", type=int, default=64)
-    p.add_argument("--latents", default="posterior",
-                   help="fit target: posterior (draws from q(z|x), default) or mean (encoder means)")  # fmt: skip
-    p.add_argument("--kind", default="nsf", help="nsf (splines, default) or maf")
-    p.add_argument("--transforms", type=int, default=4)
-    p.add_argument("--hidden", default="64,64", help="hidden widths, comma-separated (default 64,64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the encoding pass")
-    p.add_argument("--resume", default="auto", help="auto (latest in OUT/prior), none, or a checkpoint path")
-    p.add_argument("--every-steps", type=int, default=500, help="checkpoint every N steps (0: epoch ends)")
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--max-steps-per-epoch", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=20)
+    p.set_defaults(_table=add_options(p, PriorConfig, flags=_FLAGS, skip=("model",)))
     return p
 
 
 def config_from_args(a: argparse.Namespace) -> PriorConfig:
-    try:
-        hidden = tuple(int(h) for h in str(a.hidden).split(",") if h.strip())
-    except ValueError:
-        raise ConfigError(f"--hidden {a.hidden!r}: expected comma-separated integers like 64,64") from None
-    if a.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device {a.device!r} is not one of auto, cpu, cuda")
-    return PriorConfig(
-        model=a.model, data=a.data, out=a.out, epochs=a.epochs, lr=a.lr, schedule=a.schedule,
-        batch_size=a.batch_size, encode_batch_size=a.encode_batch_size, latents=a.latents, kind=a.kind,
-        transforms=a.transforms, hidden_features=hidden, seed=a.seed, device=a.device,
-        num_workers=a.workers, max_steps_per_epoch=a.max_steps_per_epoch, log_every=a.log_every,
-        checkpoint=CheckpointConfig(every_steps=a.every_steps, keep_last=a.keep_last, resume=a.resume),
-    )  # fmt: skip
+    """``--config`` (TOML), ``--set``, then the named flags, as for every hpcvae command."""
+    return options_from_args(PriorConfig, a, a._table, model=a.model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

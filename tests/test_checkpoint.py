@@ -34,7 +34,7 @@ from hpcvae.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from hpcvae.config import JobConfig
+from hpcvae.config import EngineConfig
 from hpcvae.dist import DistInfo
 from hpcvae.engines import DDPEngine
 from hpcvae.errors import CheckpointError
@@ -48,7 +48,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _engine() -> DDPEngine:
     torch.manual_seed(0)
-    return DDPEngine(JobConfig(), build_model("cvae2", "debug", image_size=32), DistInfo())
+    return DDPEngine(EngineConfig(), build_model("cvae2", "debug", image_size=32), DistInfo())
 
 
 def test_save_load_keep_last(tmp_path: Path) -> None:

@@ -235,7 +235,7 @@ def test_in_process_bad_inputs(tiny_shards: Path, tmp_path: Path) -> None:
         main(["--cluster", "local", "--nodes", "2", "--data", str(tiny_shards), "--out", str(tmp_path / "r")])
     bad = tmp_path / "bad.toml"
     bad.write_text('partition = "gpu"\npartitoin = "x"\n')
-    with pytest.raises(ConfigError, match=r"bad.toml: unknown key 'partitoin'"):
+    with pytest.raises(ConfigError, match=r"bad.toml: unknown config key partitoin"):
         load_profile(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_profile(tmp_path / "nope.toml")

@@ -529,3 +529,15 @@ def test_debug_model_overfits_real_stamps(name, aegis_stamps, one_thread):
         if last * 5 <= first:
             break
     assert last * 5 <= first, f"{name}: loss {first:.1f} -> {last:.1f} in 80 steps"
+
+
+def test_config_choices_match_the_registry():
+    """Adding an architecture or a likelihood means naming it in config.py too; this says so."""
+    import typing
+
+    from hpcvae.config import ArchName, ModelConfig
+    from hpcvae.models import MODEL_REGISTRY
+    from hpcvae.models.base import Likelihood
+
+    assert typing.get_args(ArchName) == tuple(MODEL_REGISTRY)
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["likelihood"]) == typing.get_args(Likelihood)

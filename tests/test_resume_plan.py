@@ -36,11 +36,11 @@ from hpcvae import trainer as T
 stop_at = int(os.environ.get("STOP_AT", "0"))
 keys = Path(os.environ["KEYS_DIR"])
 orig = T.Trainer.train_step
-def train_step(self, batch, beta):
+def train_step(self, batch, *args):
     with open(keys / f"rank{self.dist.rank}.txt", "a") as f:
         f.write(f"{self.epoch} {self.step_in_epoch} " + " ".join(batch["key"]) + "\\n")
-    orig(self, batch, beta)
-    if stop_at and self.global_step == stop_at:
+    orig(self, batch, *args)
+    if stop_at and self.global_step + 1 == stop_at:  # the loop counts the step once train_step returns
         Path(os.environ["READY_DIR"], f"rank{self.dist.rank}").touch()
         t0 = time.time()
         while not self.stop_requested and time.time() - t0 < 120:

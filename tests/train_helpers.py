@@ -79,9 +79,9 @@ from pathlib import Path
 from hpcvae import trainer as T
 stop_at = int(os.environ.get("STOP_AT", "0"))
 orig = T.Trainer.train_step
-def train_step(self, batch, beta):
-    orig(self, batch, beta)
-    if self.global_step == stop_at:
+def train_step(self, batch, *args):
+    orig(self, batch, *args)
+    if self.global_step + 1 == stop_at:  # the loop counts the step once train_step returns
         Path(os.environ["READY_DIR"], f"rank{self.dist.rank}").touch()
         t0 = time.time()
         while not self.stop_requested and time.time() - t0 < 120:

@@ -6,7 +6,7 @@ Notebook API: :func:`evaluate` writes the whole report; :func:`moments` and the
 
 from __future__ import annotations
 
-from hpcvae.evaluate.__main__ import main
+from hpcvae.evaluate.cli import main
 from hpcvae.evaluate.markdown import render_markdown
 from hpcvae.evaluate.moments import LANUSSE2021, STATS, compare, fit_slope, moments
 from hpcvae.evaluate.plots import (

@@ -7,6 +7,7 @@ and the report code decides once how to run the model.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -329,3 +330,27 @@ def plot_redshift_trends(
         ax.set_ylabel(f"log10 {STAT_LABELS[key]}")
         ax.legend(fontsize=7)
     return fig
+
+
+def write_samples(run_dir: Path, n: int = 64, redshift: float = 0.7, seed: int = 0) -> Path:
+    """An 8x8 grid of generated galaxies from the consolidated model (fixed redshift for conditional models)."""
+    import torch
+
+    from hpcvae.model_files import load_model
+
+    model = load_model(run_dir)
+    g = torch.Generator().manual_seed(seed)
+    imgs = model.sample(n, redshift=redshift if model.conditional else None, generator=g, normalized=True)
+    imgs = imgs[:, 0].float().numpy()
+    side = int(math.ceil(math.sqrt(n)))
+    fig, axes = plt.subplots(side, side, figsize=(side, side))
+    for i, ax in enumerate(np.asarray(axes).ravel()):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(imgs[i], cmap="gray", origin="lower", vmin=0, vmax=1)
+    title = f"{model.config['arch']} samples" + (f" at z = {redshift}" if model.conditional else "")
+    fig.suptitle(title, fontsize=8)
+    path = Path(run_dir) / "samples.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

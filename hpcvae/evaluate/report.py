@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -66,7 +66,7 @@ class EvalConfig:
     """Side of the generation grids."""
     dpi: int = 110
     """PNG resolution."""
-    prior: str | None = None
+    prior: Literal["flow", "normal"] | None = None
     """Latent prior of generated galaxies: ``flow``, ``normal``, or ``None`` = the model's default (its flow if fitted)."""
 
     def __post_init__(self) -> None:

@@ -1,27 +1,7 @@
 """``python -m hpcvae.launch``: build the executor, dry-run, submit (or run locally), follow, status.
 
-One SLURM task per GPU (``--ntasks-per-node = --gpus-per-node``); every task runs
-:class:`TrainJob`, which exports the torch.distributed variables from
-``submitit.helpers.TorchDistributedEnvironment`` and calls ``hpcvae.train.main``.
-
-Requeue: SLURM sends ``USR2`` (``--signal=USR2@<delay>``) before the time limit, and
-``SIGTERM`` on preemption or ``scontrol requeue``.  The training engine turns either into
-a flag, agrees on it across ranks at the next step boundary, saves one checkpoint with all
-ranks and returns ``preempted`` (exit code 3).  Only then does global rank 0 hand
-submitit the follow-up job (:meth:`TrainJob.checkpoint`, the same call with
-``--resume auto``) and ask SLURM to requeue; the other ranks leave without writing a
-result so a stale one can never be mistaken for the final one.  Submitit's own USR2
-handler is not used: it checkpoints inside the signal handler on rank 0 alone, mid-step,
-while the other ranks may be inside a collective.
-
-Environment defaults exported in every job (profiles can override them):
-
-``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` / ``NCCL_ASYNC_ERROR_HANDLING=1``
-    a dead peer aborts the collective instead of hanging the job until its time limit;
-``NCCL_DEBUG=WARN``
-    NCCL problems show up in the log without the INFO flood;
-``OMP_NUM_THREADS`` = ``--cpus-per-task`` when given
-    several ranks per node must not each spawn one thread per core.
+What runs inside the job (one task per GPU, the stop relay, requeue, the environment
+defaults every job exports) is in :mod:`hpcvae.launch.job`.
 """
 
 from __future__ import annotations
@@ -39,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpcvae.config import add_options, options_from_args
 from hpcvae.errors import ConfigError, LaunchError
 from hpcvae.launch.history import record
 from hpcvae.launch.job import DEFAULT_ENV, TrainJob, TrainTarget, resolve_train_target
@@ -144,26 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Options not listed here are passed to hpcvae.train.",
         allow_abbrev=False,
     )
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1, help="one task per GPU")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--time", help="wall time, e.g. 02:00:00 (default: the profile's)")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem", help="memory per node, e.g. 200G")
-    p.add_argument(
-        "--profile",
-        default=os.environ.get("HPCVAE_SLURM_PROFILE"),
-        help="site profile TOML (default: $HPCVAE_SLURM_PROFILE)",
-    )
-    p.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
-    p.add_argument("--follow", action="store_true", help="stream rank 0's log until the job ends")
-    p.add_argument("--follow-timeout", type=float, default=0.0, metavar="S")
-    p.add_argument("--max-requeues", type=int, default=3)
-    p.add_argument("--job-name")
+    # No --config / --set here: those are hpcvae.train's, passed on with the other train options.
+    table = add_options(p, LaunchOptions, flags={"follow_timeout": "follow_timeout_s"}, skip=("train_args",),
+                        config=False)  # fmt: skip
     p.add_argument("--status", metavar="RUN", help="show the state of the run folder RUN and exit")
+    p.set_defaults(_table=table)
     return p
 
 
@@ -329,22 +295,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k, v in info.items():
             print(f"{k}: {v}")
         return 0
-    opts = LaunchOptions(
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        time=args.time,
-        cpus_per_task=args.cpus_per_task,
-        mem=args.mem,
-        profile=args.profile,
-        cluster=args.cluster,
-        dry_run=args.dry_run,
-        follow=args.follow,
-        follow_timeout_s=args.follow_timeout,
-        max_requeues=args.max_requeues,
-        job_name=args.job_name,
-        train_args=list(train_args),
-    )
+    profile = None if args.profile else os.environ.get("HPCVAE_SLURM_PROFILE")
+    opts = options_from_args(LaunchOptions, args, args._table, profile=profile, train_args=list(train_args))
     return launch(opts)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from hpcvae.config import load_options
 from hpcvae.errors import ConfigError
 
 ClusterKind = Literal["slurm", "local", "debug"]
@@ -126,20 +125,10 @@ def load_profile(path: str | Path | None) -> SiteProfile:
     if not p.is_file():
         raise ConfigError(f"profile {p} does not exist (see slurm/example-site.toml)")
     try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"profile {p}: invalid TOML: {exc}") from None
-    known = {f.name for f in dataclasses.fields(SiteProfile)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"profile {p}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    data.setdefault("name", p.stem)
-    try:
-        return SiteProfile(**data)
+        return load_options(SiteProfile, p, base={"name": p.stem})
     except ConfigError as exc:
-        raise ConfigError(f"profile {p}: {exc}") from None
-    except TypeError as exc:
-        raise ConfigError(f"profile {p}: {exc}") from None
+        msg = str(exc)
+        raise ConfigError(msg if str(p) in msg else f"profile {p}: {msg}") from None
 
 
 @dataclass(kw_only=True)
@@ -147,23 +136,37 @@ class LaunchOptions:
     """What ``python -m hpcvae.launch`` was asked for; ``train_args`` go to ``hpcvae.train``."""
 
     nodes: int = 1
+    """SLURM nodes."""
     gpus_per_node: int = 1
     """One task per GPU; on a CPU-only profile simply the tasks per node."""
     partition: str | None = None
+    """SLURM partition (default: the profile's)."""
     account: str | None = None
+    """SLURM account (default: the profile's)."""
     qos: str | None = None
+    """SLURM QOS (default: the profile's)."""
     time: str | None = None
+    """Wall time, e.g. 02:00:00 (default: the profile's)."""
     cpus_per_task: int | None = None
+    """CPUs per task, also OMP_NUM_THREADS (default: the profile's)."""
     mem: str | None = None
+    """Memory per node, e.g. 200G."""
     profile: str | None = None
+    """Site profile TOML (default: $HPCVAE_SLURM_PROFILE)."""
     cluster: ClusterKind = "slurm"
+    """``slurm``, ``local`` (this machine, through submitit) or ``debug`` (in this process)."""
     dry_run: bool = False
+    """Print the sbatch script, submit nothing."""
     follow: bool = False
+    """Stream rank 0's log until the job ends."""
     follow_timeout_s: float = 0.0
     """Stop following after this long (0: until the job ends)."""
     max_requeues: int = 3
+    """Requeues after preemption or time-out before the job gives up."""
     job_name: str | None = None
+    """SLURM job name (default: the run folder's name)."""
     train_args: list[str] = field(default_factory=list)
+    """The arguments passed to ``hpcvae.train``."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:

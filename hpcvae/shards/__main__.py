@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 
+from hpcvae.config import add_options, options_from_args
 from hpcvae.errors import ConfigError
 from hpcvae.shards.h5 import build_shards_from_h5
+from hpcvae.shards.ingest import ShardConfig
 from hpcvae.shards.rgc import build_shards
 
 
@@ -24,9 +27,6 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--from-h5", metavar="FILE", help="h5 file with N x H x W images and N redshifts")
     p.add_argument("--out", required=True, help="output folder (shards/NAME)")
     p.add_argument(
-        "--size", type=int, default=158, help="output stamp size; stamps are centre-cropped/padded"
-    )
-    p.add_argument(
         "--fits-catalog", help="redshift catalog (default: <catalog stem>_fits.fits when it exists)"
     )
     p.add_argument(
@@ -34,65 +34,35 @@ def _parser() -> argparse.ArgumentParser:
         help="redshift column; when given it is required (default: zphot if the fits catalog has it)",
     )
     p.add_argument("--no-redshift", action="store_true", help="do not store redshifts")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (0 = all cores)")
-    p.add_argument("--pad", choices=("zeros", "noise"), default="zeros")
-    p.add_argument(
-        "--skip-bad", action="store_true", help="skip (and record in the manifest) unreadable rows"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
     p.add_argument("--h5-images", help="image dataset name in --from-h5 (default: the only 3-D dataset)")
     p.add_argument(
         "--h5-redshifts", help="redshift dataset name in --from-h5 (default: the 1-D dataset of length N)"
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="progress per shard on stderr")
+    p.set_defaults(_table=add_options(p, ShardConfig))
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    cfg = options_from_args(ShardConfig, args, args._table)
+    opts = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ShardConfig)}
     t0 = time.perf_counter()
     use_redshift = False if args.no_redshift else None
     if args.from_h5:
-        if args.fits_catalog or args.redshift_column or args.pad != "zeros":
+        if args.fits_catalog or args.redshift_column or cfg.pad != "zeros":
             raise ConfigError(
                 "--fits-catalog, --redshift-column and --pad noise apply to --catalog, not --from-h5"
             )
-        m = build_shards_from_h5(
-            args.from_h5,
-            args.out,
-            size=args.size,
-            images=args.h5_images,
-            redshifts=args.h5_redshifts,
-            use_redshift=use_redshift,
-            val_fraction=args.val_fraction,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            skip_bad=args.skip_bad,
-            overwrite=args.overwrite,
-            verbose=args.verbose,
-        )
+        opts.pop("pad")
+        m = build_shards_from_h5(args.from_h5, args.out, images=args.h5_images, redshifts=args.h5_redshifts,
+                                 use_redshift=use_redshift, **opts)  # fmt: skip
     else:
         if args.h5_images or args.h5_redshifts:
             raise ConfigError("--h5-images / --h5-redshifts apply to --from-h5, not --catalog")
         if args.no_redshift and (args.redshift_column or args.fits_catalog):
             raise ConfigError("--no-redshift contradicts --redshift-column / --fits-catalog")
-        m = build_shards(
-            args.catalog,
-            args.out,
-            size=args.size,
-            fits_catalog=args.fits_catalog,
-            redshift_column=args.redshift_column,
-            use_redshift=use_redshift,
-            val_fraction=args.val_fraction,
-            shard_size=args.shard_size,
-            workers=args.workers,
-            pad=args.pad,
-            skip_bad=args.skip_bad,
-            overwrite=args.overwrite,
-            verbose=args.verbose,
-        )
+        m = build_shards(args.catalog, args.out, fits_catalog=args.fits_catalog,
+                         redshift_column=args.redshift_column, use_redshift=use_redshift, **opts)  # fmt: skip
     dt = time.perf_counter() - t0
     d = m.data
     n = d["n_rows"]

@@ -57,14 +57,21 @@ class ShardConfig:
     """Options shared by the FITS and h5 ingest paths."""
 
     size: int = 158
+    """Output stamp side; stamps are centre-cropped or padded to it."""
     val_fraction: float = 0.1
+    """Share of galaxies in the val split (by a hash of each galaxy's identity: stable when rows are added)."""
     shard_size: int = 1000
     """Samples per shard; 1000 x 158^2 float32 is ~100 MB, WebDataset's sweet spot."""
     workers: int = 1
+    """Worker processes (0 = all cores)."""
     pad: Literal["zeros", "noise"] = "zeros"
+    """Fill for stamps smaller than ``size``: zeros, or noise of the galaxy's NOISE_VARIANCE."""
     skip_bad: bool = False
+    """Skip (and record in the manifest) unreadable, non-finite or duplicate rows instead of stopping."""
     overwrite: bool = False
+    """Replace a shard set already in the output folder."""
     verbose: bool = False
+    """Progress per shard on stderr."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:

@@ -179,6 +179,34 @@ def check_hashes(manifest: Manifest, hashed: dict[str, dict[str, Any]]) -> None:
             )
 
 
+def verify_for_run(manifest: Manifest, run_dir: Path, dist: Any, group: Any = None) -> None:
+    """Every shard's sha256 against the manifest, once per run folder, the ranks sharing the hashing.
+
+    Rank ``r`` hashes shards ``r, r + W, ...`` of those not in the run's cache (by size and
+    mtime); the results are gathered so every rank raises the same error for a changed shard.
+    """
+    import torch.distributed as tdist
+
+    from hpcvae.dist import print0
+
+    cache = run_dir / VERIFY_CACHE
+    todo, records = shards_to_verify(manifest, cache)
+    t0 = time.perf_counter()
+    mine = hash_shards(manifest, todo[dist.rank :: dist.world_size])
+    if dist.distributed:
+        parts: list[Any] = [None] * dist.world_size
+        tdist.all_gather_object(parts, mine, group=group)
+        mine = {k: v for part in parts for k, v in part.items()}
+    check_hashes(manifest, mine)
+    if todo:
+        gb = sum(r["size"] for r in mine.values()) / 1e9
+        print0(f"data: verified {len(todo)} shard(s), {gb:.2f} GB, against {manifest.path} "
+               f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_verify_cache(cache, manifest, {**records, **mine})
+
+
 def write_verify_cache(cache_file: Path, manifest: Manifest, records: dict[str, dict[str, Any]]) -> None:
     tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps({"manifest": str(manifest.path), "shards": records}, indent=1) + "\n")
