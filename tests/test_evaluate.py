@@ -154,6 +154,17 @@ def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, ca
     assert pop["reference_lanusse2021"]["real"]["mean_g"] == 0.248
     assert "0.248" in md and "0.189" in md
     assert rep["reconstruction"]["mse_per_pixel_mean"] >= 0
+    recon = rep["reconstruction"]
+    for stat in ("sigma_arcsec", "g"):
+        assert recon["hsm"][stat]["w1"] >= 0 and math.isfinite(recon["hsm"][stat]["mean_real"]), stat
+    assert -1 <= recon["orientation_cos2dphi"] <= 1 and recon["orientation"]["n"] > 0
+    bg = rep["background"]
+    assert bg["difference"] == pytest.approx(bg["generated_median"] - bg["real_median"])
+    assert bg["difference_in_noise_sigma"] is not None
+    for key in ("shape", "size", "orientation", "background", "size_redshift_slope"):
+        assert rep["verdict"][key]["verdict"] in ("ok", "close", "off"), key
+        assert rep["verdict"][key]["line"], key
+    assert "## Verdict" in md and rep["verdict"]["shape"]["line"] in md
     assert rep["losses"]["final"]["train"]["step"] > 0
     for key in ("sigma_arcsec", "flux"):
         for who in ("truth", "real", "generated"):
@@ -262,3 +273,53 @@ def test_real_style_data_skips_truth_trends_and_survives_hsm_failures(tmp_path):
     text = (tmp_path / "r" / "report.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert "Skipped: data is not synthetic" in (tmp_path / "r" / "report.md").read_text()
+
+
+def _sheared_galaxies(angles_deg: list[float], g: float = 0.3, size: int = 48) -> np.ndarray:
+    import galsim
+
+    out = []
+    for a in angles_deg:
+        gal = galsim.Gaussian(sigma=0.12).shear(g=g, beta=a * galsim.degrees)
+        out.append(gal.drawImage(nx=size, ny=size, scale=0.03).array)
+    return np.stack(out)
+
+
+def test_orientation_agreement_is_one_when_kept_and_minus_one_when_turned():
+    """HSM on real GalSim ellipses: cos 2 dphi is 1 for the same angles, -1 for a 90 degree turn."""
+    from hpcvae.evaluate.moments import orientation_agreement
+
+    angles = [0.0, 30.0, 75.0, 120.0, 160.0]
+    real = moments(_sheared_galaxies(angles))
+    same = orientation_agreement(real, moments(_sheared_galaxies(angles)))
+    turned = orientation_agreement(real, moments(_sheared_galaxies([a + 90 for a in angles])))
+    assert same["n"] == len(angles) and same["mean"] == pytest.approx(1.0, abs=1e-3)
+    assert turned["mean"] == pytest.approx(-1.0, abs=1e-3)
+    # round galaxies carry no angle and are left out
+    assert orientation_agreement(real, moments(_sheared_galaxies(angles, g=0.0)))["n"] == len(angles)
+    assert orientation_agreement(moments(_sheared_galaxies(angles, g=0.0)), real)["n"] == 0
+
+
+def test_verdict_judges_shape_size_orientation_background_and_slope():
+    from hpcvae.evaluate.verdict import TOLERANCE, verdict
+
+    stats = {
+        "g": {"mean_diff": 0.01, "mean_generated": 0.25, "mean_real": 0.24},
+        "sigma_arcsec": {"mean_diff": -0.03, "mean_generated": 0.16, "mean_real": 0.19},
+    }
+    bg = {"difference": 0.001, "difference_in_noise_sigma": 2.0}
+    trends = {"slopes_vs_z": {"sigma_arcsec": {"real": {"slope": -0.2, "slope_se": 0.02},
+                                               "generated": {"slope": -0.17}, "truth": {"slope": -0.3}}}}  # fmt: skip
+    v = verdict(stats, {"orientation_cos2dphi": 0.93}, bg, trends)
+    assert v["shape"]["verdict"] == "ok" and "galaxy2galaxy 0.258 vs 0.248" in v["shape"]["line"]
+    assert v["size"]["verdict"] == "off" and v["size"]["relative_delta"] == pytest.approx(-0.03 / 0.19)
+    assert v["orientation"]["verdict"] == "close"
+    assert v["background"]["verdict"] == "off"
+    assert v["size_redshift_slope"]["verdict"] == "ok"
+    assert v["size_redshift_slope"]["relative_error"] == pytest.approx(-0.17 / -0.2 - 1)
+    assert v["thresholds"]["g"] == {"ok": TOLERANCE["g"][0], "close": TOLERANCE["g"][1]}
+    none = verdict(
+        stats, {"orientation_cos2dphi": None}, {"difference": 0.0, "difference_in_noise_sigma": None}, {}
+    )
+    assert none["orientation"]["verdict"] == "n/a" and none["background"]["verdict"] == "n/a"
+    assert "size_redshift_slope" not in none
