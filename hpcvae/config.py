@@ -95,6 +95,10 @@ class ModelConfig:
     likelihood: Literal["mse", "gaussian"] = "mse"
     """Reconstruction term: ``mse`` of the normalised images (the seed's), or ``gaussian``: the chi^2 in
     physical units with each galaxy's noise variance (galaxy2galaxy's).  Recorded in model.json."""
+    psf_forward: bool = False
+    """Convolve the decoder's output with each galaxy's PSF (FFT, on the device) before the likelihood,
+    so the model learns the galaxy without the telescope (galaxy2galaxy's forward model); generated
+    images are then PSF-free.  Needs shards with per-galaxy PSFs (a catalog with PSF_FILENAME/PSF_HDU)."""
 
     def __post_init__(self) -> None:
         if self.image_size is not None:

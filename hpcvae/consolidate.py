@@ -18,7 +18,7 @@ import torch
 
 from hpcvae.cli import run_cli
 from hpcvae.errors import CheckpointError
-from hpcvae.model_files import MODEL_FILE, MODEL_JSON, write_model
+from hpcvae.model_files import CARRIED, MODEL_FILE, MODEL_JSON, write_model
 
 
 def checkpoint_state_dict(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -60,6 +60,7 @@ def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         manifest_digest=meta.get("manifest_digest"),
         beta_schedule=meta.get("beta"),
         lr_schedule=meta.get("lr_schedule"),
+        **{k: meta.get(k) for k in CARRIED},
     )
 
 

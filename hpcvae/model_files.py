@@ -39,11 +39,17 @@ def write_model(
     beta_schedule: dict[str, Any] | None,
     lr_schedule: dict[str, Any] | None = None,
     flow_prior: dict[str, Any] | None = None,
+    physics: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    config_sha256: str | None = None,
 ) -> Path:
     """Write the pair into folder ``out`` (atomically: temp files, then rename); returns the weights path.
 
     ``flow_prior`` is the description from ``hpcvae.prior.flow_meta``; the flow's weights are
     then expected in ``state_dict`` under the ``flow_prior.`` prefix (``model.flow_prior``).
+    ``physics`` (pixel scale, band, BUNIT, noise, PSF; from ``Manifest.physics``), ``data`` (the
+    training set's source and counts) and ``config_sha256`` are what GalSim, FITS output and the
+    model card need to know about the pixels and where they came from.
     """
     from safetensors.torch import save_file
 
@@ -65,6 +71,9 @@ def write_model(
         "beta_schedule": beta_schedule,
         "lr_schedule": lr_schedule,
         "flow_prior": flow_prior,
+        "physics": physics,
+        "data": data,
+        "config_sha256": config_sha256,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     tmp_w, tmp_j = out / f".{MODEL_FILE}.tmp", out / f".{MODEL_JSON}.tmp"
@@ -74,6 +83,10 @@ def write_model(
     tmp_w.replace(out / MODEL_FILE)
     tmp_j.replace(out / MODEL_JSON)
     return out / MODEL_FILE
+
+
+CARRIED = ("physics", "data", "config_sha256")
+"""model.json keys a rewrite (train_prior, consolidate) passes through unchanged."""
 
 
 def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:

@@ -13,6 +13,7 @@ from hpcvae.config import JobConfig, field_docs
 
 def _commands() -> list[tuple[str, str, type]]:
     from hpcvae.evaluate.report import EvalConfig
+    from hpcvae.generate import GenerateConfig
     from hpcvae.launch.profile import LaunchOptions, SiteProfile
     from hpcvae.shards.ingest import ShardConfig
     from hpcvae.synth import SynthConfig
@@ -30,6 +31,7 @@ def _commands() -> list[tuple[str, str, type]]:
          "per option, plus the source's own (`--fits-catalog`, `--redshift-column`, `--no-redshift`, "
          "`--h5-images`, `--h5-redshifts`)", ShardConfig),
         ("python -m hpcvae.synth", "`--config`, `--set`, one flag per option", SynthConfig),
+        ("python -m hpcvae.generate MODEL --out FILE", "`--config`, `--set`, one flag per option", GenerateConfig),
         ("python -m hpcvae.launch", "one flag per option; every other argument goes to hpcvae.train", LaunchOptions),
         ("site profile (`--profile slurm/SITE.toml`)", "the TOML file's top-level keys", SiteProfile),
     ]  # fmt: skip

@@ -61,6 +61,8 @@ BAND = "F814W"
 TRUNC = 5.0
 """Profile truncation radius in units of each component's half-light radius."""
 PSF_STAMP = 37
+STAMP_HEADER = {"BUNIT": "ELECTRONS/S", "TELESCOP": "HST", "INSTRUME": "ACS", "FILTER": BAND}
+"""What every synthetic stamp says of its pixels, as a real ACS cutout does (flux: mag = 26 - 2.5 log10)."""
 PSF_JITTER_GRID = (0.005, 0.007, 0.009, 0.011, 0.013, 0.015)
 """Gaussian jitter σ (arcsec); a grid so each worker draws each PSF once."""
 AIRY = {"lam": 814.0, "diam": 2.4, "obscuration": 0.33}
@@ -136,6 +138,9 @@ class SynthConfig:
     """A progress bar on stderr."""
     overwrite: bool = False
     """Replace a synthetic set already in ``out`` (its catalogs and image files; nothing else)."""
+    psf_blur: float = 0.0
+    """Extra Gaussian sigma (arcsec) in every PSF on top of the HST one: a PSF that matters, for tests
+    of PSF-free training (0 = HST-like; the catalog header records it as PSFBLUR)."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -148,6 +153,10 @@ class SynthConfig:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.per_file < 1:
             raise ConfigError(f"--per-file must be >= 1, got {self.per_file}")
+        if not 0.0 <= self.psf_blur <= 0.15:
+            raise ConfigError(
+                f'--psf-blur must be in [0, 0.15] arcsec (the PSF stamp is 1.1"), got {self.psf_blur}'
+            )
         self.out = Path(self.out)
 
 
@@ -315,16 +324,16 @@ def draw_params(seed: int, start: int, stop: int, size: int) -> np.ndarray:
 # --- rendering ---------------------------------------------------------------------
 
 
-@lru_cache(maxsize=len(PSF_JITTER_GRID))
-def _psf(index: int):
-    """(InterpolatedImage, float32 array) of the effective PSF for one jitter value."""
+@lru_cache(maxsize=4 * len(PSF_JITTER_GRID))
+def _psf(index: int, blur: float = 0.0):
+    """(InterpolatedImage, float32 array) of the effective PSF for one jitter value (plus ``blur``)."""
     import galsim
 
     psf = galsim.Convolve(
         galsim.Airy(
             lam=AIRY["lam"], diam=AIRY["diam"], obscuration=AIRY["obscuration"], scale_unit=galsim.arcsec
         ),
-        galsim.Gaussian(sigma=PSF_JITTER_GRID[index]),
+        galsim.Gaussian(sigma=math.hypot(PSF_JITTER_GRID[index], blur)),
     )
     img = psf.drawImage(nx=PSF_STAMP, ny=PSF_STAMP, scale=PIXEL_SCALE, method="auto")
     arr = img.array / img.array.sum()
@@ -358,11 +367,11 @@ def _profile(p: np.void):
     return gal.shear(q=float(p["q"]), beta=float(p["beta"]) * galsim.radians).withFlux(float(p["flux"]))
 
 
-def draw_noiseless(p: np.void) -> np.ndarray:
+def draw_noiseless(p: np.void, psf_blur: float = 0.0) -> np.ndarray:
     """One galaxy (a row of :func:`draw_params`) convolved with its PSF, float32, no noise."""
     import galsim
 
-    psf_ii, _ = _psf(int(p["psf_index"]))
+    psf_ii, _ = _psf(int(p["psf_index"]), psf_blur)
     obj = galsim.Convolve(_profile(p), psf_ii)
     img = galsim.ImageF(int(p["nx"]), int(p["ny"]), scale=PIXEL_SCALE)
     # no_pixel: the PSF image already contains the pixel response, as COSMOS PSFs do.
@@ -371,22 +380,22 @@ def draw_noiseless(p: np.void) -> np.ndarray:
 
 
 def render_range(
-    seed: int, start: int, stop: int, size: int
+    seed: int, start: int, stop: int, size: int, psf_blur: float = 0.0
 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """Parameters, noisy float32 stamps and PSF stamps of galaxies ``start..stop-1``."""
     params = draw_params(seed, start, stop, size)
     stamps, psfs = [], []
     for j, p in enumerate(params):
         _, noise_rng = _galaxy_rngs(seed, start + j)
-        clean = draw_noiseless(p)
+        clean = draw_noiseless(p, psf_blur)
         # numpy, not galsim.GaussianNoise: GalSim's deviate costs ~4 µs a pixel, more than the FFTs.
         noise = noise_rng.standard_normal(clean.shape, dtype=np.float32)
         stamps.append(clean + np.float32(math.sqrt(p["noise_variance"])) * noise)
-        psfs.append(_psf(int(p["psf_index"]))[1])
+        psfs.append(_psf(int(p["psf_index"]), psf_blur)[1])
     return params, stamps, psfs
 
 
-def _render_range_job(args: tuple[int, int, int, int]):
+def _render_range_job(args: tuple[int, int, int, int, float]):
     return render_range(*args)
 
 
@@ -406,8 +415,8 @@ class _StampWriter:
             self.k, self.hdu = self.k + 1, 0
             self.gal = fitsio.FITS(str(self.out / image_file_name(self.k)), "rw", clobber=True)
             self.psf = fitsio.FITS(str(self.out / psf_file_name(self.k)), "rw", clobber=True)
-        self.gal.write(np.ascontiguousarray(stamp, dtype=np.float32))
-        self.psf.write(np.ascontiguousarray(psf, dtype=np.float32))
+        self.gal.write(np.ascontiguousarray(stamp, dtype=np.float32), header=STAMP_HEADER)
+        self.psf.write(np.ascontiguousarray(psf, dtype=np.float32), header=STAMP_HEADER)
         self.hdu += 1
         return image_file_name(self.k), psf_file_name(self.k), self.hdu - 1
 
@@ -470,6 +479,7 @@ def _header(cfg: SynthConfig) -> list[dict]:
         ("TRUNC", TRUNC, "profile truncation in hlr units"),
         ("SEED", cfg.seed, "hpcvae.synth --seed"),
         ("NOMSIZE", cfg.size, "hpcvae.synth --size"),
+        ("PSFBLUR", cfg.psf_blur, "extra Gaussian PSF sigma (arcsec), hpcvae.synth --psf-blur"),
     ]
     return [{"name": k, "value": v, "comment": c} for k, v, c in items]
 
@@ -490,7 +500,7 @@ def run(cfg: SynthConfig) -> SynthResult:
     _prepare_out(cfg.out, cfg.overwrite)
     workers = cfg.workers or _available_cores()
     chunk = max(1, min(50, math.ceil(cfg.n / (workers * 8))))
-    jobs = [(cfg.seed, s, min(s + chunk, cfg.n), cfg.size) for s in range(0, cfg.n, chunk)]
+    jobs = [(cfg.seed, s, min(s + chunk, cfg.n), cfg.size, cfg.psf_blur) for s in range(0, cfg.n, chunk)]
     workers = min(workers, len(jobs))
 
     catalog = np.zeros(cfg.n, dtype=CATALOG_DTYPE)
@@ -542,7 +552,7 @@ def run(cfg: SynthConfig) -> SynthResult:
     )
 
 
-def _run_pool(jobs: list[tuple[int, int, int, int]], workers: int, consume) -> None:
+def _run_pool(jobs: list[tuple[int, int, int, int, float]], workers: int, consume) -> None:
     """Render in a process pool, writing results in order with a bounded look-ahead."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -572,10 +582,11 @@ def make_synthetic(
     progress: bool = True,
     per_file: int = 1000,
     overwrite: bool = False,
+    psf_blur: float = 0.0,
 ) -> Path:
     """Write a synthetic RealGalaxyCatalog set into ``out``; returns the catalog path."""
     cfg = SynthConfig(n=n, size=size, out=Path(out), seed=seed, workers=workers, progress=progress,
-                      per_file=per_file, overwrite=overwrite)  # fmt: skip
+                      per_file=per_file, overwrite=overwrite, psf_blur=psf_blur)  # fmt: skip
     return run(cfg).catalog
 
 

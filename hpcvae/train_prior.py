@@ -457,7 +457,7 @@ class PriorTrainer(Loop):
 
     def _finish(self) -> dict[str, Any]:
         """Write VAE + flow into the model files (rank 0), with the flow's description in model.json."""
-        from hpcvae.model_files import write_model
+        from hpcvae.model_files import CARRIED, write_model
 
         val = self.history.get("val") or self.validate()
         training = {
@@ -485,7 +485,7 @@ class PriorTrainer(Loop):
             write_model(self.out, sd, model_config=m["model_config"], transform=m.get("transform"),
                         training=m.get("training") or {}, manifest_digest=m.get("manifest_digest"),
                         beta_schedule=m.get("beta_schedule"), lr_schedule=m.get("lr_schedule"),
-                        flow_prior=block)  # fmt: skip
+                        flow_prior=block, **{k: m.get(k) for k in CARRIED})  # fmt: skip
             print0(
                 f"train_prior: val NLL {val['nll']:.4g} nats/galaxy (N(0, I): {val['nll_standard_normal']:.4g}, "
                 f"diagonal Gaussian: {val['nll_diag_gaussian']:.4g}) on {val['count']} galaxies; "

@@ -18,6 +18,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -121,10 +122,19 @@ class Trainer(Loop):
                 "shards carry none (the catalog had no NOISE_VARIANCE); use likelihood 'mse'",
                 collective=True,
             )
+        if model.spec.psf_forward and not (self.manifest.data.get("physics") or {}).get("psf", {}).get(
+            "per_galaxy"
+        ):
+            raise ConfigError(
+                f"{self.manifest.path}: model.psf_forward needs each galaxy's PSF, but the shards carry none; "
+                "re-shard from a catalog with PSF_FILENAME/PSF_HDU columns",
+                collective=True,
+            )
         # ShardData streams the tar shards; GpuResidentData (data.gpu_resident) holds the split on the device.
         self.data = make_data(cfg.data, self.manifest, rank=dist.rank, world_size=dist.world_size,
                               seed=cfg.train.seed, transform=self.transform,
-                              max_steps=cfg.train.max_steps_per_epoch, device=dist.device)  # fmt: skip
+                              max_steps=cfg.train.max_steps_per_epoch, device=dist.device,
+                              psf=model.spec.psf_forward)  # fmt: skip
         self.position = DataPosition(inputs=self.data.inputs)
         """The checkpoint's data position, once loaded (see :meth:`_resume`)."""
         rs = _rank_seed(cfg.train.seed, dist.rank)
@@ -322,13 +332,8 @@ class Trainer(Loop):
         ``beta`` defaults to the schedule's value for the current epoch.
         """
         beta = self._beta_now if beta is None else beta
-        x = self.engine.prepare(batch["image"])
-        r = nv = None
-        if self.model.conditional:
-            r = batch["redshift"].to(self.dist.device, non_blocking=True)
-        if self.model.spec.likelihood == "gaussian":
-            nv = batch["noise_var"].to(self.dist.device, non_blocking=True)
-        losses = self.forward_backward_step(x, r, beta, nv)
+        x, r, nv, psf = self._inputs(batch)
+        losses = self.forward_backward_step(x, r, beta, nv, psf)
         self.engine.step()
         self.scheduler.step()
         self.record_step(losses["total"], list(batch.get("key", [])))
@@ -342,16 +347,26 @@ class Trainer(Loop):
         )
         self._images_seen += x.shape[0] * self.dist.world_size
 
+    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any, Any, Any]:
+        """(images, redshifts, noise variances, PSFs) on the device, each only where the model uses it."""
+        dev, spec = self.dist.device, self.model.spec
+        x = self.engine.prepare(batch["image"])
+        r = batch["redshift"].to(dev, non_blocking=True) if self.model.conditional else None
+        nv = batch["noise_var"].to(dev, non_blocking=True) if spec.likelihood == "gaussian" else None
+        psf = batch["psf"].to(dev, non_blocking=True) if spec.psf_forward else None
+        return x, r, nv, psf
+
     def forward_backward_step(
         self,
         x: torch.Tensor,
         redshift: torch.Tensor | None,
         beta: float,
         noise_var: torch.Tensor | None = None,
+        psf: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Forward through the distributed wrapper (its hooks all-reduce gradients), loss, backward."""
         out = self.engine.forward(x, redshift)
-        losses = self.model.compute_loss(out, x, redshift, beta, noise_var=noise_var)
+        losses = self.model.compute_loss(out, x, redshift, beta, noise_var=noise_var, psf=psf)
         self.engine.backward(losses["total"])
         return losses
 
@@ -365,7 +380,7 @@ class Trainer(Loop):
         it = iter(self.data.val_loader())
         size = self.model.image_size
         filler = {"image": torch.zeros(1, 1, size, size), "redshift": torch.full((1,), 0.5),
-                  "noise_var": torch.ones(1)}  # fmt: skip
+                  "noise_var": torch.ones(1), "psf": torch.ones(1, 1, 1, 1)}  # fmt: skip
         while True:
             batch = next(it, None)
             # ZeRO-3 gathers parameters collectively, so with uneven val shares the ranks that
@@ -374,12 +389,10 @@ class Trainer(Loop):
                 break
             real = batch is not None
             batch = batch if real else filler
-            x = self.engine.prepare(batch["image"])
-            r = batch["redshift"].to(self.dist.device) if self.model.conditional else None
-            nv = batch["noise_var"].to(self.dist.device) if self.model.spec.likelihood == "gaussian" else None
+            x, r, nv, psf = self._inputs(batch)
             with self.engine.autocast():
                 out = module(x, r)
-            losses = module.compute_loss(out, x, r, beta, noise_var=nv)
+            losses = module.compute_loss(out, x, r, beta, noise_var=nv, psf=psf)
             if not real:
                 continue
             w = 1.0 if self.model.spec.recon_reduction == "sum" else float(x.shape[0])
@@ -455,8 +468,17 @@ class Trainer(Loop):
             "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.train.precision,
             "manifest_digest": self.manifest.digest, "transform": self.transform.to_dict(),
             "beta": self.beta.to_dict(), "lr_schedule": self.lr_schedule_dict(), "summary": self._summary(),
-            "hpcvae_version": __version__, "data_plan": self.data.inputs.to_dict(),
+            "hpcvae_version": __version__, "data_plan": self.data.inputs.to_dict(), **self._provenance(),
         }  # fmt: skip
+
+    def _provenance(self) -> dict[str, Any]:
+        """model.json's physics (what a pixel means), training data and config digest."""
+        m = self.manifest
+        data = {"source": m.data.get("source"), "counts": {s: m.count(s) for s in m.splits},
+                "val_fraction": m.data.get("val_fraction"), "n_skipped": m.data.get("n_skipped"),
+                "image_size": m.image_size, "synthetic": m.synthetic}  # fmt: skip
+        return {"physics": {**m.physics(), "psf_free": self.model.spec.psf_forward}, "data": data,
+                "config_sha256": hashlib.sha256(dump_toml(self.cfg).encode()).hexdigest()}  # fmt: skip
 
     def checkpoint_components(self) -> dict[str, Any]:
         from hpcvae.data import DataPosition
@@ -472,13 +494,16 @@ class Trainer(Loop):
     def finish(self) -> Path:
         """Consolidated fp32 model + sample grid (rank 0), from the final state."""
         from hpcvae.evaluate.plots import write_samples
+        from hpcvae.model_card import write_model_card
         from hpcvae.model_files import write_model
 
         sd = self.engine.full_state_dict(self.last_checkpoint)
         if self.dist.is_main:
             write_model(self.out, sd, model_config=self.model.config, transform=self.transform.to_dict(),
                         training=self._summary(), manifest_digest=self.manifest.digest,
-                        beta_schedule=self.beta.to_dict(), lr_schedule=self.lr_schedule_dict())  # fmt: skip
+                        beta_schedule=self.beta.to_dict(), lr_schedule=self.lr_schedule_dict(),
+                        **self._provenance())  # fmt: skip
+            write_model_card(self.out)
             if self.cfg.train.sample_grid:
                 write_samples(self.out)
         barrier()

@@ -7,7 +7,7 @@ bash slurm/dev-cluster/start.sh 4
 export SLURM_CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
 export DS_ACCELERATOR=cpu
 echo "[test] ruff"
-ruff check hpcvae tests benchmarks
-ruff format --check hpcvae tests benchmarks
+ruff check hpcvae tests benchmarks examples
+ruff format --check hpcvae tests benchmarks examples
 echo "[test] pytest"
 python3 -m pytest "$@"

@@ -334,7 +334,7 @@ def test_config_rebuilds_and_model_from_config():
     m = build_model("fancy_cvae", "debug", image_size=32, z_dim=4, recon_reduction="mean")
     assert m.config == {
         "arch": "fancy_cvae", "flavour": "debug", "image_size": 32, "nf": 8, "z_dim": 4,
-        "recon_reduction": "mean", "redshift_weight": 1000.0, "likelihood": "mse",
+        "recon_reduction": "mean", "redshift_weight": 1000.0, "likelihood": "mse", "psf_forward": False,
     }  # fmt: skip
     again = build_model(**m.config)
     assert again.config == m.config and _n_params(again) == _n_params(m)

@@ -102,11 +102,19 @@ def test_manifest_contract(aegis_shards: Path, shared_data: Path) -> None:
             assert info.sha256 == sha256_file(aegis_shards / info.name)
             with tarfile.open(aegis_shards / info.name) as tar:
                 names = tar.getnames()
-            assert len(names) == 2 * info.count
-            assert all(n.count(".") == 2 and n.split(".", 1)[1] in ("image.npy", "meta.json") for n in names)
+            assert len(names) == 3 * info.count  # image, meta and the galaxy's PSF (AEGIS ships them)
+            assert all(
+                n.count(".") == 2 and n.split(".", 1)[1] in ("image.npy", "meta.json", "psf.npy")
+                for n in names
+            )
     assert sorted(p.name for p in aegis_shards.iterdir()) == sorted(
-        ["manifest.json"] + [s.name for sp in m.splits for s in m.shards(sp)]
+        ["manifest.json", "psf_mean.npy"]
+        + [f"{sp}.wids.json" for sp in m.splits]
+        + [s.name for sp in m.splits for s in m.shards(sp)]
     )  # no temp files left
+    phys = m.physics()  # the AEGIS catalog's own pixel scale, band and PSFs
+    assert phys["pixel_scale_arcsec"] == pytest.approx(0.03) and phys["band"]
+    assert phys["psf"]["per_galaxy"] and np.asarray(phys["psf"]["image"]).sum() == pytest.approx(1, abs=1e-5)
     # stats: exact over all train pixels (5 galaxies: every pixel is in the subsample)
     train = np.stack([s["image"] for s in samples.values() if s["split"] == "train"]).astype(np.float64)
     st = m.stats("train")
@@ -153,6 +161,8 @@ def test_cosmos_redshift_handling(shared_data: Path, tmp_path: Path) -> None:
     cat = folder / Path(COSMOS).name
     cat.write_bytes((shared_data / COSMOS).read_bytes())
     (folder / Path(COSMOS_FITS).name).write_bytes((shared_data / COSMOS_FITS).read_bytes())
+    psf_file = Path(COSMOS).with_name("real_galaxy_PSF_images.fits")  # the real PSFs are shipped
+    (folder / psf_file.name).write_bytes((shared_data / psf_file).read_bytes())
     rng = np.random.default_rng(0)
     with fitsio.FITS(str(folder / "real_galaxy_images.fits"), "rw", clobber=True) as f:
         for _ in range(100):
@@ -290,7 +300,10 @@ def test_existing_output_refused_without_overwrite(aegis_copy: Path, tmp_path: P
         build_shards(cat, out, size=32)
     again = build_shards(cat, out, size=32, shard_size=10, val_fraction=0.0, overwrite=True)
     assert [s.name for s in again.shards("train")] == ["train-000000.tar"]
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar"]
+    # the old set's five shards are gone; the PSF mean and the wids indexes are the new set's
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "psf_mean.npy", "train-000000.tar", "train.wids.json", "val.wids.json"
+    ]  # fmt: skip
 
 
 def test_h5_ingest(tiny_h5: Path, tmp_path: Path) -> None:

@@ -48,14 +48,19 @@ def make_data(
     transform: Callable[[np.ndarray], Any] | None = None,
     max_steps: int = 0,
     device: torch.device | str | None = None,
+    psf: bool = False,
 ) -> ShardData | GpuResidentData:
-    """The loader ``cfg.gpu_resident`` asks for; both follow the :class:`Loader` protocol."""
+    """The loader ``cfg.gpu_resident`` asks for; both follow the :class:`Loader` protocol.
+
+    ``psf``: batches also carry each galaxy's PSF (``batch["psf"]``, (B, 1, P, P)).
+    """
     kw = {
         "rank": rank,
         "world_size": world_size,
         "seed": seed,
         "transform": transform,
         "max_steps": max_steps,
+        "psf": psf,
     }
     if cfg.gpu_resident:
         return GpuResidentData(cfg, manifest, device=device, **kw)

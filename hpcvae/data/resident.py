@@ -58,6 +58,7 @@ class GpuResidentData:
         verify: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float16,
+        psf: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
@@ -70,7 +71,7 @@ class GpuResidentData:
         if verify:
             _verify(manifest)
         self._arrays: dict[str, tuple[dict[str, torch.Tensor], list[str]]] = {}
-        src = _source(manifest, "train", transform, cfg.batch_size)
+        src = _source(manifest, "train", transform, cfg.batch_size, psf)
         self._n = sum(src.counts)
         self._arrays["train"] = self._load(src, 0, self._n, dtype)
         b = cfg.batch_size
@@ -86,7 +87,7 @@ class GpuResidentData:
             )
         self._val = (0, 0)
         if "val" in manifest.splits:
-            vsrc = _source(manifest, "val", transform, b)
+            vsrc = _source(manifest, "val", transform, b, psf)
             self._val = val_ranges(sum(vsrc.counts), rank, world_size)
             self._arrays["val"] = self._load(vsrc, *self._val, dtype)
 
@@ -110,8 +111,8 @@ class GpuResidentData:
             for k, v in batch.items():
                 if k == "key":
                     continue
-                if k not in arrays:
-                    arrays[k] = torch.empty(hi - lo, dtype=torch.float32, device=self.device)
+                if k not in arrays:  # per-sample values and PSFs: fp32
+                    arrays[k] = torch.empty((hi - lo, *v.shape[1:]), dtype=torch.float32, device=self.device)
                 arrays[k][pos : pos + m] = v.to(self.device, arrays[k].dtype)
             keys += batch["key"]
             pos += m

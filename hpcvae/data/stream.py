@@ -41,7 +41,7 @@ from hpcvae.config import DataConfig
 from hpcvae.data.loader import EpochLoader, _Failure, worker_init
 from hpcvae.data.plan import EpochPlan, PlanInputs, epoch_steps, stream_plan, val_ranges
 from hpcvae.errors import ConfigError, ShardError
-from hpcvae.shards.format import IMAGE, META, decode_npy, tar_members
+from hpcvae.shards.format import IMAGE, META, PSF, decode_npy, tar_members
 from hpcvae.shards.manifest import Manifest
 
 
@@ -70,6 +70,8 @@ class _Source:
     batch_size: int
     has_noise: bool = False
     """The samples' meta.json carry noise_variance: batches then have ``noise_var`` (physical units)."""
+    psf_shape: tuple[int, int] | None = None
+    """Batches carry each sample's ``psf.npy`` as ``psf`` (B, 1, P, P); None = not read."""
 
     def path(self, name: str) -> Path:
         return Path(self.root) / name
@@ -130,6 +132,23 @@ class _Source:
             )
 
     # stage: decode + transform ------------------------------------------------------------------
+    def decode_psf(self, raw: _Raw) -> np.ndarray:
+        data = raw.files.get(PSF)
+        if data is None:
+            raise ShardError(
+                f"{raw.shard}: sample {raw.key} has no {PSF}, but the model needs each galaxy's PSF"
+            )
+        try:
+            psf = decode_npy(data)
+        except ValueError as exc:
+            raise ShardError(f"{raw.shard}: sample {raw.key}: {PSF}: {exc}") from None
+        if psf.shape != self.psf_shape or not np.isfinite(psf).all():
+            raise ShardError(
+                f"{raw.shard}: sample {raw.key}: {PSF} is {psf.shape} (finite: {bool(np.isfinite(psf).all())}), "
+                f"the manifest says {self.psf_shape}"
+            )
+        return psf
+
     def decode(self, raw: _Raw) -> tuple[str, np.ndarray, float, float]:
         img = raw.files.get(IMAGE)
         if img is None:
@@ -188,6 +207,7 @@ class _Source:
             for size in sizes:
                 keys, zs, nvs = [], [], []
                 imgs = np.empty((size, self.image_size, self.image_size), dtype=np.float32)
+                psfs = np.empty((size, *self.psf_shape), dtype=np.float32) if self.psf_shape else None
                 for i, g in enumerate(order[pos : pos + size].tolist()):
                     while g not in pending:
                         r = next(raw, None)
@@ -196,7 +216,10 @@ class _Source:
                                 f"{self.root}: sample index {g} was never read (shard counts wrong?)"
                             )
                         pending[r.index] = r
-                    k, imgs[i], z, nv = self.decode(pending.pop(g))
+                    raw_g = pending.pop(g)
+                    k, imgs[i], z, nv = self.decode(raw_g)
+                    if psfs is not None:
+                        psfs[i] = self.decode_psf(raw_g)
                     keys.append(k)
                     zs.append(z)
                     nvs.append(nv)
@@ -206,6 +229,8 @@ class _Source:
                     batch["redshift"] = torch.tensor(zs, dtype=torch.float32)
                 if self.has_noise:
                     batch["noise_var"] = torch.tensor(nvs, dtype=torch.float32)
+                if psfs is not None:
+                    batch["psf"] = torch.from_numpy(psfs).unsqueeze(1)
                 yield batch
         except ShardError as exc:
             yield _Failure(str(exc))
@@ -276,9 +301,20 @@ class _ValStream(IterableDataset):
 
 
 def _source(
-    manifest: Manifest, split: str, transform: Callable[[np.ndarray], Any] | None, batch_size: int
+    manifest: Manifest,
+    split: str,
+    transform: Callable[[np.ndarray], Any] | None,
+    batch_size: int,
+    psf: bool = False,
 ) -> _Source:
     shards = manifest.shards(split)
+    psf_info = (manifest.data.get("physics") or {}).get("psf") or {}
+    if psf and not psf_info.get("per_galaxy"):
+        raise ConfigError(
+            f"{manifest.path}: batches with each galaxy's PSF were asked for, but the shards carry none "
+            "(re-shard from a catalog with PSF_FILENAME/PSF_HDU)",
+            collective=True,
+        )
     return _Source(
         root=str(manifest.root),
         names=[s.name for s in shards],
@@ -288,6 +324,7 @@ def _source(
         transform=transform,
         batch_size=batch_size,
         has_noise="noise_std" in manifest.stats("train"),
+        psf_shape=tuple(psf_info["shape"]) if psf else None,
     )
 
 
@@ -323,13 +360,14 @@ class ShardData:
         transform: Callable[[np.ndarray], Any] | None = None,
         max_steps: int = 0,
         verify: bool = False,
+        psf: bool = False,
     ) -> None:
         self.cfg, self.manifest = cfg, manifest
         self.rank, self.world_size, self.seed, self.max_steps = rank, world_size, seed, max_steps
         manifest.check_files()
         if verify:
             _verify(manifest)
-        self._train_src = _source(manifest, "train", transform, cfg.batch_size)
+        self._train_src = _source(manifest, "train", transform, cfg.batch_size, psf)
         self.inputs = PlanInputs(loader="stream", shard_counts=tuple(self._train_src.counts), seed=seed,
                                  world_size=world_size, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  shuffle_buffer=cfg.shuffle_buffer, max_steps=max_steps)  # fmt: skip
@@ -343,7 +381,7 @@ class ShardData:
                 collective=True,
             )
         self._val_src = (
-            _source(manifest, "val", transform, cfg.batch_size) if "val" in manifest.splits else None
+            _source(manifest, "val", transform, cfg.batch_size, psf) if "val" in manifest.splits else None
         )
         # (epoch, start_step, has_pool) and the pool as a mask: read by (persistent) workers.
         self._state = torch.zeros(3, dtype=torch.int64).share_memory_()

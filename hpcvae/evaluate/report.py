@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,8 +37,6 @@ from hpcvae.shards.format import iter_samples
 from hpcvae.shards.manifest import Manifest
 
 DEFAULT_PIXEL_SCALE = 0.03
-
-SYNTH_CATALOG_MARK = "synth"
 
 
 @dataclass(kw_only=True)
@@ -159,14 +158,6 @@ def _transform(model: Any, manifest: Manifest, notes: list[str]) -> Any:
     return get_transform("minmax", manifest.stats("train"))
 
 
-def _is_synthetic(manifest: Manifest) -> bool:
-    d = manifest.data
-    if d.get("synthetic") or d.get("source", {}).get("synthetic"):
-        return True
-    cat = str(d.get("source", {}).get("catalog") or "")
-    return SYNTH_CATALOG_MARK in Path(cat).name
-
-
 def _check_device(device: str) -> str:
     import torch
 
@@ -220,7 +211,24 @@ def evaluate(
     report = json_safe(report)
     run.out.joinpath("report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     run.out.joinpath("report.md").write_text(render_markdown(report))
+    _update_model_card(run, report)
     return report
+
+
+def _update_model_card(run: _Run, report: dict[str, Any]) -> None:
+    """The run's MODEL_CARD.md gains these numbers when the model is a run's (on the val split only)."""
+    from hpcvae.model_card import write_model_card
+    from hpcvae.model_files import MODEL_JSON
+
+    if run.run_dir is None or not (run.run_dir / MODEL_JSON).is_file() or run.cfg.split != "val":
+        return
+    try:
+        write_model_card(run.run_dir, report)
+    except OSError as exc:  # a read-only model folder: the report stands on its own
+        print(
+            f"hpcvae.evaluate: warning: MODEL_CARD.md not updated in {run.run_dir}: {exc.strerror}",
+            file=sys.stderr,
+        )
 
 
 @dataclass(kw_only=True)
@@ -237,6 +245,8 @@ class _Run:
     metrics: Path | None
     notes: list[str] = field(default_factory=list)
     figures: dict[str, str] = field(default_factory=dict)
+    _psf: Any = None
+    """The set's mean PSF as a (1, 1, P, P) tensor, for a PSF-free model (see :meth:`observed`)."""
     t0: float = field(default_factory=time.time)
     acc: _Accum = field(default_factory=_Accum)
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -329,7 +339,7 @@ class _Run:
                 if o.z_pred is not None:
                     acc.z_pred.append(o.z_pred.float().reshape(-1).cpu().numpy())
                 acc.stats.append(moments(phys, 1.0))  # pixels now; scaled to arcsec below
-                acc.recon_stats.append(moments(transform.inverse(recon.cpu()).numpy(), 1.0))
+                acc.recon_stats.append(moments(self.observed(transform.inverse(recon.cpu())).numpy(), 1.0))
                 acc.border.append(border_median(phys))
                 shown = sum(len(a) for a in acc.show_real)
                 if shown < cfg.n_recon:
@@ -356,6 +366,25 @@ class _Run:
         self.n_real, self.pixel_scale, self.ps_source = n_real, pixel_scale, ps_source
         self.z_real, self.mu, self.real_stats = z_real, mu, real_stats
 
+    def observed(self, phys: Any) -> Any:
+        """A PSF-free model's images through the set's mean PSF, so they compare with observed galaxies."""
+        if not self.m.spec.psf_forward:
+            return phys
+        import torch
+
+        from hpcvae.psf import psf_convolve
+
+        if self._psf is None:
+            image = (self.manifest.physics().get("psf") or {}).get("image")
+            if image is None:
+                raise ShardError(
+                    f"{self.manifest.path}: a PSF-free model needs the set's PSF (psf_mean.npy) to be compared"
+                )
+            self._psf = torch.as_tensor(image, dtype=torch.float32)[None, None]
+            self.notes.append("PSF-free model: generated and reconstructed galaxies are convolved with the set's "
+                              "mean PSF before they are measured against the observed ones")  # fmt: skip
+        return psf_convolve(phys, self._psf)
+
     def generate(self) -> None:
         """As many generated galaxies as real ones, at the real galaxies' redshifts."""
         import torch
@@ -378,7 +407,7 @@ class _Run:
                 b = min(cfg.batch_size, n_real - start)
                 r = torch.as_tensor(z_real[start : start + b], device=dev) if conditional else None
                 imgs = m.sample(b, redshift=r, generator=gen, normalized=True, prior=prior)
-                img = transform.inverse(imgs.float().cpu())
+                img = self.observed(transform.inverse(imgs.float().cpu()))
                 gen_stats_parts.append(moments(img.numpy(), 1.0))
                 gen_border.append(border_median(img.numpy()))
         gen_stats = merge_moments(gen_stats_parts, pixel_scale)
@@ -594,7 +623,7 @@ class _Run:
         gen_stats = self.gen_stats
         notes = self.notes
         save = self.save
-        synthetic = _is_synthetic(manifest)
+        synthetic = manifest.synthetic
         trends: dict[str, Any]
         if not conditional:
             trends = {"skipped": "model does not take a redshift"}
@@ -628,7 +657,7 @@ class _Run:
         return {
             "path": mf.root, "manifest_sha256": mf.digest, "split": self.cfg.split, "n_requested": self.cfg.n,
             "n_used": self.n_real, "image_size": mf.image_size, "has_redshift": mf.has_redshift,
-            "synthetic": _is_synthetic(mf), "pixel_scale_arcsec": self.pixel_scale,
+            "synthetic": mf.synthetic, "pixel_scale_arcsec": self.pixel_scale,
             "pixel_scale_source": self.ps_source, "n_skipped": len(self.skipped), "skipped": self.skipped[:50],
             "redshift": summary(self.z_real) if mf.has_redshift else None,
         }  # fmt: skip

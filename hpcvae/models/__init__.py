@@ -30,7 +30,7 @@ __all__ = [
     "model_from_config",
 ]
 
-OVERRIDABLE = ("image_size", "nf", "z_dim", "recon_reduction", "redshift_weight", "likelihood")
+OVERRIDABLE = ("image_size", "nf", "z_dim", "recon_reduction", "redshift_weight", "likelihood", "psf_forward")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -61,6 +61,7 @@ class ArchSpec:
             "recon_reduction": "sum",
             "redshift_weight": 1000.0,
             "likelihood": "mse",
+            "psf_forward": False,
             **self.flavours[flavour],
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -151,4 +152,5 @@ def model_from_config(model_cfg: ModelConfig, image_size: int | None = None) -> 
         recon_reduction=model_cfg.recon_reduction,
         redshift_weight=model_cfg.redshift_weight,
         likelihood=model_cfg.likelihood,
+        psf_forward=model_cfg.psf_forward,
     )

@@ -51,6 +51,8 @@ class ModelSpec:
     recon_reduction: Reduction = "sum"
     redshift_weight: float = 1000.0
     likelihood: Likelihood = "mse"
+    psf_forward: bool = False
+    """The decoder draws PSF-free galaxies; the loss convolves them with each galaxy's PSF."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
@@ -375,8 +377,13 @@ class GalaxyVAE(nn.Module):
         redshift: Any = None,
         beta: float | torch.Tensor = 0.1,
         noise_var: torch.Tensor | None = None,
+        psf: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The training objective, always in fp32 (autocast outputs are upcast first).
+
+        With ``spec.psf_forward`` the reconstruction is first taken to physical units, convolved
+        with each galaxy's PSF (``psf``: (B, 1, P, P), the loader's ``batch["psf"]``) and brought
+        back, so the likelihood compares like with like while the decoder stays PSF-free.
 
         The reconstruction term is ``spec.likelihood``:
 
@@ -396,6 +403,8 @@ class GalaxyVAE(nn.Module):
         x = self._check_image(x).float()
         recon = out.recon.float()
         mu, logvar = out.mu.float(), out.logvar.float()
+        if self.spec.psf_forward:
+            recon = self._observed(recon, psf)
         if self.spec.likelihood == "gaussian":
             if self.transform is None or noise_var is None:
                 raise ModelError(
@@ -425,7 +434,19 @@ class GalaxyVAE(nn.Module):
         x = batch["image"]
         r = batch.get("redshift") if self.conditional else None
         out = self(x, r)
-        return self.compute_loss(out, x, r, beta, noise_var=batch.get("noise_var"))
+        return self.compute_loss(out, x, r, beta, noise_var=batch.get("noise_var"), psf=batch.get("psf"))
+
+    def _observed(self, recon: torch.Tensor, psf: torch.Tensor | None) -> torch.Tensor:
+        """A PSF-free normalised reconstruction as the telescope would see it, normalised again."""
+        from hpcvae.psf import psf_convolve
+
+        if self.transform is None or psf is None:
+            raise ModelError(
+                f"{self.arch}: model.psf_forward needs the normalisation attached (set_normalisation) and each "
+                "galaxy's PSF (batch['psf'], from shards made from a catalog with PSF_FILENAME/PSF_HDU)"
+            )
+        phys = psf_convolve(self.transform.inverse(recon), psf)
+        return self.transform.forward(phys)
 
     # -- generation -------------------------------------------------------------------
 
@@ -531,6 +552,19 @@ class GalaxyVAE(nn.Module):
             r = self._redshift(redshift, x.shape[0], x.device, "reconstruct")
             mu, _ = self._encode(x, r)
             return self._out(self.decode(mu, r), physical)
+
+    def to_galsim(
+        self, n: int, redshift: Any = None, rng: Any = None, prior: str | None = None, **kwargs: Any
+    ) -> list[Any]:
+        """``n`` generated galaxies as ``galsim.InterpolatedImage`` objects at the training pixel scale.
+
+        ``rng`` is a ``galsim.BaseDeviate`` (or an int seed), so draws follow the simulation's seed;
+        ``psf=`` convolves with a target PSF (deconvolving the training PSF first, which must
+        then be the smaller one).  See :func:`hpcvae.galsim.to_galsim`.
+        """
+        from hpcvae.galsim import to_galsim
+
+        return to_galsim(self, n, redshift=redshift, rng=rng, prior=prior, **kwargs)
 
     def interpolate(
         self,

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 
 IMAGE = "image.npy"
 META = "meta.json"
+PSF = "psf.npy"
+"""Each galaxy's PSF (unit sum, float32) where the catalog has PSF_FILENAME/PSF_HDU."""
+WIDS_SUFFIX = ".wids.json"
+"""``train.wids.json``/``val.wids.json``: the wids shard index of each split, for random access."""
+PSF_MEAN = "psf_mean.npy"
+"""The set's mean PSF, a file beside the manifest: what model.json records as the training PSF."""
 
 
 def sample_key(row: int) -> str:
@@ -206,10 +212,14 @@ class ShardWriter:
     def abort(self) -> None:
         self.f.close()
 
-    def add_sample(self, key: str, image: np.ndarray, meta: dict[str, Any]) -> None:
-        """One sample: ``KEY.image.npy`` then ``KEY.meta.json`` (sorted keys: byte-reproducible)."""
+    def add_sample(
+        self, key: str, image: np.ndarray, meta: dict[str, Any], psf: np.ndarray | None = None
+    ) -> None:
+        """One sample: ``KEY.image.npy``, ``KEY.meta.json`` (sorted keys: byte-reproducible), ``KEY.psf.npy``."""
         self.add(f"{key}.{IMAGE}", encode_npy(image))
         self.add(f"{key}.{META}", json.dumps(meta, sort_keys=True).encode())
+        if psf is not None:
+            self.add(f"{key}.{PSF}", encode_npy(psf))
 
     def __enter__(self) -> ShardWriter:
         return self

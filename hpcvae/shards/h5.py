@@ -41,7 +41,12 @@ def close_readers() -> None:
     _H5_FILES.clear()
 
 
-def iter_images(job: Job) -> Iterator[tuple[Row, Any]]:
+def header_info(job: Job) -> dict[str, str]:
+    """The seed's h5 files carry no FITS headers."""
+    return {}
+
+
+def iter_images(job: Job) -> Iterator[tuple[Row, Any, None]]:
     """(row, stamp or ShardError) for every row of ``job``: one block read of the h5 dataset."""
     dset = _h5_dataset(job.source, job.h5_images or "")
     lo, hi = job.rows[0].row, job.rows[-1].row + 1
@@ -52,9 +57,9 @@ def iter_images(job: Job) -> Iterator[tuple[Row, Any]]:
         finite = np.isfinite(img)
         if not finite.all():
             bad = img.size - np.count_nonzero(finite)
-            yield r, row_error(f"{bad} NaN/inf pixel(s) of {img.size}", r, job.source)
+            yield r, row_error(f"{bad} NaN/inf pixel(s) of {img.size}", r, job.source), None
         else:
-            yield r, img
+            yield r, img, None
 
 
 def _h5_image_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -145,8 +150,11 @@ def build_shards_from_h5(
     skip_bad: bool = False,
     overwrite: bool = False,
     verbose: bool = False,
+    **physics: Any,
 ) -> Manifest:
     """Shard the seed's h5 layout (N x H x W images + N redshifts) into the same format.
+
+    ``physics``: ``band``, ``instrument``, ``bunit``, ``pixel_scale``: the h5 file records none of them.
 
     The h5 has no catalog, so a galaxy's identity is its row: ``ident`` is the row
     number, ``file`` the h5 file name and ``hdu`` the row (its position in the file).
@@ -162,6 +170,7 @@ def build_shards_from_h5(
         skip_bad=skip_bad,
         overwrite=overwrite,
         verbose=verbose,
+        **physics,
     )
     path = Path(h5).resolve()
     if not path.is_file():

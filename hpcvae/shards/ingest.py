@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from hpcvae.errors import ConfigError, HpcvaeError, ShardError
-from hpcvae.shards.format import ShardWriter, sample_key
+from hpcvae.shards.format import PSF, PSF_MEAN, WIDS_SUFFIX, ShardWriter, sample_key
 from hpcvae.shards.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -72,6 +72,16 @@ class ShardConfig:
     """Replace a shard set already in the output folder."""
     verbose: bool = False
     """Progress per shard on stderr."""
+    band: str | None = None
+    """Filter band (e.g. F814W) for model.json; default: the catalog's BAND column, else the FITS FILTER."""
+    instrument: str | None = None
+    """Telescope/instrument (e.g. HST/ACS); default: the stamps' TELESCOP/INSTRUME header keywords."""
+    bunit: str | None = None
+    """Flux unit of the pixels; default: the stamps' BUNIT header keyword."""
+    pixel_scale: float | None = None
+    """Arcsec per pixel where the catalog has no PIXEL_SCALE column."""
+    psfs: bool = True
+    """Copy each galaxy's PSF (PSF_FILENAME/PSF_HDU) into the shards; ``--no-psfs`` ignores those columns."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
@@ -115,6 +125,9 @@ class Row:
     mag: float | None
     pixel_scale: float | None
     noise_variance: float | None
+    band: str | None = None
+    psf_file: str | None = None
+    psf_hdu: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -145,6 +158,11 @@ class JobResult:
     skipped: list[dict[str, Any]]
     stats: PixelStats = field(default_factory=PixelStats)
     """Partial statistics of the train pixels this shard holds (merged by the build)."""
+    psf_sum: np.ndarray | None = None
+    """Sum of the (unit-sum) PSFs of this shard's galaxies with the first PSF's shape."""
+    psf_n: int = 0
+    header: dict[str, str] = field(default_factory=dict)
+    """BUNIT, TELESCOP, INSTRUME, FILTER of the first stamp's FITS header."""
 
 
 def row_error(problem: str, r: Row, source: str) -> HpcvaeError:
@@ -164,24 +182,35 @@ def run_job(job: Job) -> JobResult:
     try:
         tar = ShardWriter(job.tmp_path)
         try:
-            for r, img in source.iter_images(job):
-                write_row(job, tar, res, r, img)
+            for r, img, psf in source.iter_images(job):
+                write_row(job, tar, res, r, img, psf)
         except BaseException:
             tar.abort()
             raise
         res.sha256 = tar.close()
+        res.header = source.header_info(job)
     except BaseException:
         Path(job.tmp_path).unlink(missing_ok=True)
         raise
     return res
 
 
-def write_row(job: Job, tar: ShardWriter, res: JobResult, r: Row, img: Any) -> None:
-    if not isinstance(img, np.ndarray):
-        if not job.skip_bad:
-            raise img
-        res.skipped.append(skip_record(r, img.problem))
-        return
+def write_row(job: Job, tar: ShardWriter, res: JobResult, r: Row, img: Any, psf: Any = None) -> None:
+    for bad in (img, psf):
+        if bad is not None and not isinstance(bad, np.ndarray):
+            if not job.skip_bad:
+                raise bad
+            res.skipped.append(skip_record(r, bad.problem))
+            return
+    if psf is not None:
+        total = float(psf.sum(dtype=np.float64))
+        if not total > 0:
+            problem = f"PSF {r.psf_file} HDU {r.psf_hdu} sums to {total:g}; a PSF must have positive flux"
+            if not job.skip_bad:
+                raise row_error(problem, r, job.source)
+            res.skipped.append(skip_record(r, problem))
+            return
+        psf = (psf / total).astype(np.float32)
     try:
         out = fit_to_size(img, job.size, pad=job.pad, noise_variance=r.noise_variance, seed=r.seed)
     except ValueError as exc:
@@ -199,9 +228,17 @@ def write_row(job: Job, tar: ShardWriter, res: JobResult, r: Row, img: Any) -> N
         "orig_shape": [int(img.shape[0]), int(img.shape[1])],
         "file": r.file,
         "hdu": r.hdu,
+        "psf_file": r.psf_file if psf is not None else None,
+        "psf_hdu": r.psf_hdu if psf is not None else None,
     }
-    tar.add_sample(sample_key(r.row), out, meta)
+    tar.add_sample(sample_key(r.row), out, meta, psf=psf)
     res.count += 1
+    if psf is not None:
+        if res.psf_sum is None:
+            res.psf_sum = np.zeros(psf.shape, np.float64)
+        if psf.shape == res.psf_sum.shape:
+            res.psf_sum += psf
+            res.psf_n += 1
     if job.stats_pixels:
         flat = out.ravel()
         if job.stats_pixels < flat.size:
@@ -236,9 +273,10 @@ def check_out(out: Path, overwrite: bool) -> list[Path]:
             x for x in (MANIFEST_NAME if has_manifest else "", f"{n_tar} .tar file(s)" if n_tar else "") if x
         )
         raise ShardError(f"{out}: folder already holds shards ({what}); pass --overwrite to replace them")
+    extras = [p for p in out.iterdir() if p.name == PSF_MEAN or p.name.endswith(WIDS_SUFFIX)]
     return [
         p for p in old if p.name == MANIFEST_NAME or SHARD_RE.match(p.name) or p.name.startswith(TMP_PREFIX)
-    ]
+    ] + extras
 
 
 def build(src: Source, out: Path, cfg: ShardConfig) -> Manifest:
@@ -354,13 +392,59 @@ def _finish(
             shards.append({"name": name, "count": r.count, "sha256": r.sha256})
         splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
 
+    physics = _physics(src, cfg, results, stats.to_dict(), out)
     data = manifest_record(
         size=cfg.size, splits=splits, stats=stats.to_dict(), source=src.source_info,
         has_redshift=src.has_redshift, redshift_column=src.redshift_column, n_rows=src.n_rows,
         skipped=skipped, pad=cfg.pad, val_fraction=cfg.val_fraction, shard_size=cfg.shard_size,
-        build_seconds=round(time.perf_counter() - t0, 3),
+        build_seconds=round(time.perf_counter() - t0, 3), physics=physics,
     )  # fmt: skip
     return write_manifest(out, data)
+
+
+def _physics(
+    src: Source, cfg: ShardConfig, results: list[JobResult], stats: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """The manifest's ``physics``: what a pixel means (scale, band, unit, noise, PSF); model.json copies it."""
+    header = next((r.header for r in results if r.header), {})
+    scales = [r.pixel_scale for r in src.rows if r.pixel_scale]
+    scale = cfg.pixel_scale or (float(np.median(scales)) if scales else None)
+    bands = sorted({r.band for r in src.rows if r.band})
+    band = cfg.band or ("+".join(bands) if bands else header.get("FILTER"))
+    instrument = cfg.instrument or (
+        "/".join(x for x in (header.get("TELESCOP"), header.get("INSTRUME")) if x) or None
+    )
+    psf_n = sum(r.psf_n for r in results)
+    psf: dict[str, Any] = {"in_images": True if src.kind == "rgc" else None, "per_galaxy": psf_n > 0}
+    if psf_n:
+        shape = next(r.psf_sum.shape for r in results if r.psf_sum is not None)
+        mean = sum(r.psf_sum for r in results if r.psf_sum is not None and r.psf_sum.shape == shape) / psf_n
+        mean = (mean / mean.sum()).astype(np.float32)
+        tmp = out / f".{PSF_MEAN}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, mean)
+        os.replace(tmp, out / PSF_MEAN)
+        psf |= {"member": PSF, "mean_file": PSF_MEAN, "n": psf_n, "shape": list(shape),
+                "fwhm_arcsec": _fwhm(mean, scale)}  # fmt: skip
+    return {
+        "pixel_scale_arcsec": scale,
+        "band": band,
+        "instrument": instrument,
+        "bunit": cfg.bunit or header.get("BUNIT"),
+        "noise_std": stats.get("noise_std"),
+        "psf": psf,
+    }
+
+
+def _fwhm(psf: np.ndarray, scale: float | None) -> float | None:
+    if not scale:
+        return None
+    import galsim
+
+    try:
+        return float(galsim.ImageD(psf.astype(np.float64), scale=scale).calculateFWHM())
+    except galsim.GalSimError:
+        return None
 
 
 def _close_all_readers() -> None:

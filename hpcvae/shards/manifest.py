@@ -28,6 +28,8 @@ import numpy as np
 from hpcvae.errors import ShardError
 
 MANIFEST_NAME = "manifest.json"
+SYNTH_CATALOG_MARK = "synth"
+"""``hpcvae.synth`` names its catalogs ``real_galaxy_catalog_synth_*``."""
 FORMAT = "hpcvae-shards/1"
 
 
@@ -102,6 +104,26 @@ class Manifest:
 
     def stats(self, split: str = "train") -> dict[str, float]:
         return dict(self.data.get("stats", {}).get(split, {}))
+
+    @property
+    def synthetic(self) -> bool:
+        """Made by ``hpcvae.synth`` (its catalog name says so): truth tables exist, results are not science."""
+        d = self.data
+        if d.get("synthetic") or d.get("source", {}).get("synthetic"):
+            return True
+        return SYNTH_CATALOG_MARK in Path(str(d.get("source", {}).get("catalog") or "")).name
+
+    def physics(self) -> dict[str, Any]:
+        """What a pixel means: scale, band, unit, noise and the mean PSF image (as lists), for model.json.
+
+        A set written before ``physics`` existed gets the pixel scale of its first sample, if any.
+        """
+        phys = dict(self.data.get("physics") or {})
+        psf = dict(phys.get("psf") or {})
+        if psf.get("mean_file") and (self.root / psf["mean_file"]).is_file():
+            psf["image"] = np.load(self.root / psf["mean_file"]).astype(float).round(8).tolist()
+        phys["psf"] = psf
+        return phys
 
     @property
     def digest(self) -> str:
@@ -329,9 +351,36 @@ def manifest_record(
     }
 
 
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_wids_indexes(root: Path, data: dict[str, Any]) -> None:
+    """``SPLIT.wids.json`` (wids' ``wids-shard-index-v1``), so ``wids.ShardListDataset`` opens a split."""
+    from hpcvae.shards.format import WIDS_SUFFIX
+
+    for split, s in data.get("splits", {}).items():
+        index = {
+            "__kind__": "wids-shard-index-v1",
+            "wids_version": 1,
+            "name": f"{root.name}/{split}",
+            "shardlist": [{"url": sh["name"], "nsamples": sh["count"]} for sh in s.get("shards", [])],
+        }
+        _atomic_json(root / f"{split}{WIDS_SUFFIX}", index)
+
+
 def write_manifest(root: str | Path, data: dict[str, Any]) -> Manifest:
-    """Write ``manifest.json`` atomically (temp file, rename): a folder with one is always a complete set."""
+    """Write ``manifest.json`` atomically (temp file, rename): a folder with one is always a complete set.
+
+    The wids indexes are written first: the manifest is the commit point of a set.
+    """
     root = Path(root)
+    write_wids_indexes(root, data)
     tmp = root / f".tmp-{os.getpid()}-{MANIFEST_NAME}"
     try:
         tmp.write_text(json.dumps(data, indent=1) + "\n")

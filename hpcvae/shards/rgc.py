@@ -107,6 +107,9 @@ class RGCCatalog:
     noise_variance: np.ndarray | None
     redshift: np.ndarray | None
     redshift_column: str | None
+    band: list[str] | None = None
+    psf_filename: list[str] | None = None
+    psf_hdu: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.gal_filename)
@@ -139,7 +142,8 @@ def read_catalog(
     if redshift_column is not None and use_redshift is None:
         use_redshift = True
     column = redshift_column or "zphot"
-    cols, n = read_table(path, ["IDENT", "GAL_FILENAME", "GAL_HDU", "MAG", "PIXEL_SCALE", "NOISE_VARIANCE"])
+    cols, n = read_table(path, ["IDENT", "GAL_FILENAME", "GAL_HDU", "MAG", "PIXEL_SCALE", "NOISE_VARIANCE",
+                                "BAND", "PSF_FILENAME", "PSF_HDU"])  # fmt: skip
     missing = [c for c in REQUIRED_COLUMNS if c not in cols]
     if missing:
         have = ", ".join(cols["__ALL__"])
@@ -181,7 +185,19 @@ def read_catalog(
         noise_variance=cols.get("NOISE_VARIANCE"),
         redshift=redshift,
         redshift_column=column if redshift is not None else None,
+        band=[str(v) for v in cols["BAND"]] if "BAND" in cols else None,
+        **_psf_columns(path, cols),
     )
+
+
+def _psf_columns(path: Path, cols: dict[str, np.ndarray]) -> dict[str, Any]:
+    """PSF_FILENAME/PSF_HDU when the catalog has both (GalSim's layout): each galaxy's PSF is copied."""
+    if "PSF_FILENAME" not in cols or "PSF_HDU" not in cols:
+        return {}
+    hdu = cols["PSF_HDU"]
+    if hdu.dtype.kind not in "iu" and not (hdu.dtype.kind == "f" and np.all(hdu == np.round(hdu))):
+        raise CatalogError(f"{path}: column PSF_HDU must hold integers (got {hdu.dtype})")
+    return {"psf_filename": [str(v) for v in cols["PSF_FILENAME"]], "psf_hdu": hdu.astype(np.int64)}
 
 
 def _read_redshift(
@@ -338,15 +354,46 @@ def close_readers() -> None:
         _READER = None
 
 
-def iter_images(job: Job) -> Iterator[tuple[Row, Any]]:
-    """(row, stamp or FitsReadError) for every row of ``job``, in row order."""
+def iter_images(job: Job) -> Iterator[tuple[Row, Any, Any]]:
+    """(row, stamp or FitsReadError, PSF or FitsReadError or None) for every row of ``job``, in row order."""
     reader = _reader()
     root = Path(job.source)
     for r in job.rows:
         try:
-            yield r, reader.read(root / r.file, r.hdu, row=r.row)
+            img: Any = reader.read(root / r.file, r.hdu, row=r.row)
         except FitsReadError as exc:
-            yield r, exc
+            img = exc
+        psf: Any = None
+        if r.psf_file is not None and r.psf_hdu is not None and not isinstance(img, FitsReadError):
+            try:
+                psf = reader.read(root / r.psf_file, r.psf_hdu, row=r.row)
+            except FitsReadError as exc:
+                psf = fits_error(root / r.psf_file, f"PSF unusable: {exc.problem} (--no-psfs shards without PSFs)",
+                                 hdu=r.psf_hdu, row=r.row)  # fmt: skip
+        yield r, img, psf
+
+
+HEADER_KEYS = ("BUNIT", "TELESCOP", "INSTRUME", "FILTER")
+
+
+def header_info(job: Job) -> dict[str, str]:
+    """BUNIT, TELESCOP, INSTRUME, FILTER of the job's first stamp (its HDU, else the file's primary)."""
+    if not job.rows:
+        return {}
+    r = job.rows[0]
+    path = str(Path(job.source) / r.file)
+    try:
+        fits = _reader()._handle(path)
+        hdrs = [fits[r.hdu].read_header(), fits[0].read_header()]
+    except (FitsReadError, OSError, ValueError, IndexError):
+        return {}
+    out: dict[str, str] = {}
+    for key in HEADER_KEYS:
+        for h in hdrs:
+            if key in h and str(h[key]).strip():
+                out[key] = str(h[key]).strip()
+                break
+    return out
 
 
 def _finite_or_none(v: Any) -> float | None:
@@ -371,8 +418,12 @@ def build_shards(
     skip_bad: bool = False,
     overwrite: bool = False,
     verbose: bool = False,
+    **physics: Any,
 ) -> Manifest:
-    """Shard a RealGalaxyCatalog; see the module docstring and docs/DESIGN.md for the layout."""
+    """Shard a RealGalaxyCatalog; see the module docstring and docs/DESIGN.md for the layout.
+
+    ``physics``: ``band``, ``instrument``, ``bunit``, ``pixel_scale`` where the catalog lacks them.
+    """
     cfg = ShardConfig(
         size=size,
         val_fraction=val_fraction,
@@ -382,6 +433,7 @@ def build_shards(
         skip_bad=skip_bad,
         overwrite=overwrite,
         verbose=verbose,
+        **physics,
     )
     cat = read_catalog(
         catalog, fits_catalog=fits_catalog, redshift_column=redshift_column, use_redshift=use_redshift
@@ -428,6 +480,9 @@ def _rgc_rows(cat: RGCCatalog, cfg: ShardConfig) -> tuple[list[Row], list[dict[s
             mag=None if cat.mag is None else _finite_or_none(cat.mag[i]),
             pixel_scale=None if cat.pixel_scale is None else _finite_or_none(cat.pixel_scale[i]),
             noise_variance=None if cat.noise_variance is None else _finite_or_none(cat.noise_variance[i]),
+            band=None if cat.band is None else (cat.band[i] or None),
+            psf_file=None if cat.psf_filename is None or not cfg.psfs else cat.psf_filename[i],
+            psf_hdu=None if cat.psf_hdu is None or not cfg.psfs else int(cat.psf_hdu[i]),
         )
         if r.zphot is not None and not math.isfinite(r.zphot):
             problem = f"redshift {cat.redshift_column} is {r.zphot} (not finite)"

@@ -1,0 +1,263 @@
+"""Using a trained model where astronomers work: model.json physics, FITS with WCS, GalSim, model card, wids."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HPCVAE_TRACEBACK"}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from hpcvae.shards.__main__ import main as shard_main
+    from hpcvae.synth import make_synthetic
+
+    root = tmp_path_factory.mktemp("use")
+    cat = make_synthetic(120, SIZE, root / "synth", seed=3, workers=1, progress=False)
+    assert shard_main(["--catalog", str(cat), "--out", str(root / "shards"), "--size", str(SIZE),
+                       "--val-fraction", "0.3"]) in (0, None)  # fmt: skip
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def run(shards, tmp_path_factory) -> Path:
+    from hpcvae.train import main as train_main
+
+    out = tmp_path_factory.mktemp("use-run") / "cvae2"
+    rc = train_main([
+        "--arch", "cvae2", "--flavour", "debug", "--data", str(shards), "--out", str(out), "--epochs", "1",
+        "--batch-size", "16", "--seed", "0", "--set", "data.num_workers=0", "--set", "data.persistent_workers=false",
+    ])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def test_shards_carry_the_physics_and_each_galaxy_its_psf(shards):
+    from hpcvae.shards import Manifest, iter_samples
+    from hpcvae.shards.format import read_shard
+
+    m = Manifest.load(shards)
+    phys = m.physics()
+    assert phys["pixel_scale_arcsec"] == pytest.approx(0.03)
+    assert phys["band"] == "F814W" and phys["instrument"] == "HST/ACS" and phys["bunit"]
+    assert phys["noise_std"] > 0
+    psf = np.asarray(phys["psf"]["image"])
+    assert phys["psf"]["in_images"] is True and psf.shape == (37, 37)
+    assert psf.sum() == pytest.approx(1.0, abs=1e-5) and 0.05 < phys["psf"]["fwhm_arcsec"] < 0.2
+    _, files = next(read_shard(m.shard_paths("train")[0]))
+    assert "psf.npy" in files
+    key, img, meta = next(iter_samples(m, "train"))
+    assert meta["psf_file"].startswith("real_galaxy_PSF_images") and meta["psf_hdu"] >= 0
+
+
+def test_a_damaged_psf_hdu_is_a_one_line_error_or_a_recorded_skip(tmp_path):
+    import fitsio
+
+    from hpcvae.synth import make_synthetic
+
+    cat = make_synthetic(12, SIZE, tmp_path / "synth", seed=4, workers=1, progress=False)
+    rows = fitsio.read(str(cat))
+    psf_file = cat.parent / rows["PSF_FILENAME"][0].strip()
+    bad_hdu = int(rows["PSF_HDU"][0])
+    with fitsio.FITS(str(psf_file), "rw") as f:  # a real damage: the PSF becomes NaN on disk
+        f[bad_hdu].write(np.full((37, 37), np.nan, dtype=np.float32))
+    p = _cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "s"), "--size", str(SIZE))
+    err = p.stderr.strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert psf_file.name in err and f"HDU {bad_hdu}" in err and "PSF" in err
+    p = _cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "s"), "--size", str(SIZE),
+             "--skip-bad")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert man["n_skipped"] == 1 and "PSF" in man["skipped"][0]["reason"]
+    # --no-psfs ignores the PSF columns: nothing skipped, no PSF in the set
+    p = _cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "n"), "--size", str(SIZE),
+             "--no-psfs")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    man = json.loads((tmp_path / "n" / "manifest.json").read_text())
+    assert man["n_skipped"] == 0 and man["physics"]["psf"]["per_galaxy"] is False
+
+
+def test_model_json_records_pixels_band_unit_noise_and_psf(run):
+    meta = json.loads((run / "model.json").read_text())
+    phys = meta["physics"]
+    assert phys["pixel_scale_arcsec"] == pytest.approx(0.03) and phys["band"] == "F814W"
+    assert phys["psf"]["in_images"] is True and phys["psf_free"] is False
+    assert len(meta["config_sha256"]) == 64
+    assert meta["data"]["counts"]["train"] > 0 and meta["data"]["synthetic"] is True
+
+
+def test_generate_writes_fits_with_a_celestial_wcs(run, tmp_path):
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    p = _cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3",
+             "--out", str(tmp_path / "gen.fits"))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    with fits.open(tmp_path / "gen.fits") as hdul:
+        assert len(hdul) == 6 and hdul[0].header["ARCH"] == "cvae2" and hdul[0].header["NGAL"] == 5
+        assert len(hdul[0].header["CFGHASH"]) == 16
+        h = hdul[1].header
+        w = WCS(h)
+        assert w.has_celestial and w.wcs.ctype[0] == "RA---TAN"
+        assert np.allclose(w.proj_plane_pixel_scales()[0].to_value("arcsec"), 0.03)
+        assert h["BUNIT"] and h["REDSHIFT"] == 0.7 and h["SEED"] == 3 and h["PRIOR"] == "normal"
+        first = hdul[1].data.copy()
+    import fitsio
+
+    same = fitsio.read(str(tmp_path / "gen.fits"), ext=1)
+    assert same.shape == (SIZE, SIZE) and np.array_equal(same, first)
+    # the same seed gives the same galaxies; another seed others
+    assert _cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3",
+                "--out", str(tmp_path / "again.npy")).returncode == 0  # fmt: skip
+    assert np.allclose(np.load(tmp_path / "again.npy")[0], first)
+    assert _cli("-m", "hpcvae.generate", str(run), "--n", "2", "--redshift", "0.7", "--out",
+                str(tmp_path / "grid.png")).returncode == 0  # fmt: skip
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--n", "2"], "conditioned on redshift; pass --redshift"),
+        (["--n", "2", "--redshift", "0.5", "--format", "tiff"], "'tiff' is not one of"),
+        (["--n", "0", "--redshift", "0.5"], "n must be >= 1"),
+    ],
+)
+def test_generate_bad_input_is_one_line(run, tmp_path, args, words):
+    p = _cli("-m", "hpcvae.generate", str(run), *args, "--out", str(tmp_path / "g.fits"))
+    err = p.stderr.strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_generate_refuses_to_overwrite(run, tmp_path):
+    (tmp_path / "g.fits").write_text("keep me")
+    p = _cli(
+        "-m", "hpcvae.generate", str(run), "--n", "1", "--redshift", "0.5", "--out", str(tmp_path / "g.fits")
+    )
+    assert p.returncode == 2 and "--overwrite" in p.stderr
+    assert (tmp_path / "g.fits").read_text() == "keep me"
+
+
+def test_to_galsim_keeps_flux_scale_and_the_galsim_seed(run):
+    import galsim
+
+    from hpcvae import load_model
+    from hpcvae.galsim import generator_from
+
+    model = load_model(run)
+    objs = model.to_galsim(6, redshift=0.7, rng=galsim.BaseDeviate(11))
+    pixels = model.sample(6, redshift=0.7, generator=generator_from(galsim.BaseDeviate(11)))[:, 0].numpy()
+    for obj, pix in zip(objs, pixels):
+        assert isinstance(obj, galsim.InterpolatedImage)
+        drawn = obj.drawImage(nx=SIZE, ny=SIZE, scale=0.03, method="no_pixel").array
+        assert drawn.sum() == pytest.approx(float(pix.sum()), rel=0.01)
+        assert obj.flux == pytest.approx(float(pix.sum()), rel=0.01)
+    again = model.to_galsim(6, redshift=0.7, rng=galsim.BaseDeviate(11))
+    assert [o.flux for o in again] == [o.flux for o in objs]
+    assert [o.flux for o in model.to_galsim(6, redshift=0.7, rng=galsim.BaseDeviate(12))] != [
+        o.flux for o in objs
+    ]
+
+
+def test_to_galsim_deconvolves_the_training_psf_only_towards_a_larger_one(run):
+    import galsim
+
+    from hpcvae import load_model
+    from hpcvae.errors import ModelError
+
+    model = load_model(run)
+    with pytest.raises(ModelError, match=r"must be larger than the training PSF"):
+        model.to_galsim(1, redshift=0.7, rng=1, psf=galsim.Gaussian(fwhm=0.03))
+    moffat = galsim.Moffat(beta=3.0, fwhm=0.7)
+    (obj,) = model.to_galsim(1, redshift=0.7, rng=1, psf=moffat)
+    (plain,) = model.to_galsim(1, redshift=0.7, rng=1)
+    img = obj.drawImage(nx=48, ny=48, scale=0.2)
+    assert img.array.sum() == pytest.approx(plain.flux, rel=0.01)
+    # sizes are in arcsec: the same object drawn on two pixel grids has the same HSM size in arcsec
+    fine = obj.drawImage(nx=200, ny=200, scale=0.05)
+    s_coarse = img.FindAdaptiveMom().moments_sigma * 0.2
+    s_fine = fine.FindAdaptiveMom().moments_sigma * 0.05
+    assert s_coarse == pytest.approx(s_fine, rel=0.05)
+
+
+def test_galsim_command_draws_hpcvae_galaxies_from_yaml(run, tmp_path):
+    yaml = f"""
+modules: [hpcvae.galsim]
+psf: {{type: Moffat, beta: 3.0, fwhm: 0.7}}
+gal: {{type: HpcvaeGalaxy, model: {run}, redshift: {{type: Random, min: 0.3, max: 1.2}}}}
+image:
+  type: Scattered
+  size: 160
+  pixel_scale: 0.2
+  nobjects: 12
+  random_seed: 1234
+  noise: {{type: Gaussian, sigma: 1.0e-4}}
+output: {{dir: {tmp_path}, file_name: field.fits}}
+"""
+    (tmp_path / "field.yaml").write_text(yaml)
+    p = subprocess.run(["galsim", "-v", "1", str(tmp_path / "field.yaml")], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    import fitsio
+
+    field, hdr = fitsio.read(str(tmp_path / "field.fits"), header=True)
+    assert field.shape == (160, 160) and field.sum() > 0
+
+
+def test_simulate_field_example_conserves_flux(run, tmp_path):
+    p = _cli("examples/simulate_field.py", str(run), "--n", "20", "--out", str(tmp_path / "field.fits"),
+             "--noise", "0")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    import fitsio
+
+    field = fitsio.read(str(tmp_path / "field.fits"))
+    hdr = fitsio.read_header(str(tmp_path / "field.fits"))
+    assert abs(field.sum() / hdr["FLUXSUM"] - 1) < 0.01
+    assert hdr["PIXSCALE"] == 0.2 and hdr["NGAL"] == 20
+
+
+def test_model_card_from_model_json_and_the_report(run, shards, tmp_path):
+    card = (run / "MODEL_CARD.md").read_text()
+    assert card.startswith("---\nlicense: mit\n") and "tags:" in card and "datasets:" in card
+    assert "`cvae2`" in card and "Not evaluated yet" in card and "PSF-convolved" in card
+    from hpcvae.evaluate import EvalConfig, evaluate
+
+    evaluate(run, shards, tmp_path / "report", config=EvalConfig(n=16, device="cpu"))
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "## Evaluation" in card and "0.2481" in card or "0.248" in card
+    assert "Not evaluated yet" not in card and "synthetic" in card
+
+
+def test_wids_and_webdataset_open_a_split(shards):
+    import webdataset as wds
+    import wids
+
+    from hpcvae.shards import Manifest
+
+    m = Manifest.load(shards)
+    index = json.loads((shards / "train.wids.json").read_text())
+    assert index["__kind__"] == "wids-shard-index-v1"
+    ds = wids.ShardListDataset(str(shards / "train.wids.json"))
+    assert len(ds) == m.count("train")
+    sample = ds[0]
+    assert ".image.npy" in sample and ".meta.json" in sample
+    n = sum(1 for _ in wds.WebDataset([str(p) for p in m.shard_paths("val")], shardshuffle=False))
+    assert n == m.count("val")
