@@ -149,6 +149,29 @@ def bench_resident(shards: Path, cfg: DataBenchConfig) -> dict[str, Any]:
     }
 
 
+def bench_verify(shards: Path, workdir: Path, loader_images_per_s: float | None) -> dict[str, Any]:
+    """What ``data.verify`` costs: the first check (sha256 of every shard) and a resume's (cached)."""
+    from hpcvae.dist import DistInfo
+    from hpcvae.shards.manifest import Manifest, verify_for_run
+
+    m = Manifest.load(shards)
+    run_dir = workdir / "verify-run"
+    run_dir.mkdir(exist_ok=True)
+    dist = DistInfo()  # one process: the first check's cost on one core
+    nbytes = sum((m.root / s.name).stat().st_size for sp in m.splits for s in m.shards(sp))
+    t0 = time.perf_counter()
+    verify_for_run(m, run_dir, dist)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    verify_for_run(m, run_dir, dist)
+    cached = time.perf_counter() - t0
+    n = m.count("train")
+    epoch_s = n / loader_images_per_s if loader_images_per_s else None
+    return {"bytes": nbytes, "first_check_s": first, "first_check_gb_per_s": nbytes / first / 1e9,
+            "cached_check_s": cached, "loader_epoch_s": epoch_s,
+            "first_check_over_epoch": first / epoch_s if epoch_s else None}  # fmt: skip
+
+
 def _steady(res: dict[str, Any]) -> float | None:
     eps = res.get("epochs") or []
     return eps[-1]["images_per_s"] if eps else None
@@ -359,6 +382,11 @@ def run(cfg: DataBenchConfig, out: Path) -> dict[str, Any]:
             r["first_epoch_images_per_s"] = r["epochs"][0]["images_per_s"] if r.get("epochs") else None
             r["speedup_vs_seed"] = rate / seed_rate if rate and seed_rate else None
 
+        verify = bench_verify(shards, workdir, max((r["images_per_s"] or 0) for r in loaders) or None)
+        print(
+            f"  data.verify: first check {verify['first_check_s']:.2f} s ({verify['first_check_gb_per_s']:.2f} GB/s), "
+            f"cached (a resume) {verify['cached_check_s'] * 1e3:.1f} ms"
+        )
         sharding = bench_sharding(workdir, cfg, h5)
         for s in sharding:
             print(
@@ -373,6 +401,7 @@ def run(cfg: DataBenchConfig, out: Path) -> dict[str, Any]:
         "config": asdict(cfg),
         "loader_set": {"n_train": n_train, "image_size": cfg.image_size, "prepare_s": prep_s},
         "loaders": loaders,
+        "verify": verify,
         "sharding": sharding,
         "rss": rss,
         "rss_sets": big_info,
@@ -441,6 +470,21 @@ RSS_COLS = [
 ]
 
 
+def _verify_md(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "not measured"
+    rel = v.get("first_check_over_epoch")
+    return (
+        f"First check of {v['bytes'] / 1e9:.3f} GB: {v['first_check_s']:.2f} s ({v['first_check_gb_per_s']:.2f} GB/s, "
+        + (
+            f"{rel:.0%} of one epoch of the fastest loader above"
+            if rel is not None
+            else "no loader epoch to compare"
+        )
+        + f"); a resume over unchanged shards (cache by size and mtime): {v['cached_check_s'] * 1e3:.1f} ms."
+    )
+
+
 def render_md(p: dict[str, Any]) -> str:
     env, cfg = p["environment"], p["config"]
     ls = p["loader_set"]
@@ -460,6 +504,10 @@ def render_md(p: dict[str, Any]) -> str:
         "configuration (single-process DataLoader).",
         "",
         common.md_table(p["loaders"], LOADER_COLS),
+        "",
+        "## `data.verify`: the sha256 check of every shard before training",
+        "",
+        _verify_md(p.get("verify")),
         "",
         "## Sharding: galaxies/s of `hpcvae.shard`",
         "",

@@ -178,6 +178,9 @@ def test_data_throughput_smoke(tmp_path):
     assert all(r["images_read"] == (r["n_train"] // 32) * 32 for r in p["rss"])
     (verdict,) = p["rss_verdict"].values()
     assert _finite(verdict["growth_mb"]) and verdict["n_ratio"] > 3
+    v = p["verify"]  # data.verify's first check is timed, and a resume's cached one is far cheaper
+    assert v["bytes"] > 0 and v["first_check_s"] > 0 and 0 <= v["cached_check_s"] < v["first_check_s"]
+    assert "`data.verify`" in mp.read_text()
     md = mp.read_text()
     for text in ("× seed", "galaxies/s", "peak RSS", "32²"):
         assert text in md
