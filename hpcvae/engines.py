@@ -139,7 +139,25 @@ class DDPEngine(Engine):
         if dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            wrapped = DDP(module, device_ids=[self.device] if self.device.type == "cuda" else None)
+            d = cfg.ddp
+            if d.comm_hook == "bf16" and dist.backend != "nccl":
+                raise ConfigError(
+                    f"ddp.comm_hook = 'bf16' needs NCCL (PyTorch's bf16 hook); this run uses {dist.backend}: "
+                    "use ddp.comm_hook = 'fp16'",
+                    collective=True,
+                )
+            wrapped = DDP(module, device_ids=[self.device] if self.device.type == "cuda" else None,
+                          bucket_cap_mb=d.bucket_cap_mb, gradient_as_bucket_view=d.gradient_as_bucket_view,
+                          static_graph=d.static_graph)  # fmt: skip
+            if d.comm_hook != "none":
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                hook = (
+                    default_hooks.bf16_compress_hook
+                    if d.comm_hook == "bf16"
+                    else default_hooks.fp16_compress_hook
+                )
+                wrapped.register_comm_hook(None, hook)
         if cfg.compile:
             wrapped = torch.compile(wrapped)
         self.wrapped = wrapped

@@ -117,3 +117,40 @@ def test_zero_checkpoint_consolidates_via_cli(shards: Path, tmp_path: Path, stag
     assert json.loads((dest / "model.json").read_text())["arch"] == "cvae2"
     x = load_model(dest).sample(2, redshift=0.7)
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize(
+    "ddp_args",
+    [
+        pytest.param(["--set", "ddp.comm_hook=fp16"], id="fp16-compression"),
+        pytest.param(["--set", "ddp.bucket_cap_mb=0.05"], id="small-buckets"),
+        pytest.param(
+            ["--set", "ddp.static_graph=true", "--set", "ddp.gradient_as_bucket_view=false"], id="static"
+        ),
+    ],
+)
+def test_ddp_communication_options_train_the_same_model(
+    shards: Path, tmp_path: Path, ddp_args: list[str]
+) -> None:
+    """Every DDP option trains on 2 gloo ranks; exact options give the same weights, compression nearly."""
+    ref, run = tmp_path / "ref", tmp_path / "opt"
+    assert run_ranks(train_args(shards, ref, epochs=1), tmp_path / "logs-ref") == [0, 0], logs(
+        tmp_path / "logs-ref"
+    )
+    rcs = run_ranks(train_args(shards, run, *ddp_args, epochs=1), tmp_path / "logs-opt")
+    assert rcs == [0, 0], logs(tmp_path / "logs-opt")
+    a, b = load_weights(ref / "model.safetensors"), load_weights(run / "model.safetensors")
+    if "comm_hook" in " ".join(ddp_args):
+        diffs = [float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point()]
+        assert 0 < max(diffs) < 0.05, max(diffs)  # half-precision gradients: close, not equal
+    else:
+        assert_same_weights(a, b)
+
+
+def test_bf16_compression_on_gloo_is_a_one_line_error(shards: Path, tmp_path: Path) -> None:
+    rcs = run_ranks(
+        train_args(shards, tmp_path / "r", "--set", "ddp.comm_hook=bf16", epochs=1), tmp_path / "logs"
+    )
+    assert rcs == [2, 2]
+    text = logs(tmp_path / "logs")
+    assert "ddp.comm_hook = 'bf16' needs NCCL" in text and "Traceback" not in text
