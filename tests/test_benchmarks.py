@@ -184,3 +184,24 @@ def test_data_throughput_smoke(tmp_path):
     md = mp.read_text()
     for text in ("× seed", "galaxies/s", "peak RSS", "32²"):
         assert text in md
+
+
+def test_scaling_model_and_gloo_measurement(tmp_path):
+    from benchmarks.scaling import efficiency
+    from benchmarks.scaling import main as scaling_main
+
+    assert efficiency(1, 64, 100, 0.3, 21.6e6)["efficiency"] == 1.0
+    effs = [efficiency(16, 64, bw, 0.3, 21.6e6)["efficiency"] for bw in (100, 200, 400)]
+    assert effs == sorted(effs) and effs[0] < 0.9  # more bandwidth helps; batch 64 on 100 Gb/s cannot
+    assert efficiency(16, 256, 100, 0.3, 21.6e6)["efficiency"] > effs[0]  # so does a bigger batch
+    assert (
+        scaling_main(
+            ["--out", str(tmp_path), "--model", str(tmp_path / "s.md"), "--batch", "1", "--steps", "1"]
+        )
+        == 0
+    )
+    (jp,) = tmp_path.glob("allreduce-*.json")
+    m = json.loads(jp.read_text())
+    assert m["world_size"] == 2 and m["grad_mb_fp32"] > 20 and m["allreduce_fp32_s"]["median"] > 0
+    text = (tmp_path / "s.md").read_text()
+    assert "per-GPU batch that keeps 16 GPUs" in text and "Measured here" in text
