@@ -13,9 +13,10 @@ import fitsio
 import h5py
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
-from hpcvae.errors import CatalogError, FitsReadError, ShardError
+from hpcvae.errors import CatalogError, FitsReadError, HpcvaeError, ShardError
 from hpcvae.shards import build_shards, build_shards_from_h5, find_h5_datasets
 from hpcvae.shards.manifest import Manifest, sha256_file
 
@@ -413,3 +414,40 @@ def test_duplicate_catalog_rows_are_an_error_or_skipped_and_counted(aegis_copy: 
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert m["n_duplicates"] == 1 and m["n_skipped"] == 1 and m["skipped"][0]["row"] == 5
     assert sum(sp["count"] for sp in m["splits"].values()) == 5  # each galaxy once
+
+
+def test_float16_shards_halve_the_disk_and_record_their_rounding(make_rgc, tmp_path: Path) -> None:
+    """``--dtype float16``: half the bytes, the rounding error against the noise in the manifest, same loader."""
+    from hpcvae.config import DataConfig
+    from hpcvae.data import ShardData
+    from hpcvae.shards.format import decode_npy, read_shard
+
+    cat = make_rgc(tmp_path / "rgc", 40)
+    full = build_shards(cat, tmp_path / "f32", size=96, val_fraction=0.0)
+    half = build_shards(cat, tmp_path / "f16", size=96, val_fraction=0.0, dtype="float16")
+    assert full.data["image"]["dtype"] == "float32" and half.data["image"]["dtype"] == "float16"
+    r = half.data["image"]["rounding"]
+    assert 0 < r["rms"] <= r["max_abs"] and r["rms_over_noise_std"] < 0.01, r
+    size = lambda m: sum((m.root / s.name).stat().st_size for s in m.shards("train"))  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    _, files = next(read_shard(half.shard_paths("train")[0]))
+    assert decode_npy(files["image.npy"]).dtype == np.float16
+    cfg = DataConfig(path=str(tmp_path), batch_size=40, num_workers=0)
+    a = next(iter(ShardData(cfg, full, rank=0, world_size=1, seed=0).train_loader(0)))
+    b = next(iter(ShardData(cfg, half, rank=0, world_size=1, seed=0).train_loader(0)))
+    assert a["key"] == b["key"] and b["image"].dtype == torch.float32
+    assert float((a["image"] - b["image"]).abs().max()) <= r["max_abs"] * 1.0001
+
+
+def test_a_pixel_beyond_float16_is_an_error_or_a_recorded_skip(make_rgc, tmp_path: Path) -> None:
+    cat = make_rgc(tmp_path / "rgc", 6)
+    rows = fitsio.read(str(cat))
+    file, hdu = rows["GAL_FILENAME"][2].strip(), int(rows["GAL_HDU"][2])
+    with fitsio.FITS(str(cat.parent / file), "rw") as f:  # a real file whose stamp holds a huge value
+        img = f[hdu].read()
+        img[5, 5] = 1e6
+        f[hdu].write(img)
+    with pytest.raises(HpcvaeError, match=r"row 2.*exceeds float16's range"):
+        build_shards(cat, tmp_path / "out", size=48, dtype="float16")
+    m = build_shards(cat, tmp_path / "out", size=48, dtype="float16", skip_bad=True)
+    assert m.data["n_skipped"] == 1 and "float16" in m.data["skipped"][0]["reason"]

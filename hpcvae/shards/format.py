@@ -47,18 +47,18 @@ def sample_key(row: int) -> str:
 
 # -- the .npy codec --------------------------------------------------------------------------------
 
-_NPY_OUT_HEADERS: dict[tuple[int, ...], bytes] = {}
+_NPY_OUT_HEADERS: dict[tuple[tuple[int, ...], str], bytes] = {}
 
 
-def encode_npy(img: np.ndarray) -> bytes:
-    """``.npy`` bytes of a little-endian float32 image; the header is cached per shape (all samples share it)."""
-    img = np.ascontiguousarray(img, dtype="<f4")
-    header = _NPY_OUT_HEADERS.get(img.shape)
+def encode_npy(img: np.ndarray, dtype: str = "<f4") -> bytes:
+    """``.npy`` bytes of a little-endian float32 (or ``<f2``) image; the header is cached per shape and dtype."""
+    img = np.ascontiguousarray(img, dtype=dtype)
+    header = _NPY_OUT_HEADERS.get((img.shape, dtype))
     if header is None:
         buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.zeros(img.shape, "<f4"), allow_pickle=False)
+        np.lib.format.write_array(buf, np.zeros(img.shape, dtype), allow_pickle=False)
         header = buf.getvalue()[: -img.nbytes] if img.nbytes else buf.getvalue()
-        _NPY_OUT_HEADERS[img.shape] = header
+        _NPY_OUT_HEADERS[(img.shape, dtype)] = header
     return header + img.tobytes()
 
 
@@ -215,8 +215,11 @@ class ShardWriter:
     def add_sample(
         self, key: str, image: np.ndarray, meta: dict[str, Any], psf: np.ndarray | None = None
     ) -> None:
-        """One sample: ``KEY.image.npy``, ``KEY.meta.json`` (sorted keys: byte-reproducible), ``KEY.psf.npy``."""
-        self.add(f"{key}.{IMAGE}", encode_npy(image))
+        """One sample: ``KEY.image.npy``, ``KEY.meta.json`` (sorted keys: byte-reproducible), ``KEY.psf.npy``.
+
+        The image keeps its dtype when it is float16 (``hpcvae.shard --dtype float16``), else float32.
+        """
+        self.add(f"{key}.{IMAGE}", encode_npy(image, "<f2" if image.dtype == np.float16 else "<f4"))
         self.add(f"{key}.{META}", json.dumps(meta, sort_keys=True).encode())
         if psf is not None:
             self.add(f"{key}.{PSF}", encode_npy(psf))
