@@ -111,6 +111,8 @@ class EpochTimeConfig:
     workdir: str | None = None
     profile: bool = False
     """Profile one extra step of each variant with torch.profiler and report the top ops."""
+    lightning: bool = True
+    """Also time cvae2 under PyTorch Lightning (``Trainer(precision="bf16-mixed")``), the peer users would pick."""
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -379,6 +381,89 @@ def time_seed(arch: str, job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def time_lightning(arch: str, job: dict[str, Any]) -> dict[str, Any]:
+    """The peer a user would pick instead: a plain LightningModule and ``Trainer(precision="bf16-mixed")``.
+
+    The same registry model, the same shards through the same loader (ShardData), Adam at the
+    same learning rate; a callback times each step from the previous step's end to this one's
+    (the batch fetch included, as for ours).
+    """
+    import lightning as L
+
+    from hpcvae.config import DataConfig
+    from hpcvae.data import ShardData
+    from hpcvae.models import build_model
+    from hpcvae.shards.manifest import Manifest
+    from hpcvae.transforms import transform_from_dict
+
+    device = common.pick_device(job.get("device"))
+    torch.manual_seed(0)
+    manifest = Manifest.load(job["shards"])
+    model = build_model(
+        arch, job["flavour"], image_size=manifest.image_size, nf=job.get("nf"), z_dim=job.get("z_dim")
+    )
+    t = transform_from_dict(job["transform"])
+    data = ShardData(DataConfig(path=job["shards"], batch_size=job["batch_size"], num_workers=job["num_workers"]),
+                     manifest, rank=0, world_size=1, seed=0, transform=t)  # fmt: skip
+    total = job["warmup"] + job["steps"]
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def training_step(self, batch: dict[str, Any], _: int) -> torch.Tensor:
+            x, r = batch["image"], batch.get("redshift")
+            return self.m.compute_loss(self.m(x, r), x, r, 0.1)["total"]
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.m.parameters(), lr=1e-3)
+
+    starts: list[float] = []
+    ends: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *_: Any) -> None:
+            starts.append(time.perf_counter())  # the batch is fetched by now: the wait is start - last end
+
+        def on_train_batch_end(self, *_: Any) -> None:
+            common.sync(device)
+            ends.append(time.perf_counter())
+
+    class Batches:  # every epoch of our loader, for as many steps as asked
+        def __iter__(self):
+            epoch = 0
+            while True:
+                yield from data.train_loader(epoch)
+                epoch += 1
+
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="bf16-mixed",
+                        max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Timer()], num_sanity_val_steps=0)  # fmt: skip
+    mm = _matmul_now(device, "bf16")
+    common.reset_peak_memory(device)
+    _reset_rss_peak()
+    t0 = time.perf_counter()
+    trainer.fit(Module(), train_dataloaders=Batches())
+    times = np.diff([t0, *ends]).tolist()
+    waits = (np.asarray(starts) - np.asarray([t0, *ends[:-1]])).tolist()
+    peak, peak_kind = _peak_memory(device)
+    data.close()
+    return {
+        "arch": arch,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "flops_per_batch": flops_per_batch(arch, job, manifest.image_size),
+        "warmup_times_s": times[: job["warmup"]],
+        "step_times_s": times[job["warmup"] :],
+        "wait_times_s": waits[job["warmup"] :],
+        "matmul_tflops": mm,
+        "matmul_tflops_after": _matmul_now(device, "bf16"),
+        "peak_memory_mb": peak,
+        "peak_memory_kind": peak_kind,
+        "engine_info": {"engine": f"lightning {L.__version__}", "optimizer": "Adam", "fused": False},
+    }
+
+
 def _matmul_now(device: torch.device, precision: str) -> float:
     """The matmul rate right now, in this process: on a shared machine the rate moves with the load,
     so each row's MFU is taken against a rate measured moments before its own steps."""
@@ -539,6 +624,15 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
             res.update(asdict(v))
             rows.append(res)
             _print_row(v.name, res)
+        if cfg.lightning:
+            info = data[cfg.image_size or 158]
+            job = {**base_job, "transform": info["transform"], "shards": info["shards"]}
+            res = _spawn("lightning", "cvae2", job, workdir, cfg.variant_timeout_s)
+            res.update(_derive(res, cfg.batch_size, env, "bf16"))
+            res.update(name="cvae2/lightning/bf16-mixed/none", arch="cvae2", engine="lightning", precision="bf16",
+                       option="none")  # fmt: skip
+            rows.append(res)
+            _print_row(res["name"], res)
         seeds: dict[str, dict[str, Any]] = {}
         for a, j in seed_jobs.items():
             after = _spawn("seed", a, j, workdir, cfg.variant_timeout_s)
@@ -745,6 +839,7 @@ def build_config(args: argparse.Namespace) -> EpochTimeConfig:
             variant_timeout_s=120,
             workdir=args.workdir,
             profile=args.profile,
+            lightning=not args.no_lightning,
         )
     return EpochTimeConfig(
         variants=variants,
@@ -761,6 +856,7 @@ def build_config(args: argparse.Namespace) -> EpochTimeConfig:
         seed_baseline=not args.no_seed,
         workdir=args.workdir,
         profile=args.profile,
+        lightning=not args.no_lightning,
     )
 
 
@@ -778,6 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed-steps", type=int, help="timed steps of the seed loop (default --steps)")
     ap.add_argument("--no-seed", action="store_true", help="skip the seed baseline")
+    ap.add_argument("--no-lightning", action="store_true", help="skip the PyTorch Lightning peer")
     ap.add_argument("--flavour", default="default", choices=["default", "debug"])
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--nf", type=int)
@@ -804,6 +901,8 @@ def _worker(jobfile: Path) -> int:
     job = json.loads(jobfile.read_text())
     if job["kind"] == "seed":
         res = time_seed(job["what"], job)
+    elif job["kind"] == "lightning":
+        res = time_lightning(job["what"], job)
     else:
         res = time_ours(Variant(**job["variant"]), job)
     Path(job["result"]).write_text(json.dumps(common.finite_or_none(res)))

@@ -144,7 +144,10 @@ def test_epoch_time_smoke(tmp_path):
     _check_rows(p["results"], [*keys, "speedup_vs_seed", "warmup_overhead_s"])
     _check_rows(list(p["seed"].values()), keys)
     assert {r["precision"] for r in p["results"]} == {"fp32", "bf16"}
-    assert all(r["profile"] and r["profile"][0]["self_ms"] > 0 for r in p["results"])
+    ours = [r for r in p["results"] if r["engine"] != "lightning"]
+    (light,) = [r for r in p["results"] if r["engine"] == "lightning"]  # the peer, in the same run
+    assert light["arch"] == "cvae2" and light["engine_info"]["engine"].startswith("lightning")
+    assert all(r["profile"] and r["profile"][0]["self_ms"] > 0 for r in ours)
     for r in p["results"]:
         assert r["epoch_s_314k"] == pytest.approx(r["step_s"] * (314_000 // 8))
     assert _finite(p["flop_check"]["flopcounter_seed_cvae2_gflop_per_image"])
