@@ -39,7 +39,8 @@ from hpcvae.config import ArchName, Engine, Flavour, Precision
 from hpcvae.errors import ConfigError
 
 ARCHS: tuple[str, ...] = ("vae128", "vae158", "cvae", "cvae2", "fancy_cvae")
-OPTIONS = ("none", "channels_last", "compile", "channels_last+compile")
+OPTIONS = ("none", "channels_last", "compile", "channels_last+compile", "channels_last+compile+resident",
+           "channels_last+resident")  # fmt: skip
 Option = Literal["none", "channels_last", "compile", "channels_last+compile"]
 SEED_REF = {"vae158": "vae158", "vae128": "vae158", "cvae2": "cvae2", "cvae": "cvae2", "fancy_cvae": "cvae2"}
 """The seed model each architecture's ratio is taken against (the baseline copies only the seed's cvae2 and vae158)."""
@@ -59,6 +60,11 @@ class Variant:
     @property
     def compile(self) -> bool:
         return "compile" in self.option
+
+    @property
+    def resident(self) -> bool:
+        """The train split held on the device (GpuResidentData) instead of streamed by workers."""
+        return "resident" in self.option
 
     @property
     def name(self) -> str:
@@ -224,7 +230,12 @@ class ProductStep:
         cfg = JobConfig(
             name=f"bench-{variant.arch}",
             out=str(run_dir),
-            data=DataConfig(path=job["shards"], batch_size=job["batch_size"], num_workers=job["num_workers"]),
+            data=DataConfig(
+                path=job["shards"],
+                batch_size=job["batch_size"],
+                num_workers=job["num_workers"],
+                gpu_resident=variant.resident,
+            ),  # fmt: skip
             model=ModelConfig(
                 arch=variant.arch, flavour=job["flavour"], nf=job.get("nf"), z_dim=job.get("z_dim")
             ),

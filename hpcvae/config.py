@@ -56,8 +56,10 @@ class DataConfig:
     """Keep workers alive across epochs instead of re-forking them."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead."""
-    gpu_resident: bool = False
-    """Hold the whole train split on the GPU (bf16/fp16) and shuffle there; for small models."""
+    gpu_resident: bool | None = None
+    """Hold the whole split on the device (fp16) and shuffle there, with no loader workers. ``None``
+    (default): on a CUDA device when the train and val splits in fp16 fit in half its memory
+    (81,499 x 158^2 is 4 GB); ``false`` always streams from the shards."""
     verify: bool = True
     """Check every shard's sha256 against the manifest before training (cached in the run folder by size
     and mtime, so a resume does not rehash); a changed shard is an error, never trained on."""
@@ -190,6 +192,9 @@ class TrainConfig:
     """NHWC memory format: faster convolutions on GPUs and on recent CPUs."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """``torch.compile`` mode: ``reduce-overhead`` replays CUDA graphs, for a launch-bound step (a small model
+    at a small batch on a GPU); ``max-autotune`` also searches kernels (slow to compile)."""
     deterministic: bool = False
     """Deterministic kernels (bit-reproducible on CPU); slower."""
     log_every: int = 20
@@ -282,6 +287,7 @@ class EngineConfig:
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 64
     """Per-rank micro-batch (DeepSpeed's JSON needs it)."""
@@ -296,6 +302,7 @@ class EngineConfig:
     def from_job(cls, cfg: JobConfig) -> EngineConfig:
         t, d = cfg.train, cfg.deepspeed
         return cls(kind=t.engine, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
+                   compile_mode=t.compile_mode,
                    optim=cfg.optim, batch_size=cfg.data.batch_size, initial_scale_power=d.initial_scale_power,
                    loss_scale_window=d.loss_scale_window, zero_stage=d.zero_stage, bucket_size=d.bucket_size,
                    ddp=cfg.ddp)  # fmt: skip

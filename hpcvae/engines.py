@@ -159,7 +159,7 @@ class DDPEngine(Engine):
                 )
                 wrapped.register_comm_hook(None, hook)
         if cfg.compile:
-            wrapped = torch.compile(wrapped)
+            wrapped = torch.compile(wrapped, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
         self.wrapped = wrapped
         self.scaler = (
             torch.amp.GradScaler(

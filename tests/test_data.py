@@ -362,3 +362,13 @@ def test_gpu_resident_fp16_is_close_and_make_data_dispatches(shards: ShardSet) -
     ref = np.stack([shards.images[k] for k in b["key"]])
     np.testing.assert_allclose(b["image"][:, 0].numpy(), ref, rtol=1e-3, atol=1e-7)
     assert isinstance(make_data(_cfg(shards), shards.manifest, rank=0, world_size=1, seed=0), ShardData)
+
+
+def test_the_split_is_gpu_resident_by_default_when_it_fits_in_half_the_device(shards: ShardSet) -> None:
+    from hpcvae.data import resident_fits
+
+    m = shards.manifest
+    need = sum(m.count(s) for s in m.splits) * m.image_size**2 * 2  # fp16 bytes of both splits
+    assert not resident_fits(m, "cpu")  # never on a CPU: there is no device memory to save copies to
+    assert resident_fits(m, torch.device("cuda"), total_bytes=2 * need)
+    assert not resident_fits(m, torch.device("cuda"), total_bytes=2 * need - 2)

@@ -32,10 +32,24 @@ __all__ = [
     "ShardData",
     "buffer_shuffle",
     "make_data",
+    "resident_fits",
     "plan_epoch",
     "resume_plan",
     "val_ranges",
 ]
+
+
+def resident_fits(
+    manifest: Manifest, device: torch.device | str | None, total_bytes: int | None = None
+) -> bool:
+    """Whether the default keeps the data on the device: CUDA, and the splits in fp16 fit in half its memory."""
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type != "cuda":
+        return False
+    if total_bytes is None:
+        total_bytes = torch.cuda.get_device_properties(dev).total_memory
+    n = sum(manifest.count(s) for s in manifest.splits)
+    return n * manifest.image_size**2 * 2 <= total_bytes // 2
 
 
 def make_data(
@@ -62,6 +76,7 @@ def make_data(
         "max_steps": max_steps,
         "psf": psf,
     }
-    if cfg.gpu_resident:
+    resident = cfg.gpu_resident if cfg.gpu_resident is not None else resident_fits(manifest, device)
+    if resident:
         return GpuResidentData(cfg, manifest, device=device, **kw)
     return ShardData(cfg, manifest, **kw)
