@@ -119,6 +119,8 @@ class EpochTimeConfig:
     """Profile one extra step of each variant with torch.profiler and report the top ops."""
     lightning: bool = True
     """Also time cvae2 under PyTorch Lightning (``Trainer(precision="bf16-mixed")``), the peer users would pick."""
+    tag: str = ""
+    """Appended to the results' file names (``epoch_time-<device>-<date>-<tag>``), to keep two runs of a day."""
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -675,7 +677,7 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
         "seed": seeds,
         "results": rows,
     }
-    stem = common.result_stem("epoch_time", device)
+    stem = common.result_stem("epoch_time", device) + (f"-{cfg.tag}" if cfg.tag else "")
     common.write_results(out, stem, payload, render_md(payload))
     if Path(out).resolve() == common.RESULTS_DIR.resolve():
         common.update_index(out)
@@ -851,6 +853,7 @@ def build_config(args: argparse.Namespace) -> EpochTimeConfig:
             workdir=args.workdir,
             profile=args.profile,
             lightning=not args.no_lightning,
+            tag=args.tag,
         )
     return EpochTimeConfig(
         variants=variants,
@@ -868,6 +871,7 @@ def build_config(args: argparse.Namespace) -> EpochTimeConfig:
         workdir=args.workdir,
         profile=args.profile,
         lightning=not args.no_lightning,
+        tag=args.tag,
     )
 
 
@@ -886,6 +890,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed-steps", type=int, help="timed steps of the seed loop (default --steps)")
     ap.add_argument("--no-seed", action="store_true", help="skip the seed baseline")
     ap.add_argument("--no-lightning", action="store_true", help="skip the PyTorch Lightning peer")
+    ap.add_argument("--tag", default="", help="suffix of the results' file names")
     ap.add_argument("--flavour", default="default", choices=["default", "debug"])
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--nf", type=int)

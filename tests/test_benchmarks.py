@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from benchmarks.epoch_time import Variant, seed_flops_per_batch
 from benchmarks.epoch_time import main as epoch_main
 from benchmarks.seed_baseline import SeedCVAE2, SeedVAE158, run_seed_loop, seed_loader, write_seed_h5
 from hpcvae.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _finite(x) -> bool:
@@ -208,3 +212,20 @@ def test_scaling_model_and_gloo_measurement(tmp_path):
     assert m["world_size"] == 2 and m["grad_mb_fp32"] > 20 and m["allreduce_fp32_s"]["median"] > 0
     text = (tmp_path / "s.md").read_text()
     assert "per-GPU batch that keeps 16 GPUs" in text and "Measured here" in text
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearsal_runs_end_to_end(tmp_path):
+    """benchmarks/gpu_check.sh --cpu-rehearsal: the same steps as on the GPU, at tiny sizes, known to work."""
+    p = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-rehearsal", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=900)  # fmt: skip
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    (tests_log,) = tmp_path.glob("gpu_tests-cpu-*.txt")
+    assert " passed" in tests_log.read_text() and "failed" not in tests_log.read_text()
+    (jp,) = tmp_path.glob("epoch_time-*-rehearsal.json")
+    names = {r["name"] for r in json.loads(jp.read_text())["results"]}
+    assert {"cvae2/ddp/bf16/channels_last+resident", "cvae2/lightning/bf16-mixed/none"} <= names
+    bad = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--nope"], capture_output=True, text=True, cwd=REPO
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown argument --nope" in bad.stderr
