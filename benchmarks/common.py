@@ -444,6 +444,7 @@ def make_big_set(
     val_fraction: float = 0.01,
     seed: int = 0,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> Path:
     """Write an ``n``-galaxy shard set derived from ``pool``, straight in the shard format.
 
@@ -474,6 +475,8 @@ def make_big_set(
             imgs[sel] = np.rot90(imgs[sel], r, axes=(1, 2))
         imgs[flip] = imgs[flip, :, ::-1]
         imgs = imgs + rng.normal(0.0, pool.noise_sigma, size=imgs.shape).astype(np.float32)
+        if dtype == "float16":  # stored as hpcvae.shard --dtype float16 stores them
+            imgs = imgs.astype(np.float16)
         for j in range(m):
             row = start + j
             ident = f"big{row}"
@@ -495,7 +498,7 @@ def make_big_set(
     source = {"kind": "h5", "catalog": f"benchmarks.common.make_big_set(pool={npool})", "catalog_sha256": "",
               "fits_catalog": None, "fits_catalog_sha256": None}  # fmt: skip
     writer.finish(size=size, source=source, has_redshift=True, redshift_column="zphot", n_rows=n,
-                  val_fraction=val_fraction)  # fmt: skip
+                  val_fraction=val_fraction, dtype=dtype)  # fmt: skip
     return Path(out)
 
 

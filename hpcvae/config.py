@@ -463,14 +463,7 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
     ``overrides`` is a mapping (``{"train.epochs": 3}``) or ``key=value`` strings as
     given on the command line.
     """
-    if isinstance(overrides, list):
-        pairs: dict[str, Any] = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.key=value")
-            k, v = item.split("=", 1)
-            pairs[k.strip()] = _parse_scalar(v.strip())
-        overrides = pairs
+    overrides = _pairs(overrides)
     data = dataclasses.asdict(cfg)
     for key, value in overrides.items():
         parts = key.split(".")

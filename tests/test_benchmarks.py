@@ -229,3 +229,15 @@ def test_gpu_check_rehearsal_runs_end_to_end(tmp_path):
         ["bash", "benchmarks/gpu_check.sh", "--nope"], capture_output=True, text=True, cwd=REPO
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown argument --nope" in bad.stderr
+
+
+@pytest.mark.slow
+def test_full_scale_path_at_a_tiny_scale(tmp_path):
+    """The --full-scale run (314k x 158^2, once, not in CI) is the same code at any size: check it at 300 x 32^2."""
+    from benchmarks.data_throughput import full_scale
+
+    p = full_scale(tmp_path / "res", str(tmp_path), n=300, size=32)
+    assert p["dtype"] == "float16" and p["disk_gb"] > 0 and p["build_galaxies_per_s"] > 0
+    e = p["epoch"]
+    assert e["images_read"] == (e["n_train"] // 64) * 64 and e["rss_peak_tree_mb"] > 0
+    assert list((tmp_path / "res").glob("data_throughput-full-scale-*.md"))
