@@ -124,3 +124,32 @@ def test_gpu_resident_loader_resumes_mid_epoch_bit_identically(shards: Path, tmp
     split = tmp_path / "split"
     stop_and_resume(_args(shards, split, *resident, epochs=2), tmp_path, stop_at=5, world=1)
     assert_same_weights(load_weights(full / "model.safetensors"), load_weights(split / "model.safetensors"))
+
+
+def test_training_steps_never_sync_the_host(shards: Path, tmp_path: Path) -> None:
+    """On CUDA, torch's sync debug mode turns any device-to-host sync inside a step into an error."""
+    from hpcvae.config import JobConfig, load_options
+    from hpcvae.dist import init_distributed
+    from hpcvae.trainer import Trainer
+
+    cfg = load_options(JobConfig, Path(__file__).resolve().parents[1] / "configs" / "debug.toml", flags={
+        "data.path": str(shards), "out": str(tmp_path / "r"), "train.epochs": 1, "train.device": DEVICE,
+        "train.precision": "bf16", "train.channels_last": True, "data.num_workers": 0,
+        "data.persistent_workers": False, "data.batch_size": 8, "train.log_every": 10_000,
+        "train.sync_every": 10_000, "train.status_every": 10_000, "checkpoint.every_steps": 0,
+        "train.sample_grid": False})  # fmt: skip
+    trainer = Trainer(cfg, init_distributed(device=DEVICE))
+    orig, steps = trainer.train_step, []
+
+    def guarded(batch, *args):
+        if DEVICE.startswith("cuda"):
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            orig(batch, *args)
+        finally:
+            if DEVICE.startswith("cuda"):
+                torch.cuda.set_sync_debug_mode("default")
+        steps.append(1)
+
+    trainer.train_step = guarded
+    assert trainer.train().status == "completed" and len(steps) == trainer.steps_per_epoch
