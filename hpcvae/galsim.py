@@ -80,9 +80,14 @@ def to_galsim(
     deconvolved galaxies, for a GalSim config that applies its own PSF.  Without either, the
     objects are the pixels as trained.
     """
-    phys = physics(model) if pixel_scale is None else {"pixel_scale_arcsec": pixel_scale}
     if pixel_scale is None:
+        phys = physics(model)
         pixel_scale = float(phys["pixel_scale_arcsec"])
+    else:  # an explicit scale overrides model.json's, the rest of what it records (the PSF) still holds
+        phys = {
+            **((getattr(model, "model_info", None) or {}).get("physics") or {}),
+            "pixel_scale_arcsec": pixel_scale,
+        }
     gen = generator_from(rng, device=next(model.parameters()).device)
     with torch.no_grad():
         imgs = model.sample(n, redshift=redshift, generator=gen, prior=prior)
