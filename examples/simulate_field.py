@@ -12,14 +12,16 @@ fluxes as generated (``FLUXSUM``), so the field can be checked for flux conserva
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import galsim
 import numpy as np
 
 import hpcvae
+from hpcvae.cli import run_cli
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="run folder or model.json of a trained hpcvae model")
     ap.add_argument("--n", type=int, default=100, help="galaxies to draw")
@@ -31,7 +33,7 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="field.fits")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
 
     model = hpcvae.load_model(a.model)
     rng = galsim.BaseDeviate(a.seed)
@@ -61,6 +63,8 @@ def main() -> None:
     print(f"wrote {a.out}: {a.n} galaxies, {a.size}x{a.size} at {a.pixel_scale}\"/pixel, "
           f"flux in field / drawn = {np.sum(field.array) / total if total else float('nan'):.4f}")  # fmt: skip
 
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "simulate_field.py")  # a bad model path is one line, not a traceback

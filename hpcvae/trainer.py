@@ -18,6 +18,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -468,11 +469,15 @@ class Trainer(Loop):
             "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.train.precision,
             "manifest_digest": self.manifest.digest, "transform": self.transform.to_dict(),
             "beta": self.beta.to_dict(), "lr_schedule": self.lr_schedule_dict(), "summary": self._summary(),
-            "hpcvae_version": __version__, "data_plan": self.data.inputs.to_dict(), **self._provenance(),
+            "hpcvae_version": __version__, "data_plan": self.data.inputs.to_dict(), **self.provenance,
         }  # fmt: skip
 
-    def _provenance(self) -> dict[str, Any]:
-        """model.json's physics (what a pixel means), training data and config digest."""
+    @functools.cached_property
+    def provenance(self) -> dict[str, Any]:
+        """model.json's physics (what a pixel means), training data and config digest.
+
+        Computed once: every checkpoint's meta carries it, and it reads the set's PSF file.
+        """
         m = self.manifest
         data = {"source": m.data.get("source"), "counts": {s: m.count(s) for s in m.splits},
                 "val_fraction": m.data.get("val_fraction"), "n_skipped": m.data.get("n_skipped"),
@@ -502,7 +507,7 @@ class Trainer(Loop):
             write_model(self.out, sd, model_config=self.model.config, transform=self.transform.to_dict(),
                         training=self._summary(), manifest_digest=self.manifest.digest,
                         beta_schedule=self.beta.to_dict(), lr_schedule=self.lr_schedule_dict(),
-                        **self._provenance())  # fmt: skip
+                        **self.provenance)  # fmt: skip
             write_model_card(self.out)
             if self.cfg.train.sample_grid:
                 write_samples(self.out)

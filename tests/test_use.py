@@ -232,6 +232,9 @@ def test_simulate_field_example_conserves_flux(run, tmp_path):
     hdr = fitsio.read_header(str(tmp_path / "field.fits"))
     assert abs(field.sum() / hdr["FLUXSUM"] - 1) < 0.01
     assert hdr["PIXSCALE"] == 0.2 and hdr["NGAL"] == 20
+    bad = _cli("examples/simulate_field.py", str(tmp_path / "nope"), "--out", str(tmp_path / "f2.fits"))
+    err = bad.stderr.strip()
+    assert bad.returncode == 2 and len(err.splitlines()) == 1 and "nope" in err and "Traceback" not in err
 
 
 def test_model_card_from_model_json_and_the_report(run, shards, tmp_path):
