@@ -346,9 +346,9 @@ def update_index(results_dir: str | Path = RESULTS_DIR) -> Path:
     lines = [
         "# Benchmark results",
         "",
-        "Made by `python -m benchmarks.epoch_time --out benchmarks/results` and",
-        "`python -m benchmarks.data_throughput --out benchmarks/results`; each `.md` has a `.json` twin",
-        "with every number. Newest first.",
+        "Made by the `python -m benchmarks.<name>` commands (epoch_time, data_throughput, science,",
+        "scaling; see the README's Benchmarks); each `.md` has a `.json` twin with every number.",
+        "Newest first.",
         "",
     ]
     seen: set[str] = set()

@@ -241,3 +241,43 @@ def test_full_scale_path_at_a_tiny_scale(tmp_path):
     e = p["epoch"]
     assert e["images_read"] == (e["n_train"] // 64) * 64 and e["rss_peak_tree_mb"] > 0
     assert list((tmp_path / "res").glob("data_throughput-full-scale-*.md"))
+
+
+def test_science_picks_the_best_variant_and_rejects_unknown_ones(capsys):
+    from benchmarks.science import best, meets
+    from benchmarks.science import main as science_main
+
+    def r(name, g, s, k):
+        return {"size": 64, "variant": name, "g_delta": g, "sigma_rel": s, "slope_rel": k}
+
+    rows = [r("round", -0.1, 0.01, 0.0), r("big", 0.0, 0.13, 0.2), r("close", -0.015, 0.03, 0.15)]
+    assert best(rows, 64)["variant"] == "close" and meets(best(rows, 64))
+    assert not meets(rows[1]) and best(rows, 158) is None
+    assert science_main(["--variants", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("benchmarks.science: error: unknown --variants nope") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_science_smoke_one_variant(tmp_path, capsys):
+    """The product's own commands end to end (synth, shard, train, prior, evaluate) for one variant."""
+    from benchmarks.science import main as science_main
+
+    argv = [
+        "--smoke",
+        "--sizes",
+        "64",
+        "--variants",
+        "galaxy_vae-beta0.03",
+        "--work",
+        str(tmp_path),
+        "--jobs",
+        "1",
+    ]
+    assert science_main(argv) == 0
+    md = capsys.readouterr().out
+    (line,) = [x for x in md.splitlines() if x.startswith("| galaxy_vae-beta0.03 |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:4] == ["asinh", "mse", "121656"] and cells[4:6] == ["0.03", "16"]
+    assert all(math.isfinite(float(c)) for c in cells[6:-1]), line  # every figure present and finite
+    assert "variance β / 2" in md and "Best: **galaxy_vae-beta0.03**" in md

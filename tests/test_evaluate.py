@@ -313,6 +313,16 @@ def test_verdict_judges_shape_size_orientation_background_and_slope():
     v = verdict(stats, {"orientation_cos2dphi": 0.93}, bg, trends)
     assert v["shape"]["verdict"] == "ok" and "galaxy2galaxy 0.258 vs 0.248" in v["shape"]["line"]
     assert v["size"]["verdict"] == "off" and v["size"]["relative_delta"] == pytest.approx(-0.03 / 0.19)
+    assert "cause" not in v["size"]  # no reconstruction sizes: no diagnosis
+    big = {**stats, "sigma_arcsec": {"mean_diff": 0.025, "mean_generated": 0.215, "mean_real": 0.19}}
+    blurred = {"hsm": {"sigma_arcsec": {"mean_diff": 0.02, "mean_real": 0.19}}}
+    sized = {"hsm": {"sigma_arcsec": {"mean_diff": 0.002, "mean_real": 0.19}}}
+    d = verdict(big, {"orientation_cos2dphi": 0.99, **blurred}, bg, trends)["size"]
+    assert d["cause"] == "decoder" and "already +10.5%" in d["hint"] and "beta.value" in d["hint"]
+    p = verdict(big, {"orientation_cos2dphi": 0.99, **sized}, bg, trends)["size"]
+    assert p["cause"] == "prior" and "hpcvae.train_prior" in p["hint"]
+    ok = {**stats, "sigma_arcsec": {"mean_diff": 0.002, "mean_generated": 0.192, "mean_real": 0.19}}
+    assert "cause" not in verdict(ok, {"orientation_cos2dphi": 0.99, **blurred}, bg, trends)["size"]
     assert v["orientation"]["verdict"] == "close"
     assert v["background"]["verdict"] == "off"
     assert v["size_redshift_slope"]["verdict"] == "ok"

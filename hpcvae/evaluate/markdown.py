@@ -37,7 +37,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     v = {k: x for k, x in r.get("verdict", {}).items() if k != "thresholds"}
     if v:
         md.append("## Verdict\n")
-        md += [f"- **{k}**: {x['verdict']}: {x['line']}" for k, x in v.items()]
+        md += [
+            f"- **{k}**: {x['verdict']}: {x['line']}" + (f" ({x['hint']})" if "hint" in x else "")
+            for k, x in v.items()
+        ]
         th = r["verdict"]["thresholds"]
         md.append(
             "\n_ok = as close as galaxy2galaxy gets (|Δ mean |g|| ≤ "

@@ -24,6 +24,25 @@ def background(real: np.ndarray, generated: np.ndarray, manifest: Manifest) -> d
     }
 
 
+def size_cause(rel: float, recon: dict[str, Any]) -> dict[str, Any]:
+    """Where a size miss comes from: reconstructions already off = the decoder; else the prior."""
+    rs = recon.get("hsm", {}).get("sigma_arcsec", {})
+    if rs.get("mean_diff") is None or not rs.get("mean_real"):
+        return {}
+    r_rel = rs["mean_diff"] / rs["mean_real"]
+    if abs(r_rel) > TOLERANCE["sigma_rel"][0] and r_rel * rel > 0:
+        fix = (
+            "a smaller beta.value (sharper; benchmarks.science)"
+            if r_rel > 0
+            else "more epochs or a wider model"
+        )
+        return {"cause": "decoder", "reconstruction_relative_delta": r_rel,
+                "hint": f"the reconstructions are already {r_rel:+.1%}, so the decoder sets the size: try {fix}"}  # fmt: skip
+    return {"cause": "prior", "reconstruction_relative_delta": r_rel,
+            "hint": f"the reconstructions are {r_rel:+.1%}, so the samples miss: fit the flow prior "
+                    "(hpcvae.train_prior) or give it more epochs"}  # fmt: skip
+
+
 TOLERANCE = {
     "g": (0.02, 0.05),
     "sigma_rel": (0.05, 0.15),
@@ -65,6 +84,8 @@ def verdict(
                     f"galaxy2galaxy {ref['generated']['mean_sigma_arcsec']:.4f}\" vs "
                     f"{ref['real']['mean_sigma_arcsec']:.4f}\" ({ref_rel:+.1%})",
         }  # fmt: skip
+        if lines["size"]["verdict"] != "ok":
+            lines["size"].update(size_cause(rel, recon))
     o = recon.get("orientation_cos2dphi")
     lines["orientation"] = {
         "verdict": word(o, *TOLERANCE["orientation"], higher_is_better=True), "value": o,
