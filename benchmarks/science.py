@@ -4,7 +4,8 @@
 fewer galaxies), the seed's cvae2 and ``galaxy_vae``, each with the seed's recipe (minmax
 normalisation, MSE) and with hpcvae's defaults (asinh, MSE), plus ``galaxy_vae`` with the
 noise-aware Gaussian likelihood (chi^2 in physical units) and with beta = 0.03 (see
-``BETA_NOTE``); fits the default flow prior to every model; evaluates each on the held-out split with HSM moments; and records one table in
+``BETA_NOTE``); fits the default flow prior to every model; evaluates each on the held-out
+split with HSM moments; and records one table in
 ``benchmarks/results/science-<device>-<date>.{md,json}``:
 
 * generated vs real mean size sigma and |g|, their W1 distances;
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.science", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results folder")
     ap.add_argument("--work", default="/tmp/hpcvae-science", help="data and runs (reused when present)")
-    ap.add_argument("--sizes", default="64,158", help="image sizes to run, comma-separated (64, 158)")
+    ap.add_argument("--sizes", default=None, help="image sizes to run, comma-separated (default 64,158)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes: checks the pipeline, measures nothing")
     ap.add_argument("--variants", default="", help="only these variants, comma-separated (default: all)")
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = ap.parse_args(argv)
     table = SWEEP if a.sweep else VARIANTS
-    sizes = [int(s) for s in (a.sizes if not a.sweep else "64").split(",") if s.strip()]
+    sizes = [int(s) for s in (a.sizes or ",".join(map(str, table))).split(",") if s.strip()]
     wanted = {v for v in a.variants.split(",") if v.strip()}
     known = {v.name for s in sizes if s in table for v in table[s]}
     error = None
