@@ -570,7 +570,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def full_scale(
     out: Path, workdir: str | None, n: int = 314_000, size: int = 158, workers: int = 2
 ) -> dict[str, Any]:
-    """Once, not in CI: the 314k x 158^2 set in float16 (15.7 GB), built and streamed for one full epoch."""
+    """Once, not in CI: the 314k x 158^2 set in float16 (about 16 GB), built and streamed for one full epoch."""
     import torch
 
     device = torch.device("cpu")

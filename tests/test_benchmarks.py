@@ -256,6 +256,8 @@ def test_science_picks_the_best_variant_and_rejects_unknown_ones(capsys):
     assert science_main(["--variants", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("benchmarks.science: error: unknown --variants nope") and "\n" not in err
+    assert science_main(["--sweep", "--sizes", "158"]) == 2  # the sweep is 64x64 only: refused, not run at 64
+    assert "--sizes must be among [64]" in capsys.readouterr().err
 
 
 @pytest.mark.slow
