@@ -25,7 +25,8 @@ T = TypeVar("T")
 ArchName = Literal["vae128", "vae158", "cvae", "cvae2", "fancy_cvae", "galaxy_vae"]
 Flavour = Literal["default", "debug"]
 Engine = Literal["ddp", "deepspeed"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+EnginePrecision = Literal["fp32", "bf16", "fp16"]
 TransformName = Literal["minmax", "asinh"]
 
 
@@ -188,10 +189,13 @@ class TrainConfig:
     """``ddp`` (torch DistributedDataParallel) or ``deepspeed``."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` uses CUDA when a GPU is visible."""
-    precision: Precision = "fp32"
-    """``bf16``/``fp16`` run under autocast; ``fp16`` adds dynamic loss scaling."""
-    channels_last: bool = False
-    """NHWC memory format: faster convolutions on GPUs and on recent CPUs."""
+    precision: Precision = "auto"
+    """``auto`` (default): bf16 where the device computes it natively, fp16 on a GPU with fp16 but no bf16,
+    else fp32 (``hpcvae.hardware``); the choice and its reason are printed and recorded.  ``bf16``/``fp16`` run
+    under autocast; ``fp16`` adds dynamic loss scaling."""
+    channels_last: bool | None = None
+    """NHWC memory format.  ``None`` (auto): on CPUs and tensor-core GPUs, where its
+    convolutions are faster; ``--channels-last`` / ``--channels-last false`` force it."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
@@ -286,7 +290,8 @@ class EngineConfig:
 
     kind: Engine = "ddp"
     """``ddp`` or ``deepspeed``."""
-    precision: Precision = "fp32"
+    precision: EnginePrecision = "fp32"
+    """Resolved: ``auto`` is decided by ``hpcvae.hardware`` before an engine is built."""
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"
@@ -303,6 +308,8 @@ class EngineConfig:
     @classmethod
     def from_job(cls, cfg: JobConfig) -> EngineConfig:
         t, d = cfg.train, cfg.deepspeed
+        if t.precision == "auto" or t.channels_last is None:
+            raise ConfigError("EngineConfig.from_job needs a resolved precision and layout (hpcvae.hardware)")
         return cls(kind=t.engine, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
                    compile_mode=t.compile_mode,
                    optim=cfg.optim, batch_size=cfg.data.batch_size, initial_scale_power=d.initial_scale_power,
@@ -644,6 +651,10 @@ def add_options(
                                     default=None, help=doc)  # fmt: skip
             else:
                 parser.add_argument(flag, dest=name, action="store_true", default=None, help=doc)
+            continue
+        if tp == bool | None:  # ``--flag`` = true, ``--flag false``, absent = None (auto)
+            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="true|false",
+                                help=(doc + " Default: auto.").strip())  # fmt: skip
             continue
         # Choices are checked by the config (one line naming the key), not by argparse (a usage dump).
         choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else ()

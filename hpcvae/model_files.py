@@ -174,7 +174,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: 
         from hpcvae.transforms import transform_from_dict
 
         model.set_normalisation(transform_from_dict(meta["transform"]))
-    model.to(device)
+    from hpcvae.hardware import inference_layout
+
+    model.to(device, memory_format=inference_layout(device))  # NHWC where its convolutions are faster
     model.eval()
     model.model_info = meta
     return model

@@ -231,7 +231,10 @@ class PriorTrainer(Loop):
                 f"{self.manifest.path}: {n_local} train latents on rank {dist.rank}, fewer than "
                 f"--batch-size {cfg.batch_size}; lower it"
             )
-        engine = DDPEngine(EngineConfig(optim=OptimConfig(lr=cfg.lr)), self.flow, dist)
+        from hpcvae.hardware import prior_precision
+
+        engine = DDPEngine(EngineConfig(precision=prior_precision().value, optim=OptimConfig(lr=cfg.lr)), self.flow,
+                           dist)  # fmt: skip
         c = cfg.checkpoint
         loop = LoopConfig(epochs=cfg.epochs, every_steps=c.every_steps, keep_last=c.keep_last,
                           sync_every=cfg.sync_every, log_every=cfg.log_every)  # fmt: skip

@@ -145,6 +145,7 @@ class Trainer(Loop):
 
         random.seed(rs)
 
+        cfg = self._resolve_hardware(cfg, dist)
         engine = build_engine(EngineConfig.from_job(cfg), model, dist)
         self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
@@ -173,9 +174,27 @@ class Trainer(Loop):
             verify_for_run(self.manifest, self.out, dist, group=self._ctrl_group)
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(dump_toml(cfg))
+            (self.out / "config.toml").write_text(self.checkpoint_config())
             if cfg.train.engine == "deepspeed":
                 (self.out / "deepspeed_config.json").write_text(json.dumps(self.engine.ds_config, indent=1))
+
+    def _resolve_hardware(self, cfg: JobConfig, dist: DistInfo) -> JobConfig:
+        """``auto`` precision and layout decided by :mod:`hpcvae.hardware`; printed once, then recorded."""
+        import dataclasses
+
+        from hpcvae import hardware
+
+        prec, layout = hardware.resolve_training(cfg.train.precision, cfg.train.channels_last, dist.device)
+        self.hardware = {"device": hardware.capabilities(dist.device).to_dict(), "precision": prec.value,
+                         "precision_reason": prec.reason, "channels_last": layout.value,
+                         "channels_last_reason": layout.reason}  # fmt: skip
+        print0(f"precision {prec.value} ({prec.reason}); channels_last {layout.value} ({layout.reason})")
+        warning = hardware.warn_line(prec)
+        if warning:
+            print0(warning)
+        train = dataclasses.replace(cfg.train, precision=prec.value, channels_last=layout.value)
+        self.cfg = dataclasses.replace(cfg, train=train)
+        return self.cfg
 
     def _apply_determinism(self) -> None:
         if self.cfg.train.deterministic:
@@ -454,7 +473,8 @@ class Trainer(Loop):
     def _summary(self) -> dict[str, Any]:
         return {**self.summary, "epochs": self.epoch, "steps": self.global_step, "images_seen": self._images_seen,
                 "train_time_s": self._train_time, "world_size": self.dist.world_size,
-                "engine": self.cfg.train.engine, "precision": self.cfg.train.precision}  # fmt: skip
+                "engine": self.cfg.train.engine, "precision": self.cfg.train.precision,
+                "hardware": self.hardware}  # fmt: skip
 
     def lr_schedule_dict(self) -> dict[str, Any]:
         """The LR curve for model.json: optimizer, scheduler config and the step counts it was laid over."""
@@ -494,7 +514,10 @@ class Trainer(Loop):
         return {"scheduler": self.scheduler, "data": position}
 
     def checkpoint_config(self) -> str:
-        return dump_toml(self.cfg)
+        h = self.hardware
+        head = (f"# precision and channels_last as resolved on {h['device']['name']}: {h['precision_reason']}; "
+                f"{h['channels_last_reason']}\n")  # fmt: skip
+        return head + dump_toml(self.cfg)
 
     def finish(self) -> Path:
         """Consolidated fp32 model + sample grid (rank 0), from the final state."""
