@@ -239,9 +239,24 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
-    """A big square matmul, timed: the rate this device really reaches in this run."""
+    """A big square matmul, timed: the rate this device really reaches in this run.
+
+    Without ``n`` the side grows from 256 until one product takes 0.1 s (at most 8192 on a GPU,
+    2048 on a CPU): an emulated dtype (bf16 on a CPU without AVX512-BF16 ran at ~1 GFLOP/s here)
+    would take minutes at the full size.
+    """
     if n is None:
-        n = 8192 if device.type == "cuda" else 2048
+        cap = 8192 if device.type == "cuda" else 2048
+        n = 256
+        while n < cap:
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            sync(device)
+            t0 = time.perf_counter()
+            a @ a
+            sync(device)
+            if time.perf_counter() - t0 > 0.1:
+                break
+            n *= 2
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):

@@ -1,19 +1,25 @@
-"""Seconds per epoch for each architecture x engine x precision x option, against the seed.
+"""Seconds per epoch for each architecture x engine x precision x option, against the seed, a bare loop and Lightning.
 
-``python -m benchmarks.epoch_time [--archs ...] [--engines ddp,deepspeed] [--precisions fp32,bf16]
-[--options none,channels_last,compile,channels_last+compile] [--batch-size 64] [--steps N] [--smoke] --out DIR``
+``python -m benchmarks.epoch_time [--archs cvae2] [--engines ddp,deepspeed] [--precisions auto,fp32,bf16]
+[--options none,channels_last,auto,compile,...] [--rounds 3] [--batch-size 64] [--steps N] [--smoke] --out DIR``
 
-Method.  Every variant runs in its own subprocess (so one variant's peak memory, compile
-cache or process group cannot leak into the next), builds the model from the registry and
-steps it through the product's own training step, fed by the product's loader
-(``ShardData``) over a shard set derived from ``hpcvae.synth`` galaxies.  The first
-``warmup`` steps are excluded (their excess over a timed step is reported as compile
-time); the next ``steps`` are timed and the mean step time is extrapolated to the
-drop_last epochs of 81,499 and 314,000 galaxies.  FLOPs per batch come from
-``FlopCounterMode`` on a meta-device copy of the model (no compute, same count), MFU is
-given against the data-sheet bf16 peak (GPU only) and against a big matmul timed in the
-same run.  The seed's own loop (``benchmarks.seed_baseline``) runs in the same
-invocation on the same images stored in the seed's h5 layout, so every row is also a ratio.
+Method.  Every row runs in its own subprocess (so one row's peak memory, compile cache or
+process group cannot leak into the next).  Ours builds the model from the registry and steps
+it through the product's own training step, fed by the product's loader (``ShardData``) over a
+shard set derived from ``hpcvae.synth`` galaxies.  Beside it, in the same invocation and on the
+same images (``benchmarks.epoch_peers``): the seed's own loop and h5 loader; a bare loop (the
+seed's model on one fixed batch: the floor any framework reaches) in each precision and layout;
+and PyTorch Lightning in each precision.  The whole list runs ``rounds`` times, in alternating
+order, so a machine's drifting load shows as a spread instead of a bias; ratios are taken per
+round (paired) and reported with that spread.  Rows in a precision the device only emulates
+(``hpcvae.hardware``) run in the first round only, with fewer steps: they are there to show
+which precision is fastest, not to be timed to the percent.
+
+The first ``warmup`` steps are excluded (their excess over a timed step is reported as compile
+time); the mean step time is extrapolated to the drop_last epochs of 81,499 and 314,000
+galaxies.  FLOPs per batch come from ``FlopCounterMode`` on a meta-device copy of the model;
+MFU is given against the data-sheet bf16 peak (GPU only) and against a big matmul timed in the
+same process.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,16 +41,20 @@ import numpy as np
 import torch
 
 from benchmarks import common
+from benchmarks import epoch_peers as peers
+from benchmarks.epoch_peers import seed_flops_per_batch  # noqa: F401  (re-exported for the tests)
 from hpcvae.cli import run_cli
 from hpcvae.config import ArchName, Engine, Flavour, Precision
 from hpcvae.errors import ConfigError
 
 ARCHS: tuple[str, ...] = ("vae128", "vae158", "cvae", "cvae2", "fancy_cvae")
-OPTIONS = ("none", "channels_last", "compile", "channels_last+compile", "channels_last+compile+resident",
+OPTIONS = ("none", "channels_last", "auto", "compile", "channels_last+compile", "channels_last+compile+resident",
            "channels_last+resident")  # fmt: skip
-Option = Literal["none", "channels_last", "compile", "channels_last+compile"]
+Option = Literal["none", "channels_last", "auto", "compile", "channels_last+compile"]
 SEED_REF = {"vae158": "vae158", "vae128": "vae158", "cvae2": "cvae2", "cvae": "cvae2", "fancy_cvae": "cvae2"}
 """The seed model each architecture's ratio is taken against (the baseline copies only the seed's cvae2 and vae158)."""
+PEER_ARCH = "cvae2"
+"""The bare loop and Lightning run the seed's pick, the model every ratio of the issue is about."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -54,8 +65,9 @@ class Variant:
     option: Option = "none"
 
     @property
-    def channels_last(self) -> bool:
-        return "channels_last" in self.option
+    def channels_last(self) -> bool | None:
+        """``None`` for option ``auto``: the product's own rule decides (``hpcvae.hardware``)."""
+        return None if self.option == "auto" else "channels_last" in self.option
 
     @property
     def compile(self) -> bool:
@@ -84,8 +96,8 @@ class Variant:
             raise ConfigError(f"unknown architecture {self.arch!r} (choices: {', '.join(ARCHS)})")
         if self.engine not in ("ddp", "deepspeed"):
             raise ConfigError(f"unknown engine {self.engine!r} (choices: ddp, deepspeed)")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"unknown precision {self.precision!r} (choices: fp32, bf16, fp16)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"unknown precision {self.precision!r} (choices: auto, fp32, bf16, fp16)")
         if self.option not in OPTIONS:
             raise ConfigError(f"unknown option {self.option!r} (choices: {', '.join(OPTIONS)})")
 
@@ -118,7 +130,15 @@ class EpochTimeConfig:
     profile: bool = False
     """Profile one extra step of each variant with torch.profiler and report the top ops."""
     lightning: bool = True
-    """Also time cvae2 under PyTorch Lightning (``Trainer(precision="bf16-mixed")``), the peer users would pick."""
+    """Also time cvae2 under PyTorch Lightning (``Trainer(precision=...)``), the peer users would pick."""
+    bare: bool = True
+    """Also time the bare loop (the seed's cvae2 on one fixed batch: the floor any framework reaches)."""
+    peer_precisions: tuple[str, ...] = ("fp32", "bf16")
+    """Precisions of the bare loop and Lightning rows (the bare loop in both layouts)."""
+    rounds: int = 3
+    """Times the whole list runs, in alternating order; ratios are paired per round."""
+    emulated_steps: int = 2
+    """Timed steps of a row whose precision the device only emulates (first round only)."""
     tag: str = ""
     """Appended to the results' file names (``epoch_time-<device>-<date>-<tag>``), to keep two runs of a day."""
 
@@ -129,6 +149,11 @@ class EpochTimeConfig:
             raise ConfigError("--batch-size and --steps must be >= 1, --warmup >= 0")
         if self.num_workers < 0:
             raise ConfigError("--num-workers must be >= 0")
+        if self.rounds < 1 or self.emulated_steps < 1:
+            raise ConfigError("--rounds must be >= 1")
+        bad = [p for p in self.peer_precisions if p not in peers.LIGHTNING_PRECISION]
+        if bad:
+            raise ConfigError(f"--peer-precisions: unknown precision {bad[0]!r} (choices: fp32, bf16, fp16)")
 
 
 @dataclass(kw_only=True)
@@ -187,14 +212,14 @@ def time_ours(variant: Variant, job: dict[str, Any]) -> dict[str, Any]:
     step = ProductStep(variant, job, device)
     model = step.trainer.model
     n_params = sum(p.numel() for p in model.parameters())
-    flops = flops_per_batch(variant.arch, job, step.trainer.manifest.image_size)
-    mm = _matmul_now(device, variant.precision)
+    flops = peers.flops_per_batch(variant.arch, job, step.trainer.manifest.image_size)
+    mm = peers.matmul_now(device, step.precision)
     common.reset_peak_memory(device)
-    _reset_rss_peak()
+    peers.reset_rss_peak()
     warmup = job["warmup"] + (1 if variant.compile else 0)
     times = _run_steps(step, step.trainer.data, device, warmup, job["steps"])
-    peak, peak_kind = _peak_memory(device)
-    mm_after = _matmul_now(device, variant.precision)
+    peak, peak_kind = peers.peak_memory(device)
+    mm_after = peers.matmul_now(device, step.precision)
     profile = _profile_step(step, step.trainer.data, device) if job.get("profile") else None
     step.close()
     return {
@@ -210,6 +235,7 @@ def time_ours(variant: Variant, job: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
         "engine_info": step.info,
+        "resolved": step.resolved,
         "profile": profile,
     }
 
@@ -252,6 +278,10 @@ class ProductStep:
         )
         dist = DistInfo(device=device, backend="nccl" if device.type == "cuda" else "gloo")
         self.trainer = Trainer(cfg, dist)
+        h = self.trainer.hardware
+        self.precision = h["precision"]
+        self.resolved = {"precision": h["precision"], "channels_last": h["channels_last"],
+                         "reason": f"{h['precision_reason']}; {h['channels_last_reason']}"}  # fmt: skip
         self.beta = float(self.trainer.beta(0))
         opt = self.trainer.engine.optimizer
         self.info = {
@@ -328,191 +358,13 @@ def _profile_step(step, data, device: torch.device, top: int = 12) -> list[dict[
     ]
 
 
-def flops_per_batch(arch: str, job: dict[str, Any], size: int) -> int:
-    """Forward+backward FLOPs of one batch, counted on the meta device (no compute)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from hpcvae.models import build_model
-
-    b = job["batch_size"]
-    with torch.device("meta"):
-        m = build_model(arch, job["flavour"], image_size=size, nf=job.get("nf"), z_dim=job.get("z_dim"))
-        x = torch.rand(b, 1, size, size)
-        r = torch.rand(b) if m.conditional else None
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = m(x, r)
-        m.compute_loss(out, x, r, 0.1)["total"].backward()
-    return int(counter.get_total_flops())
-
-
-def seed_flops_per_batch(arch: str, b: int, nf: int, z_dim: int) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from benchmarks.seed_baseline import build_seed_model, seed_loss
-
-    with torch.device("meta"):
-        m = build_seed_model(arch, nf, z_dim)
-        x = torch.rand(b, 1, 158, 158)
-        r = torch.rand(b)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        recon, mu, logvar = m(x, r)
-        seed_loss(recon, x, mu, logvar, 0.1).backward()
-    return int(counter.get_total_flops())
-
-
-def time_seed(arch: str, job: dict[str, Any]) -> dict[str, Any]:
-    """The seed's loop on the seed's h5 loader, in its own subprocess like ours."""
-    from benchmarks.seed_baseline import build_seed_model, run_seed_loop, seed_loader
-
-    device = common.pick_device(job.get("device"))
-    torch.manual_seed(0)
-    nf = job.get("nf") or 64
-    z_dim = job.get("z_dim") or 32
-    model = build_seed_model(arch, nf, z_dim)
-    params = job["transform"]["params"]
-    loader = seed_loader(job["seed_h5"], params["lo"], params["hi"], batch_size=job["batch_size"])
-    mm = _matmul_now(device, "fp32")
-    common.reset_peak_memory(device)
-    _reset_rss_peak()
-    run = run_seed_loop(model, loader, device, steps=job["seed_steps"], warmup=job["warmup"])
-    peak, peak_kind = _peak_memory(device)
-    mm_after = _matmul_now(device, "fp32")
-    return {
-        "arch": arch,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "flops_per_batch": seed_flops_per_batch(arch, job["batch_size"], nf, z_dim),
-        "step_times_s": run.step_times,
-        "wait_times_s": run.data_wait,
-        "warmup_times_s": [],
-        "matmul_tflops": mm,
-        "matmul_tflops_after": mm_after,
-        "final_loss": run.losses[-1] if run.losses else None,
-        "peak_memory_mb": peak,
-        "peak_memory_kind": peak_kind,
-    }
-
-
-def time_lightning(arch: str, job: dict[str, Any]) -> dict[str, Any]:
-    """The peer a user would pick instead: a plain LightningModule and ``Trainer(precision="bf16-mixed")``.
-
-    The same registry model, the same shards through the same loader (ShardData), Adam at the
-    same learning rate; a callback times each step from the previous step's end to this one's
-    (the batch fetch included, as for ours).
-    """
-    import lightning as L
-
-    from hpcvae.config import DataConfig
-    from hpcvae.data import ShardData
-    from hpcvae.models import build_model
-    from hpcvae.shards.manifest import Manifest
-    from hpcvae.transforms import transform_from_dict
-
-    device = common.pick_device(job.get("device"))
-    torch.manual_seed(0)
-    manifest = Manifest.load(job["shards"])
-    model = build_model(
-        arch, job["flavour"], image_size=manifest.image_size, nf=job.get("nf"), z_dim=job.get("z_dim")
-    )
-    t = transform_from_dict(job["transform"])
-    data = ShardData(DataConfig(path=job["shards"], batch_size=job["batch_size"], num_workers=job["num_workers"]),
-                     manifest, rank=0, world_size=1, seed=0, transform=t)  # fmt: skip
-    total = job["warmup"] + job["steps"]
-
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = model
-
-        def training_step(self, batch: dict[str, Any], _: int) -> torch.Tensor:
-            x, r = batch["image"], batch.get("redshift")
-            return self.m.compute_loss(self.m(x, r), x, r, 0.1)["total"]
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.Adam(self.m.parameters(), lr=1e-3)
-
-    starts: list[float] = []
-    ends: list[float] = []
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, *_: Any) -> None:
-            starts.append(time.perf_counter())  # the batch is fetched by now: the wait is start - last end
-
-        def on_train_batch_end(self, *_: Any) -> None:
-            common.sync(device)
-            ends.append(time.perf_counter())
-
-    class Batches:  # every epoch of our loader, for as many steps as asked
-        def __iter__(self):
-            epoch = 0
-            while True:
-                yield from data.train_loader(epoch)
-                epoch += 1
-
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="bf16-mixed",
-                        max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Timer()], num_sanity_val_steps=0)  # fmt: skip
-    mm = _matmul_now(device, "bf16")
-    common.reset_peak_memory(device)
-    _reset_rss_peak()
-    t0 = time.perf_counter()
-    trainer.fit(Module(), train_dataloaders=Batches())
-    times = np.diff([t0, *ends]).tolist()
-    waits = (np.asarray(starts) - np.asarray([t0, *ends[:-1]])).tolist()
-    peak, peak_kind = _peak_memory(device)
-    data.close()
-    return {
-        "arch": arch,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "flops_per_batch": flops_per_batch(arch, job, manifest.image_size),
-        "warmup_times_s": times[: job["warmup"]],
-        "step_times_s": times[job["warmup"] :],
-        "wait_times_s": waits[job["warmup"] :],
-        "matmul_tflops": mm,
-        "matmul_tflops_after": _matmul_now(device, "bf16"),
-        "peak_memory_mb": peak,
-        "peak_memory_kind": peak_kind,
-        "engine_info": {"engine": f"lightning {L.__version__}", "optimizer": "Adam", "fused": False},
-    }
-
-
-def _matmul_now(device: torch.device, precision: str) -> float:
-    """The matmul rate right now, in this process: on a shared machine the rate moves with the load,
-    so each row's MFU is taken against a rate measured moments before its own steps."""
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    return common.matmul_tflops(device, dtype, reps=3)
-
-
-def _reset_rss_peak() -> None:
-    """Reset this process's VmHWM so CPU peak RSS covers the timed part only (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return common.peak_memory_mb(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(
-                    line.split()[1]
-                ) / 1024.0, "peak RSS of the training process (VmHWM, workers excluded)"
-    except OSError:
-        pass
-    return common.peak_memory_mb(device)
-
-
 # ----------------------------------------------------------------------------------------
 # Orchestration
 
 
 def _spawn(kind: str, what: str, job: dict[str, Any], workdir: Path, timeout_s: float) -> dict[str, Any]:
     """Run one variant in a fresh interpreter; its failure is recorded, not fatal."""
-    jobfile = workdir / f"job-{kind}-{what.replace('/', '_').replace('+', '_')}.json"
+    jobfile = workdir / f"job-{kind}-{re.sub(r'[^A-Za-z0-9.-]+', '_', what)}.json"
     resfile = jobfile.with_suffix(".result.json")
     jobfile.write_text(json.dumps({**job, "kind": kind, "what": what, "result": str(resfile)}))
     env = dict(os.environ)
@@ -575,10 +427,65 @@ def _derive(res: dict[str, Any], batch: int, env: dict[str, Any], precision: str
     return d
 
 
+@dataclass(kw_only=True, frozen=True)
+class Row:
+    """One line of the results: ours (a Variant) or a peer (seed, bare, lightning) in a precision and layout."""
+
+    kind: Literal["ours", "seed", "bare", "lightning"]
+    arch: str
+    precision: str
+    channels_last: bool | None = None
+    variant: Variant | None = None
+
+    @property
+    def label(self) -> str:
+        if self.variant is not None:
+            return self.variant.name
+        if self.kind == "seed":
+            return f"seed {self.arch} (fp32, h5py loader, .item() per step)"
+        if self.kind == "bare":
+            return f"bare {self.arch} {self.precision}{' channels_last' if self.channels_last else ''} (fixed batch)"
+        return f"lightning {self.arch} {peers.LIGHTNING_PRECISION[self.precision]}"
+
+
+def plan_rows(cfg: EpochTimeConfig) -> list[Row]:
+    """Every row of one round: the seed, the bare loop and Lightning around our variants."""
+    rows = [Row(kind="ours", arch=v.arch, precision=v.precision, channels_last=v.channels_last, variant=v)
+            for v in cfg.variants]  # fmt: skip
+    if cfg.seed_baseline:
+        rows += [
+            Row(kind="seed", arch=a, precision="fp32")
+            for a in sorted({SEED_REF[v.arch] for v in cfg.variants})
+        ]
+    if cfg.bare:
+        rows += [Row(kind="bare", arch=PEER_ARCH, precision=p, channels_last=cl)
+                 for p in cfg.peer_precisions for cl in (False, True)]  # fmt: skip
+    if cfg.lightning:
+        rows += [Row(kind="lightning", arch=PEER_ARCH, precision=p) for p in cfg.peer_precisions]
+    return rows
+
+
+def _emulated(precision: str, caps: Any) -> bool:
+    return (precision == "bf16" and not caps.native_bf16) or (precision == "fp16" and not caps.native_fp16)
+
+
 def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
+    from benchmarks.epoch_report import render_md
+    from hpcvae import hardware
+
     device = common.pick_device()
     env = common.environment(device)
+    caps = hardware.capabilities(device)
+    prec, layout = hardware.resolve_training("auto", None, device)
+    env["capabilities"] = caps.to_dict()
+    env["auto"] = {
+        "precision": prec.value,
+        "channels_last": layout.value,
+        "reason": f"{prec.reason}; {layout.reason}",
+    }
     print(f"epoch_time: device {env['device']} ({env['device_description']}); load {env['loadavg_start']}")
+    print(f"epoch_time: native bf16 {caps.native_bf16}, native fp16 {caps.native_fp16}; auto picks "
+          f"{prec.value}, channels_last {layout.value}")  # fmt: skip
     env["matmul_tflops"] = {
         "fp32": common.matmul_tflops(device, torch.float32),
         "bf16": common.matmul_tflops(device, torch.bfloat16),
@@ -588,94 +495,50 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
         f"epoch_time: measured matmul {env['matmul_tflops']['fp32']:.3f} TFLOP/s fp32, "
         f"{env['matmul_tflops']['bf16']:.3f} TFLOP/s bf16; data-sheet bf16 peak {env['bf16_peak_tflops']}"
     )
+    rows = plan_rows(cfg)
+    runs: dict[str, list[dict[str, Any]]] = {r.label: [] for r in rows}
     with tempfile.TemporaryDirectory(prefix="hpcvae-bench-", dir=cfg.workdir) as tmp:
         workdir = Path(tmp)
-        sizes = {}
-        for v in cfg.variants:
-            size = cfg.image_size or (128 if v.arch == "vae128" else 158)
-            sizes.setdefault(size, None)
+        sizes = dict.fromkeys(cfg.image_size or (128 if v.arch == "vae128" else 158) for v in cfg.variants)
+        if cfg.seed_baseline or cfg.bare or cfg.lightning:
+            sizes.setdefault(158, None)  # the seed's modules, the bare loop and Lightning run at 158
         data: dict[int, dict[str, Any]] = {}
         for size in sizes:
-            shard_dir, h5, info = prepare_data(cfg, workdir, size)
+            _, _, info = prepare_data(cfg, workdir, size)
             data[size] = info
-            print(
-                f"epoch_time: data {size}x{size}: {info['n_train']} train images "
-                f"(pool {info['pool']} rendered in {info['render_pool_s']:.1f} s, set in {info['make_set_s']:.1f} s)"
-            )
-        base_job = {
-            "batch_size": cfg.batch_size,
-            "steps": cfg.steps,
-            "warmup": cfg.warmup,
-            "flavour": cfg.flavour,
-            "nf": cfg.nf,
-            "z_dim": cfg.z_dim,
-            "num_workers": cfg.num_workers,
-            "seed_steps": cfg.seed_steps or cfg.steps,
-            "profile": cfg.profile,
-        }
-        rows: list[dict[str, Any]] = []
-        seed_jobs: dict[str, dict[str, Any]] = {}
-        if cfg.seed_baseline:
-            for arch in sorted({SEED_REF[v.arch] for v in cfg.variants}):
-                info = data.get(158)
-                if info is None:
-                    print(f"epoch_time: seed {arch} skipped: the seed's modules are fixed at 158x158")
+            print(f"epoch_time: data {size}x{size}: {info['n_train']} train images (pool {info['pool']} rendered "
+                  f"in {info['render_pool_s']:.1f} s, set in {info['make_set_s']:.1f} s)")  # fmt: skip
+        base = {"batch_size": cfg.batch_size, "warmup": cfg.warmup, "flavour": cfg.flavour, "nf": cfg.nf,
+                "z_dim": cfg.z_dim, "num_workers": cfg.num_workers, "profile": cfg.profile}  # fmt: skip
+        for k in range(cfg.rounds):
+            for row in rows if k % 2 == 0 else rows[::-1]:  # alternate, so the load's drift is paired out
+                emulated = _emulated(row.precision, caps)
+                if emulated and k > 0:
                     continue
-                seed_jobs[arch] = {**base_job, "transform": info["transform"], "seed_h5": info["seed_h5"]}
-        # The seed runs before and after our variants: on a shared machine the load drifts, and
-        # bracketing keeps the ratio from hanging on one moment's load.
-        first_seed = {a: _spawn("seed", a, j, workdir, cfg.variant_timeout_s) for a, j in seed_jobs.items()}
-        for a, r in first_seed.items():
-            _print_row(f"seed {a} (before)", {**r, **_derive(r, cfg.batch_size, env, "fp32")})
-        for v in cfg.variants:
-            size = cfg.image_size or (128 if v.arch == "vae128" else 158)
-            info = data[size]
-            job = {**base_job, "variant": asdict(v), "transform": info["transform"], "shards": info["shards"]}
-            res = _spawn("ours", v.name, job, workdir, cfg.variant_timeout_s)
-            res.update(_derive(res, cfg.batch_size, env, v.precision))
-            res["name"] = v.name
-            res.update(asdict(v))
-            rows.append(res)
-            _print_row(v.name, res)
-        if cfg.lightning:
-            info = data[cfg.image_size or 158]
-            job = {**base_job, "transform": info["transform"], "shards": info["shards"]}
-            res = _spawn("lightning", "cvae2", job, workdir, cfg.variant_timeout_s)
-            res.update(_derive(res, cfg.batch_size, env, "bf16"))
-            res.update(name="cvae2/lightning/bf16-mixed/none", arch="cvae2", engine="lightning", precision="bf16",
-                       option="none")  # fmt: skip
-            rows.append(res)
-            _print_row(res["name"], res)
-        seeds: dict[str, dict[str, Any]] = {}
-        for a, j in seed_jobs.items():
-            after = _spawn("seed", a, j, workdir, cfg.variant_timeout_s)
-            seeds[a] = _merge_seed_runs(a, first_seed[a], after, cfg.batch_size, env)
-            _print_row(seeds[a]["name"], seeds[a])
-        for res in rows:
-            ref = seeds.get(SEED_REF[res["arch"]])
-            if ref and res.get("images_per_s") and ref.get("images_per_s"):
-                res["seed_ref"] = SEED_REF[res["arch"]]
-                res["speedup_vs_seed"] = res["images_per_s"] / ref["images_per_s"]
-                res["speedup_vs_seed_best_step"] = ref["step_s_min"] / res["step_s_min"]
-                res["compute_speedup_vs_seed"] = ref["compute_step_s"] / res["compute_step_s"]
+                steps = cfg.emulated_steps if emulated else cfg.steps
+                size = cfg.image_size or (128 if row.arch == "vae128" else 158) if row.kind == "ours" else 158
+                info = data[size]
+                job = {**base, "steps": steps, "seed_steps": cfg.seed_steps or steps, "precision": row.precision,
+                       "channels_last": row.channels_last, "transform": info["transform"], "shards": info["shards"],
+                       "seed_h5": info["seed_h5"], "round": k, "arch": row.arch}  # fmt: skip
+                if row.variant is not None:
+                    job["variant"] = asdict(row.variant)
+                res = _spawn(row.kind, f"{row.label}-r{k}", job, workdir, cfg.variant_timeout_s)
+                resolved = (res.get("resolved") or {}).get("precision", row.precision)
+                res.update(_derive(res, cfg.batch_size, env, resolved))
+                runs[row.label].append(res)
+                _print_row(f"{row.label} [round {k + 1}]", res)
     env["loadavg_end"] = common.loadavg()
-    seed_cvae2 = seeds.get("cvae2", {})
-    flop_check = {
-        "stated_gflop_per_image": common.SEED_CVAE2_GFLOP_PER_IMAGE,
-        "flopcounter_seed_cvae2_gflop_per_image": seed_cvae2.get("gflop_per_image"),
-        "flopcounter_ours_cvae2_gflop_per_image": next(
-            (r.get("gflop_per_image") for r in rows if r.get("arch") == "cvae2" and r.get("gflop_per_image")),
-            None,
-        ),
-    }
+    results = [merge_runs(row, runs[row.label], cfg.batch_size, env) for row in rows]
+    pair_ratios(results)
     payload = {
         "benchmark": "epoch_time",
         "environment": env,
         "config": {**asdict(cfg), "variants": [v.name for v in cfg.variants]},
         "data": data,
-        "flop_check": flop_check,
-        "seed": seeds,
-        "results": rows,
+        "flop_check": _flop_check(results),
+        "results": results,
+        "fastest": fastest_precision(results),
     }
     stem = common.result_stem("epoch_time", device) + (f"-{cfg.tag}" if cfg.tag else "")
     common.write_results(out, stem, payload, render_md(payload))
@@ -685,124 +548,86 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
     return payload
 
 
-def _merge_seed_runs(
-    arch: str, before: dict[str, Any], after: dict[str, Any], batch: int, env: dict[str, Any]
-) -> dict[str, Any]:
-    """One seed row from its two bracketing runs: all timed steps pooled, each run's mean kept."""
-    runs = [r for r in (before, after) if "error" not in r]
-    if not runs:
-        return {**before, "name": f"seed {arch}"}
-    merged = dict(runs[0])
+def merge_runs(row: Row, runs: list[dict[str, Any]], batch: int, env: dict[str, Any]) -> dict[str, Any]:
+    """One row from its rounds: the timed steps pooled, each round's mean kept for pairing."""
+    ok = [r for r in runs if "error" not in r]
+    head = {"name": row.label, "kind": row.kind, "arch": row.arch, "engine": row.kind if row.kind != "ours"
+            else row.variant.engine, "option": row.variant.option if row.variant else
+            ("channels_last" if row.channels_last else "none")}  # fmt: skip
+    if not ok:
+        return {**head, "precision": row.precision, "error": runs[0].get("error") if runs else "not run"}
+    merged = dict(ok[0])
     for key in ("step_times_s", "wait_times_s"):
-        merged[key] = [t for r in runs for t in r.get(key, [])]
-    merged["matmul_tflops"] = float(np.mean([r["matmul_tflops"] for r in runs]))
-    merged["matmul_tflops_after"] = min(r.get("matmul_tflops_after") or r["matmul_tflops"] for r in runs)
-    merged["peak_memory_mb"] = max(r["peak_memory_mb"] for r in runs)
-    merged["run_means_s"] = [float(np.mean(r["step_times_s"])) for r in runs]
-    merged.update(_derive(merged, batch, env, "fp32"))
-    merged["name"] = f"seed {arch} (fp32, h5py loader, .item() per step)"
+        merged[key] = [t for r in ok for t in r.get(key, [])]
+    merged["matmul_tflops"] = float(np.mean([r["matmul_tflops"] for r in ok]))
+    merged["matmul_tflops_after"] = min(r.get("matmul_tflops_after") or r["matmul_tflops"] for r in ok)
+    merged["peak_memory_mb"] = max(r["peak_memory_mb"] for r in ok)
+    merged["round_means_s"] = {int(r["round"]) if "round" in r else i: float(np.mean(r["step_times_s"]))
+                               for i, r in enumerate(runs) if "error" not in r}  # fmt: skip
+    resolved = merged.get("resolved") or {}
+    precision = resolved.get("precision", row.precision)
+    merged.update(_derive(merged, batch, env, precision))
+    means = list(merged["round_means_s"].values())
+    merged.update(head, precision=precision, requested_precision=row.precision,
+                  channels_last=resolved.get("channels_last", row.channels_last), rounds=len(means),
+                  spread=(max(means) - min(means)) / float(np.mean(means)) if len(means) > 1 else None)  # fmt: skip
     return merged
+
+
+def pair_ratios(results: list[dict[str, Any]]) -> None:
+    """Each of our rows against the seed, the bare loop (same precision and layout) and Lightning (same precision).
+
+    ``x_<peer>`` is the peer's step time over ours (> 1: ours is faster), from the pooled means;
+    ``x_<peer>_rounds`` the same ratio in each round both ran (paired: the same moment's load).
+    """
+
+    def find(kind: str, **want: Any) -> dict[str, Any] | None:
+        return next((r for r in results if r["kind"] == kind and "error" not in r
+                     and all(r.get(k) == v for k, v in want.items())), None)  # fmt: skip
+
+    for r in results:
+        if r["kind"] != "ours" or "error" in r:
+            continue
+        peers_of = {"seed": find("seed", arch=SEED_REF[r["arch"]]),
+                    "bare": find("bare", precision=r["precision"], channels_last=bool(r["channels_last"])),
+                    "lightning": find("lightning", precision=r["precision"])}  # fmt: skip
+        for name, peer in peers_of.items():
+            if peer is None:
+                continue
+            r[f"x_{name}"] = peer["step_s"] / r["step_s"]
+            both = sorted(set(peer["round_means_s"]) & set(r["round_means_s"]))
+            r[f"x_{name}_rounds"] = [peer["round_means_s"][k] / r["round_means_s"][k] for k in both]
+        if peers_of["seed"] is not None:
+            r["speedup_vs_seed"] = r["images_per_s"] / peers_of["seed"]["images_per_s"]
+
+
+def fastest_precision(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which precision the bare loop (and ours) ran fastest in on this machine."""
+    out: dict[str, Any] = {}
+    for kind in ("bare", "ours", "lightning"):
+        rows = [r for r in results if r["kind"] == kind and "error" not in r and r.get("arch") == PEER_ARCH]
+        if rows:
+            best = min(rows, key=lambda r: r["step_s"])
+            out[kind] = {"name": best["name"], "precision": best["precision"], "step_s": best["step_s"]}
+    return out
+
+
+def _flop_check(results: list[dict[str, Any]]) -> dict[str, Any]:
+    def gflop(kind: str) -> float | None:
+        return next((r.get("gflop_per_image") for r in results
+                     if r["kind"] == kind and r.get("arch") == "cvae2" and r.get("gflop_per_image")), None)  # fmt: skip
+
+    return {"stated_gflop_per_image": common.SEED_CVAE2_GFLOP_PER_IMAGE,
+            "flopcounter_seed_cvae2_gflop_per_image": gflop("seed"),
+            "flopcounter_ours_cvae2_gflop_per_image": gflop("ours")}  # fmt: skip
 
 
 def _print_row(name: str, r: dict[str, Any]) -> None:
     if "error" in r:
-        print(f"  {name:45s} FAILED: {r['error']}")
+        print(f"  {name:60s} FAILED: {r['error']}")
         return
-    sp = f"  x{r['speedup_vs_seed']:.2f} vs seed" if r.get("speedup_vs_seed") else ""
-    print(
-        f"  {name:45s} {r['step_s']:.3f} s/step  {r['images_per_s']:8.1f} img/s  "
-        f"81k epoch {r['epoch_s_81k']:8.0f} s  wait {100 * (r['data_wait_share'] or 0):4.1f}%{sp}",
-        flush=True,
-    )
-
-
-COLUMNS = [
-    ("name", "variant"),
-    ("step_s", "s/step"),
-    ("images_per_s", "img/s"),
-    ("epoch_s_81k", "s/epoch 81,499"),
-    ("epoch_s_314k", "s/epoch 314,000"),
-    ("speedup_vs_seed", "× seed (img/s)"),
-    ("speedup_vs_seed_best_step", "× seed (best step)"),
-    ("gflop_per_image", "GFLOP/img f+b"),
-    ("achieved_tflops", "TFLOP/s"),
-    ("mfu_vs_matmul", "MFU vs matmul"),
-    ("mfu_vs_bf16_peak", "MFU vs bf16 peak"),
-    ("data_wait_share", "data wait"),
-    ("cpu_share", "matmul rate vs start"),
-    ("compile_s", "compile s"),
-    ("peak_memory_mb", "peak MB"),
-]
-
-
-PROFILE_COLUMNS = [("op", "op"), ("shapes", "input shapes"), ("calls", "calls"), ("self_ms", "self ms"),
-                   ("share", "share")]  # fmt: skip
-
-
-def render_md(p: dict[str, Any]) -> str:
-    env, cfg = p["environment"], p["config"]
-    seeds = list(p["seed"].values())
-    rows = [r for r in seeds + p["results"] if "error" not in r]
-    failed = [r for r in seeds + p["results"] if "error" in r]
-    fc = p["flop_check"]
-    mm = env["matmul_tflops"]
-    mem_kind = next((r.get("peak_memory_kind") for r in rows if r.get("peak_memory_kind")), "")
-    lines = [
-        f"# Epoch time — {env['device']} — {env['date'][:10]}",
-        "",
-        common.env_md(env),
-        f"- measured matmul: {mm['fp32']:.3f} TFLOP/s fp32, {mm['bf16']:.3f} TFLOP/s bf16; data-sheet bf16 peak: "
-        + (
-            f"{env['bf16_peak_tflops']} TFLOP/s"
-            if env["bf16_peak_tflops"]
-            else "none (CPU: no published peak, MFU is vs the measured matmul only)"
-        ),
-        f"- config: batch {cfg['batch_size']}, {cfg['steps']} timed steps after {cfg['warmup']} warm-up "
-        f"(+1 for compiled variants), flavour {cfg['flavour']}, nf {cfg['nf'] or 'arch default'}, "
-        f"loader workers {cfg['num_workers']}, seed steps {cfg['seed_steps'] or cfg['steps']}",
-        "- data: " + ", ".join(f"{d['n_train']} train images at {s}²" for s, d in p["data"].items()) + ", "
-        "from hpcvae.synth galaxies (rotations, flips, noise re-draws) in our shard format; the seed reads the same "
-        "train images from an h5 file in its layout",
-        "",
-        "## FLOPs check (cvae2, 158², forward+backward per image)",
-        "",
-        f"stated {fc['stated_gflop_per_image']} GFLOP; FlopCounterMode: seed cvae2 "
-        f"{common.fmt(fc['flopcounter_seed_cvae2_gflop_per_image'], 4)} GFLOP, ours "
-        f"{common.fmt(fc['flopcounter_ours_cvae2_gflop_per_image'], 4)} GFLOP"
-        + (
-            ""
-            if cfg["flavour"] == "default" and not cfg["nf"]
-            else " (this run used a reduced width, so the counts differ from 6.5)"
-        ),
-        "",
-        "## Results",
-        "",
-        "Epoch seconds = mean timed step × (galaxies // batch), drop_last. `× seed (img/s)` divides our images/s by the "
-        "seed loop's (cvae and fancy_cvae against the seed's cvae2, vae128 against its vae158: the baseline copies only "
-        "those two); the seed ran before and after our variants and its row pools both runs (this machine is shared, "
-        "the load drifts); `× seed (best step)` compares the fastest single steps, the figure least disturbed by "
-        "other processes. "
-        "MFU vs matmul: achieved FLOP/s over a big matmul timed in the same process just before the row's steps, in the "
-        "row's precision (bf16 for bf16 rows, fp32 for fp32 rows). `compile s`: the first step's excess over a timed step, for torch.compile rows. "
-        f"Peak memory: {mem_kind}.",
-        "",
-        common.md_table(rows, COLUMNS),
-        "",
-        "Seed step means per run (before, after our variants): "
-        + "; ".join(
-            f"{a}: {', '.join(f'{t:.2f} s' for t in r.get('run_means_s', []))}" for a, r in p["seed"].items()
-        ),
-    ]
-    if failed:
-        lines += ["", "## Variants that failed", ""]
-        lines += [f"- `{r['name']}`: {r['error']}" for r in failed]
-    profiled = [r for r in rows if r.get("profile")]
-    if profiled:
-        lines += ["", "## Where the step's time goes (torch.profiler, one step after the timed ones)"]
-        for r in profiled:
-            lines += ["", f"### {r['name']}", "", common.md_table(r["profile"], PROFILE_COLUMNS)]
-    lines += ["", "Raw per-step times are in the JSON twin of this file."]
-    return "\n".join(lines)
+    print(f"  {name:60s} {r['step_s']:.3f} s/step  {r['images_per_s']:8.1f} img/s  "
+          f"wait {100 * (r['data_wait_share'] or 0):4.1f}%", flush=True)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------
@@ -813,18 +638,21 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-SMOKE_VARIANTS = ("cvae2:ddp:fp32:none", "cvae2:ddp:bf16:channels_last")
-"""What --smoke runs unless told otherwise: the seed's pick, plain and in the configuration we recommend on CPU."""
+SMOKE_VARIANTS = ("cvae2:ddp:fp32:none", "cvae2:ddp:auto:auto")
+"""What --smoke runs unless told otherwise: the seed's pick, plain and as ``--precision auto`` picks."""
+DEFAULT_VARIANTS = ("cvae2:ddp:auto:auto", "cvae2:ddp:fp32:none", "cvae2:ddp:fp32:channels_last",
+                    "cvae2:ddp:bf16:channels_last")  # fmt: skip
+"""A full run without --archs/--precisions/--options: the defaults against fp32 and bf16 in both layouts."""
 
 
 def build_config(args: argparse.Namespace) -> EpochTimeConfig:
     explicit = any((args.archs, args.engines, args.precisions, args.options))
     variants: list[Variant] = []
-    if explicit or not args.smoke:
-        archs = _csv(args.archs or ",".join(ARCHS))
+    if explicit:
+        archs = _csv(args.archs or "cvae2")
         engines = _csv(args.engines or "ddp")
-        precisions = _csv(args.precisions or "fp32,bf16")
-        options = _csv(args.options or "none,channels_last")
+        precisions = _csv(args.precisions or "auto,fp32,bf16")
+        options = _csv(args.options or "auto,none,channels_last")
         variants = [
             Variant(arch=a, engine=e, precision=p, option=o)  # type: ignore[arg-type]
             for a in archs
@@ -833,62 +661,48 @@ def build_config(args: argparse.Namespace) -> EpochTimeConfig:
             for o in options
         ]
     elif not args.extra:
-        variants = [Variant.parse(x) for x in SMOKE_VARIANTS]
+        variants = [Variant.parse(x) for x in (SMOKE_VARIANTS if args.smoke else DEFAULT_VARIANTS)]
     variants += [Variant.parse(x) for x in args.extra or []]
+    peer_precisions = tuple(_csv(args.peer_precisions)) if args.peer_precisions else ("fp32", "bf16")
+    common_kw = dict(variants=variants, seed_steps=args.seed_steps, workdir=args.workdir, profile=args.profile,
+                     lightning=not args.no_lightning, bare=not args.no_bare, tag=args.tag,
+                     peer_precisions=peer_precisions, seed_baseline=not args.no_seed)  # fmt: skip
     if args.smoke:
         # Debug-width models at the seed's 158 so the seed's own modules (fixed at 158) run beside them.
-        return EpochTimeConfig(
-            variants=variants,
-            batch_size=args.batch_size or 8,
-            steps=args.steps or 2,
-            warmup=1,
-            flavour="debug",
-            image_size=158,
-            nf=4,
-            z_dim=8,
-            num_workers=args.num_workers if args.num_workers is not None else 0,
-            pool=8,
-            seed_steps=args.seed_steps,
-            variant_timeout_s=120,
-            workdir=args.workdir,
-            profile=args.profile,
-            lightning=not args.no_lightning,
-            tag=args.tag,
-        )
-    return EpochTimeConfig(
-        variants=variants,
-        batch_size=args.batch_size or 64,
-        steps=args.steps or 5,
-        warmup=args.warmup,
-        flavour=args.flavour,
-        image_size=args.image_size,
-        nf=args.nf,
-        z_dim=args.z_dim,
-        num_workers=args.num_workers if args.num_workers is not None else 2,
-        pool=args.pool,
-        seed_steps=args.seed_steps,
-        seed_baseline=not args.no_seed,
-        workdir=args.workdir,
-        profile=args.profile,
-        lightning=not args.no_lightning,
-        tag=args.tag,
-    )
+        return EpochTimeConfig(**common_kw, batch_size=args.batch_size or 8, steps=args.steps or 2, warmup=1,
+                               flavour="debug", image_size=158, nf=4, z_dim=8,
+                               num_workers=args.num_workers if args.num_workers is not None else 0, pool=8,
+                               variant_timeout_s=120, rounds=args.rounds or 1, emulated_steps=1)  # fmt: skip
+    return EpochTimeConfig(**common_kw, batch_size=args.batch_size or 64, steps=args.steps or 5, warmup=args.warmup,
+                           flavour=args.flavour, image_size=args.image_size, nf=args.nf, z_dim=args.z_dim,
+                           num_workers=args.num_workers if args.num_workers is not None else 2, pool=args.pool,
+                           rounds=args.rounds or 3, emulated_steps=args.emulated_steps)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmarks.epoch_time", description=__doc__.splitlines()[0])
-    ap.add_argument("--archs", help=f"comma list (default all: {','.join(ARCHS)})")
+    ap.add_argument("--archs", help=f"comma list (default cvae2; any of {','.join(ARCHS)})")
     ap.add_argument("--engines", help="comma list of ddp,deepspeed (default ddp)")
-    ap.add_argument("--precisions", help="comma list of fp32,bf16,fp16 (default fp32,bf16)")
-    ap.add_argument("--options", help=f"comma list of {','.join(OPTIONS)} (default none,channels_last)")
+    ap.add_argument("--precisions", help="comma list of auto,fp32,bf16,fp16 (default auto,fp32,bf16)")
+    ap.add_argument("--options", help=f"comma list of {','.join(OPTIONS)} (default auto,none,channels_last)")
     ap.add_argument(
         "--extra", action="append", help="one more variant arch:engine:precision:option (repeatable)"
     )
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--steps", type=int, help="timed steps per variant")
+    ap.add_argument("--steps", type=int, help="timed steps per row and round")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--rounds", type=int, help="runs of the whole list, alternating order (default 3; smoke 1)"
+    )
+    ap.add_argument(
+        "--emulated-steps", type=int, default=2, help="timed steps of rows in an emulated precision"
+    )
     ap.add_argument("--seed-steps", type=int, help="timed steps of the seed loop (default --steps)")
+    ap.add_argument(
+        "--peer-precisions", help="comma list for the bare loop and Lightning (default fp32,bf16)"
+    )
     ap.add_argument("--no-seed", action="store_true", help="skip the seed baseline")
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare loop")
     ap.add_argument("--no-lightning", action="store_true", help="skip the PyTorch Lightning peer")
     ap.add_argument("--tag", default="", help="suffix of the results' file names")
     ap.add_argument("--flavour", default="default", choices=["default", "debug"])
@@ -900,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", help="scratch folder (default: the system temp dir)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one extra step per variant")
     ap.add_argument(
-        "--smoke", action="store_true", help="tiny run (< 1 min on 2 CPU cores): checks the suite works"
+        "--smoke", action="store_true", help="tiny run (< 2 min on 2 CPU cores): checks the suite works"
     )
     ap.add_argument("--out", help="results folder (e.g. benchmarks/results)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -915,12 +729,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _worker(jobfile: Path) -> int:
     job = json.loads(jobfile.read_text())
-    if job["kind"] == "seed":
-        res = time_seed(job["what"], job)
-    elif job["kind"] == "lightning":
-        res = time_lightning(job["what"], job)
+    timers = {"seed": peers.time_seed, "bare": peers.time_bare, "lightning": peers.time_lightning}
+    if job["kind"] in timers:
+        res = timers[job["kind"]](job["arch"], job)
     else:
         res = time_ours(Variant(**job["variant"]), job)
+    res["round"] = job.get("round", 0)
     Path(job["result"]).write_text(json.dumps(common.finite_or_none(res)))
     return 0
 

@@ -55,14 +55,15 @@ echo "[gpu_check] (a) GPU tests on $DEVICE"
 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests-$DEVICE-$STAMP.txt"
 
 echo "[gpu_check] (b) epoch timing"
-VARIANTS=(--archs cvae2 --precisions fp32 --options none
+VARIANTS=(--archs cvae2 --precisions auto --options auto
+          --extra cvae2:ddp:fp32:none
           --extra cvae2:ddp:bf16:channels_last
           --extra cvae2:ddp:bf16:channels_last+compile
           --extra cvae2:ddp:bf16:channels_last+compile+resident)
 if [ "$MODE" = gpu ]; then
     for B in 64 256; do
         python3 -m benchmarks.epoch_time "${VARIANTS[@]}" --batch-size $B --steps 40 --warmup 5 \
-            --num-workers 4 --tag "b$B" --out "$OUT"
+            --num-workers 4 --rounds 2 --tag "b$B" --out "$OUT"
     done
 else
     # tiny: debug widths at 158² so the seed's fixed modules run beside ours; no compile (minutes on CPU)

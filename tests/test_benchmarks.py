@@ -145,22 +145,39 @@ def test_epoch_time_smoke(tmp_path):
     assert len(env["loadavg_start"]) == 3 and _finite(env["matmul_tflops"]["bf16"])
     keys = ["step_s", "images_per_s", "epoch_s_81k", "epoch_s_314k", "gflop_per_image", "mfu_vs_matmul",
             "data_wait_share", "peak_memory_mb"]  # fmt: skip
-    _check_rows(p["results"], [*keys, "speedup_vs_seed", "warmup_overhead_s"])
-    _check_rows(list(p["seed"].values()), keys)
-    assert {r["precision"] for r in p["results"]} == {"fp32", "bf16"}
-    ours = [r for r in p["results"] if r["engine"] != "lightning"]
-    (light,) = [r for r in p["results"] if r["engine"] == "lightning"]  # the peer, in the same run
-    assert light["arch"] == "cvae2" and light["engine_info"]["engine"].startswith("lightning")
+    ours = [r for r in p["results"] if r["kind"] == "ours"]
+    _check_rows(ours, [*keys, "speedup_vs_seed", "warmup_overhead_s", "x_seed", "x_bare", "x_lightning"])
+    _check_rows([r for r in p["results"] if r["kind"] != "ours"], keys)
+    assert env["capabilities"]["kind"] == "cpu" and isinstance(env["capabilities"]["native_bf16"], bool)
+    (auto,) = [r for r in ours if r["requested_precision"] == "auto"]  # resolved by the product's own rule
+    assert (
+        auto["precision"] == env["auto"]["precision"]
+        and auto["channels_last"] == env["auto"]["channels_last"]
+    )
+    kinds = {(r["kind"], r["precision"]) for r in p["results"]}
+    assert {
+        ("bare", "fp32"),
+        ("bare", "bf16"),
+        ("lightning", "fp32"),
+        ("lightning", "bf16"),
+        ("seed", "fp32"),
+    } <= kinds
+    light = [r for r in p["results"] if r["kind"] == "lightning"]  # the peer, in the same run
+    assert all(r["arch"] == "cvae2" and r["engine_info"]["engine"].startswith("lightning") for r in light)
     assert all(r["profile"] and r["profile"][0]["self_ms"] > 0 for r in ours)
     for r in p["results"]:
         assert r["epoch_s_314k"] == pytest.approx(r["step_s"] * (314_000 // 8))
     assert _finite(p["flop_check"]["flopcounter_seed_cvae2_gflop_per_image"])
+    assert p["fastest"]["bare"]["precision"] in ("fp32", "bf16")
     md = mp.read_text()
     for text in (
         "s/epoch 81,499",
         "s/epoch 314,000",
         "MFU vs matmul",
         "× seed",
+        "× bare loop",
+        "× Lightning",
+        "Which precision is fastest here",
         "load average",
         "no GPU",
         "profiler",
@@ -224,7 +241,7 @@ def test_gpu_check_rehearsal_runs_end_to_end(tmp_path):
     assert " passed" in tests_log.read_text() and "failed" not in tests_log.read_text()
     (jp,) = tmp_path.glob("epoch_time-*-rehearsal.json")
     names = {r["name"] for r in json.loads(jp.read_text())["results"]}
-    assert {"cvae2/ddp/bf16/channels_last+resident", "cvae2/lightning/bf16-mixed/none"} <= names
+    assert {"cvae2/ddp/bf16/channels_last+resident", "lightning cvae2 bf16-mixed"} <= names
     bad = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--nope"], capture_output=True, text=True, cwd=REPO
     )
