@@ -19,6 +19,7 @@ from hpcvae.evaluate.plots import (
     plot_redshift_trends,
     read_metrics,
 )
+from hpcvae.evaluate.plots_science import plot_morphology, plot_power_spectra, plot_response
 from hpcvae.evaluate.report import EvalConfig, evaluate
 
 __all__ = [
@@ -33,6 +34,9 @@ __all__ = [
     "plot_generation_grid",
     "plot_latent_corner",
     "plot_losses",
+    "plot_morphology",
+    "plot_power_spectra",
+    "plot_response",
     "plot_population",
     "plot_reconstructions",
     "plot_redshift_sweep",

@@ -21,7 +21,7 @@ STAT_LABELS = {
     "g": "|g|",
     "e1": "e1",
     "e2": "e2",
-    "flux": "flux (HSM amplitude)",
+    "flux": "flux: HSM amplitude [image units]",
 }
 
 LANUSSE2021 = {

@@ -72,12 +72,21 @@ def loss_series(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, lis
     return series
 
 
-def plot_losses(metrics: str | Path | Sequence[Mapping[str, Any]]) -> Figure:
-    """Train and val reconstruction and KL terms against optimizer step."""
+def plot_losses(
+    metrics: str | Path | Sequence[Mapping[str, Any]], prior: Sequence[Mapping[str, Any]] = ()
+) -> Figure:
+    """Train and val total, reconstruction and KL terms against optimizer step, and the flow prior's NLL.
+
+    ``prior`` holds the flow prior's metric records (``RUN/prior/metrics.jsonl``), drawn in a fourth panel.
+    """
     records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
     series = loss_series(records)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
-    for ax, key, title in zip(axes, ("loss", "recon", "kl"), ("total loss", "reconstruction", "KL")):
+    panels = [("loss", "total loss", "loss per galaxy (recon + β KL)"), ("recon", "reconstruction",
+              "reconstruction term per galaxy"), ("kl", "KL", "KL per galaxy [nats]")]  # fmt: skip
+    fig, axes = plt.subplots(
+        1, 4 if prior else 3, figsize=(17 if prior else 13, 3.6), constrained_layout=True
+    )
+    for ax, (key, title, ylabel) in zip(axes, panels):
         for kind, style in (("train", "-"), ("val", "o-")):
             s = series.get(kind)
             if not s:
@@ -87,7 +96,8 @@ def plot_losses(metrics: str | Path | Sequence[Mapping[str, Any]]) -> Figure:
                 continue
             ax.plot(s["x"], y, style, ms=3, label=kind)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
         if ax.lines:
             ys = np.concatenate([ln.get_ydata() for ln in ax.lines])
             if np.all(ys[np.isfinite(ys)] > 0):
@@ -95,7 +105,49 @@ def plot_losses(metrics: str | Path | Sequence[Mapping[str, Any]]) -> Figure:
             ax.legend()
         else:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+    if prior:
+        ax = axes[3]
+        for kind, style in (("train", "-"), ("val", "o-")):
+            pts = [
+                (r["step"], r.get("nll")) for r in prior if r.get("kind") == kind and r.get("nll") is not None
+            ]
+            if pts:
+                ax.plot(*zip(*pts), style, ms=3, label=kind)
+        ax.set_title("flow prior")
+        ax.set_xlabel("optimizer step (flow)")
+        ax.set_ylabel("NLL per galaxy latent [nats]")
+        if ax.lines:
+            ax.legend()
     return fig
+
+
+def asinh_stretch(img: np.ndarray, soft: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """asinh(x / soft) scaled to [0, 1] at ``vmax`` (default its 99.5th percentile): the faint isophotes stay
+    visible; ``soft`` is the noise sigma (else a linear stretch from 0)."""
+    finite = np.isfinite(img)
+    if not finite.any():
+        return np.zeros_like(img)
+    x = np.nan_to_num(img, nan=0.0)
+    if soft and soft > 0:
+        x = np.arcsinh(x / soft)
+        vmax = np.arcsinh(vmax / soft) if vmax is not None else None
+    top = float(np.percentile(x[finite], 99.5)) if vmax is None else float(vmax)
+    lo = min(0.0, float(np.min(x[finite])))
+    return np.clip((x - lo) / max(top - lo, 1e-12), 0.0, 1.0)
+
+
+def stretch_note(soft: float | None) -> str:
+    return (f"stretch: asinh(flux / {soft:.3g}) (noise sigma), each stamp to its 99.5th percentile"
+            if soft and soft > 0 else "stretch: linear, each stamp from 0 to its 99.5th percentile")  # fmt: skip
+
+
+def scale_bar(ax: Any, pixel_scale: float | None, x0: float, y0: float, arcsec: float = 0.5) -> None:
+    """A white bar of ``arcsec`` at the image's pixel scale, labelled."""
+    if not pixel_scale:
+        return
+    length = arcsec / pixel_scale
+    ax.plot([x0, x0 + length], [y0, y0], color="white", lw=2)
+    ax.text(x0 + length / 2, y0 - 1.5, f'{arcsec:g}"', color="white", ha="center", va="bottom", fontsize=7)
 
 
 def plot_reconstructions(
@@ -106,8 +158,10 @@ def plot_reconstructions(
     *,
     n: int = 8,
     keys: Sequence[str] | None = None,
+    pixel_scale: float | None = None,
+    noise_sigma: float | None = None,
 ) -> Figure:
-    """Real galaxies (top row) over their reconstructions (bottom row), each pair on one stretch."""
+    """Real galaxies (top), reconstructions (middle, same stretch per pair), residuals in noise sigma (bottom)."""
     real = _np(real)[:n]
     recon = _np(recon)[:n]
     n = len(real)
@@ -115,13 +169,24 @@ def plot_reconstructions(
     tiles = np.zeros((2, n, h, w))
     for i in range(n):
         vmax = float(np.nanpercentile(real[i], 99.5))
-        tiles[0, i] = _stretch(real[i], vmax)
-        tiles[1, i] = _stretch(recon[i], vmax)
-    fig, ax = plt.subplots(figsize=(1.6 * n + 0.6, 3.9))
-    ax.imshow(mosaic(tiles), origin="upper", cmap=CMAP, vmin=0, vmax=1, interpolation="nearest")
+        tiles[0, i] = asinh_stretch(real[i], noise_sigma, vmax)
+        tiles[1, i] = asinh_stretch(recon[i], noise_sigma, vmax)
+    resid = (real - recon) / (noise_sigma if noise_sigma and noise_sigma > 0 else 1.0)
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(1.6 * n + 1.6, 5.6), height_ratios=[2, 1])
+    im = ax.imshow(mosaic(tiles), origin="upper", cmap=CMAP, vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks([h / 2, h + 1 + h / 2])
     ax.set_yticklabels(["real", "recon"])
     ax.set_xticks([])
+    scale_bar(ax, pixel_scale, 2, h - 3)
+    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01, label="stretched flux (0-1)")
+    unit = "noise sigma" if noise_sigma else "flux"
+    rim = axr.imshow(
+        mosaic(resid[None]), origin="upper", cmap="RdBu_r", vmin=-3, vmax=3, interpolation="nearest"
+    )
+    axr.set_yticks([h / 2])
+    axr.set_yticklabels(["real - recon"])
+    axr.set_xticks([])
+    fig.colorbar(rim, ax=axr, fraction=0.02, pad=0.01, label=f"residual [{unit}]")
     zs = _np(redshift) if redshift is not None else None
     zp = _np(z_pred) if z_pred is not None else None
     for i in range(n):
@@ -133,19 +198,16 @@ def plot_reconstructions(
             ax.text(x, -2, "\n".join(top), ha="center", va="bottom", fontsize=7)
         if zp is not None:
             ax.text(x, 2 * h + 3, f"ẑ={float(zp[i]):.2f}", ha="center", va="top", fontsize=7)
+    ax.set_title(
+        f"real over reconstruction, one {stretch_note(noise_sigma).split(',')[0]} per pair", fontsize=9
+    )
     fig.tight_layout()
     return fig
 
 
 def _stretch(img: np.ndarray, vmax: float | None = None) -> np.ndarray:
     """Map an image to [0, 1] for display: 0 (or the minimum, if negative) to its 99.5th percentile."""
-    finite = np.isfinite(img)
-    if not finite.any():
-        return np.zeros_like(img)
-    vmin = min(0.0, float(np.min(img[finite])))
-    if vmax is None:
-        vmax = float(np.percentile(img[finite], 99.5))
-    return np.clip((np.nan_to_num(img, nan=vmin) - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    return asinh_stretch(img, None, vmax)
 
 
 def mosaic(tiles: np.ndarray, gap: int = 1) -> np.ndarray:
@@ -162,20 +224,24 @@ def mosaic(tiles: np.ndarray, gap: int = 1) -> np.ndarray:
     return out
 
 
-def plot_generation_grid(images: Any, *, title: str | None = None, nrow: int = 8) -> Figure:
-    """A grid of generated galaxies, each on its own stretch (faint ones stay visible)."""
+def plot_generation_grid(
+    images: Any, *, title: str | None = None, nrow: int | None = None, noise_sigma: float | None = None,
+    pixel_scale: float | None = None,
+) -> Figure:  # fmt: skip
+    """A grid of generated galaxies (physical units), each on its own stretch, stated under the title."""
     images = _np(images)
     n = len(images)
-    ncol = int(np.ceil(n / nrow))
+    ncol = int(np.ceil(np.sqrt(n))) if nrow is None else int(np.ceil(n / min(nrow, n)))
+    rows = int(np.ceil(n / ncol))
     h, w = images.shape[-2:]
-    tiles = np.zeros((nrow, ncol, h, w))
+    tiles = np.ones((rows, ncol, h, w))
     for i in range(n):
-        tiles[i // ncol, i % ncol] = _stretch(images[i])
-    fig, ax = plt.subplots(figsize=(1.1 * ncol, 1.1 * nrow + (0.4 if title else 0)))
+        tiles[i // ncol, i % ncol] = asinh_stretch(images[i], noise_sigma)
+    fig, ax = plt.subplots(figsize=(max(1.1 * ncol, 3.2), 1.1 * rows + 0.7))
     ax.imshow(mosaic(tiles), origin="upper", cmap=CMAP, vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
-    if title:
-        ax.set_title(title)
+    scale_bar(ax, pixel_scale, 2, h - 3)
+    ax.set_title((title + "\n" if title else "") + stretch_note(noise_sigma), fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -203,9 +269,10 @@ def plot_redshift_sweep(images: Any, redshifts: Sequence[float]) -> Figure:
     return fig
 
 
-def plot_latent_corner(mu: Any, *, dims: int = 6, bins: int = 40) -> Figure:
-    """Corner plot of encoder means: shows how far q(z) is from the N(0, I) prior we sample."""
+def plot_latent_corner(mu: Any, *, dims: int = 6, bins: int = 40, prior_draws: Any | None = None) -> Figure:
+    """Corner plot of encoder means against the prior samples are drawn from (the flow's draws, or N(0, I))."""
     mu = _np(mu)
+    pd = _np(prior_draws) if prior_draws is not None else None
     d = min(dims, mu.shape[1])
     fig, axes = plt.subplots(d, d, figsize=(1.8 * d + 0.5, 1.8 * d + 0.5), squeeze=False)
     lim = max(3.0, float(np.nanpercentile(np.abs(mu[:, :d]), 99.5))) if mu.size else 3.0
@@ -219,7 +286,10 @@ def plot_latent_corner(mu: Any, *, dims: int = 6, bins: int = 40) -> Figure:
                 continue
             if i == j:
                 ax.hist(mu[:, i], bins=edges, density=True, color="C0", alpha=0.8)
-                ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), "k--", lw=0.8)
+                if pd is not None:
+                    ax.hist(pd[:, i], bins=edges, density=True, histtype="step", color="k", lw=0.8)
+                else:
+                    ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), "k--", lw=0.8)
                 ax.set_yticks([])
             else:
                 ax.hist2d(mu[:, j], mu[:, i], bins=[edges, edges], cmap="Blues")
@@ -231,7 +301,8 @@ def plot_latent_corner(mu: Any, *, dims: int = 6, bins: int = 40) -> Figure:
                 ax.set_ylabel(f"μ{i}")
             elif i != j:
                 ax.set_yticklabels([])
-    fig.suptitle(f"latent means, first {d} of {mu.shape[1]} dims (dashed: prior N(0,1))")
+    what = "black: draws of the flow prior samples come from" if pd is not None else "dashed: prior N(0, 1)"
+    fig.suptitle(f"encoder means (blue), first {d} of {mu.shape[1]} dims; {what}; density per unit latent")
     fig.subplots_adjust(left=0.1, right=0.98, bottom=0.08, top=0.93, wspace=0.08, hspace=0.08)
     return fig
 
@@ -263,6 +334,7 @@ def plot_population(
         if g.size:
             ax.hist(g, bins=edges, density=True, histtype="step", lw=1.5, label=f"generated ({g.size})")
         ax.set_xlabel(STAT_LABELS[key])
+        ax.set_ylabel("probability density")
         if comparison and key in comparison and comparison[key].get("w1") is not None:
             c = comparison[key]
             txt = f"W1={c['w1']:.3g}"
@@ -322,12 +394,14 @@ def plot_redshift_trends(
             )
             order = np.argsort(zt)
             s = (slopes or {}).get(key, {}).get("truth")
-            lab = "true relation (shifted)"
+            lab = "true relation, moved to the real mean (slopes compare)"
             if s and s.get("slope") is not None:
                 lab += f": {s['slope']:.3f} dex/unit z"
             ax.plot(zt[order], yt[order] + offset, "k--", lw=1.5, label=lab)
         ax.set_xlabel("zphot")
-        ax.set_ylabel(f"log10 {STAT_LABELS[key]}")
+        ax.set_ylabel(
+            "log10 HSM sigma [arcsec]" if key == "sigma_arcsec" else "log10 pixel-sum flux [image units]"
+        )
         ax.legend(fontsize=7)
     return fig
 

@@ -1,7 +1,9 @@
-"""The evaluation report: run a trained model over a shard split, write PNGs + numbers.
+"""The evaluation report: run a trained model over a shard split, measure, write PNGs + numbers.
 
-Everything streams in batches (real galaxies are read, encoded, decoded and measured one
-batch at a time), so ``--n`` can be large without holding every stamp in memory.
+Everything streams in batches (real galaxies are read, encoded, decoded and measured one batch at
+a time, generated ones drawn and measured likewise), so ``--n`` can be large without holding every
+stamp in memory.  This module gathers the measurements (:class:`Run`); each report section is one
+function of :mod:`hpcvae.evaluate.sections` that turns them into numbers and a figure.
 """
 
 from __future__ import annotations
@@ -18,20 +20,9 @@ from typing import Any, Literal
 import numpy as np
 
 from hpcvae.errors import ConfigError, ModelError, ShardError
-from hpcvae.evaluate import plots
+from hpcvae.evaluate.bootstrap import Resampler
+from hpcvae.evaluate.collect import StampSet
 from hpcvae.evaluate.markdown import render_markdown
-from hpcvae.evaluate.moments import (
-    LANUSSE2021,
-    STATS,
-    border_median,
-    compare,
-    merge_moments,
-    moments,
-    orientation_agreement,
-    redshift_trends,
-    summary,
-)
-from hpcvae.evaluate.verdict import background, verdict
 from hpcvae.metrics import json_safe
 from hpcvae.shards.format import iter_samples
 from hpcvae.shards.manifest import Manifest
@@ -48,7 +39,7 @@ class EvalConfig:
     device: str = "cpu"
     """Torch device for inference."""
     seed: int = 0
-    """Seeds the latents of every generated image."""
+    """Seeds the latents of every generated image and the bootstrap."""
     batch_size: int = 256
     """Inference batch size."""
     grid_redshifts: tuple[float, ...] = (0.3, 0.7, 1.5, 2.5)
@@ -67,6 +58,14 @@ class EvalConfig:
     """PNG resolution."""
     prior: Literal["flow", "normal"] | None = None
     """Latent prior of generated galaxies: ``flow``, ``normal``, or ``None`` = the model's default (its flow if fitted)."""
+    morph_n: int = 256
+    """Real and generated stamps measured with statmorph (0.3-0.5 s each on one core, so a subset)."""
+    workers: int = 0
+    """Processes for statmorph; 0 = every core this process may use."""
+    n_boot: int = 200
+    """Bootstrap replicates behind every 95% interval."""
+    response_latents: int = 32
+    """Fixed latents decoded across each condition's range (the conditional-response section)."""
 
     def __post_init__(self) -> None:
         if self.n < 2:
@@ -79,23 +78,10 @@ class EvalConfig:
             raise ConfigError("evaluate: grid_redshifts and sweep_redshifts must not be empty")
         if self.prior not in (None, "flow", "normal"):
             raise ConfigError(f"evaluate: prior must be 'flow' or 'normal', got {self.prior!r}")
-
-
-@dataclass(kw_only=True)
-class _Accum:
-    """Per-galaxy numbers gathered while streaming the real split."""
-
-    keys: list[str] = field(default_factory=list)
-    redshift: list[np.ndarray] = field(default_factory=list)
-    mu: list[np.ndarray] = field(default_factory=list)
-    mse: list[np.ndarray] = field(default_factory=list)
-    kl: list[np.ndarray] = field(default_factory=list)
-    z_pred: list[np.ndarray] = field(default_factory=list)
-    stats: list[dict[str, np.ndarray]] = field(default_factory=list)
-    recon_stats: list[dict[str, np.ndarray]] = field(default_factory=list)
-    border: list[np.ndarray] = field(default_factory=list)
-    show_real: list[np.ndarray] = field(default_factory=list)
-    show_recon: list[np.ndarray] = field(default_factory=list)
+        if self.morph_n < 0 or self.workers < 0 or self.n_boot < 0 or self.response_latents < 2:
+            raise ConfigError("evaluate: morph_n, workers and n_boot must be >= 0, response_latents >= 2")
+        if self.seed < 0 or self.seed >= 2**63:
+            raise ConfigError(f"evaluate: seed must be in [0, 2**63), got {self.seed}")
 
 
 def _batches(
@@ -183,30 +169,19 @@ def evaluate(
     ``model`` is a loaded model or a path (consolidated model or run folder). ``metrics``
     overrides where the loss curves come from (default: the run folder's metrics.jsonl).
     """
+    from hpcvae.evaluate.sections import SECTIONS
+    from hpcvae.evaluate.verdict import verdict
+
     cfg = config or EvalConfig(split=split, n=n, device=device, seed=seed)
     _check_device(cfg.device)
-    run = _Run.open(model, data_dir, Path(out), cfg, metrics)
+    run = Run.open(model, data_dir, Path(out), cfg, metrics)
     run.stream_real()
     run.generate()
-    report: dict[str, Any] = {
-        "hpcvae_evaluate": 1,
-        "model": run.model_section(),
-        "data": run.data_section(),
-        "seed": cfg.seed,
-        "device": cfg.device,
-        "losses": run.losses(),
-        "reconstruction": run.reconstruction(),
-        "generation": run.grids(),
-        "redshift_sweep": run.sweep(),
-        "latent": run.latent(),
-        "population": run.population(),
-        "background": background(
-            np.concatenate(run.acc.border), np.concatenate(run.gen_border), run.manifest
-        ),
-        "redshift_trends": run.trends(),
-    }
-    report["verdict"] = verdict(report["population"]["stats"], report["reconstruction"], report["background"],
-                                report["redshift_trends"])  # fmt: skip
+    report: dict[str, Any] = {"hpcvae_evaluate": 2, "model": run.model_section(), "data": run.data_section(),
+                              "seed": cfg.seed, "device": cfg.device}  # fmt: skip
+    for name, section in SECTIONS.items():
+        report[name] = section(run)
+    report["verdict"] = verdict(report, run.model_facts())
     report |= {"figures": run.figures, "notes": run.notes, "seconds": round(time.time() - run.t0, 2)}
     report = json_safe(report)
     run.out.joinpath("report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
@@ -215,7 +190,7 @@ def evaluate(
     return report
 
 
-def _update_model_card(run: _Run, report: dict[str, Any]) -> None:
+def _update_model_card(run: Run, report: dict[str, Any]) -> None:
     """The run's MODEL_CARD.md gains these numbers when the model is a run's (on the val split only)."""
     from hpcvae.model_card import write_model_card
     from hpcvae.model_files import MODEL_JSON
@@ -232,8 +207,8 @@ def _update_model_card(run: _Run, report: dict[str, Any]) -> None:
 
 
 @dataclass(kw_only=True)
-class _Run:
-    """One evaluation: the model, the data and what the sections have measured so far."""
+class Run:
+    """One evaluation: the model, the data and the measurements the sections read."""
 
     cfg: EvalConfig
     m: Any
@@ -245,14 +220,25 @@ class _Run:
     metrics: Path | None
     notes: list[str] = field(default_factory=list)
     figures: dict[str, str] = field(default_factory=dict)
-    _psf: Any = None
-    """The set's mean PSF as a (1, 1, P, P) tensor, for a PSF-free model (see :meth:`observed`)."""
     t0: float = field(default_factory=time.time)
-    acc: _Accum = field(default_factory=_Accum)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    # per real galaxy, in stream order
+    keys: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    metas: list[dict[str, Any]] = field(default_factory=list)
+    z_parts: list[np.ndarray] = field(default_factory=list)
+    mu_parts: list[np.ndarray] = field(default_factory=list)
+    mse_parts: list[np.ndarray] = field(default_factory=list)
+    kl_parts: list[np.ndarray] = field(default_factory=list)
+    chi2_parts: list[np.ndarray] = field(default_factory=list)
+    z_pred_parts: list[np.ndarray] = field(default_factory=list)
+    cond_parts: list[np.ndarray] = field(default_factory=list)
+    show_real: list[np.ndarray] = field(default_factory=list)
+    show_recon: list[np.ndarray] = field(default_factory=list)
+    _psf: Any = None
 
     @classmethod
-    def open(cls, model: Any, data_dir: str | Path, out: Path, cfg: EvalConfig, metrics: Any) -> _Run:
+    def open(cls, model: Any, data_dir: str | Path, out: Path, cfg: EvalConfig, metrics: Any) -> Run:
         """Load and check the model against the data: sizes, and a redshift for a conditional model."""
         model_path = Path(model) if isinstance(model, (str, Path)) else None
         m, run_dir = _resolve_model(model, cfg.device)
@@ -279,6 +265,7 @@ class _Run:
         return cls(cfg=cfg, m=m, manifest=manifest, transform=transform, out=out, model_path=model_path,
                    run_dir=run_dir, metrics=metrics_path, notes=notes)  # fmt: skip
 
+    # -- small helpers the sections use -------------------------------------------------------
     @property
     def conditional(self) -> bool:
         return bool(self.m.conditional)
@@ -294,6 +281,12 @@ class _Run:
         """Generated galaxies come through model.sample: its flow prior unless cfg.prior says otherwise."""
         return self.cfg.prior or getattr(self.m, "default_prior", "normal")
 
+    @property
+    def workers(self) -> int:
+        from hpcvae.synth import _available_cores
+
+        return self.cfg.workers or _available_cores()
+
     def save(self, fig: Any, name: str) -> str:
         import matplotlib.pyplot as plt
 
@@ -302,69 +295,143 @@ class _Run:
         self.figures[name.removesuffix(".png")] = name
         return name
 
+    def model_facts(self) -> dict[str, Any]:
+        """What the verdict needs to give advice that was not already followed."""
+        info = getattr(self.m, "model_info", None) or {}
+        flow = info.get("flow_prior") or {}
+        return {"has_flow": getattr(self.m, "flow_prior", None) is not None, "prior": self.prior,
+                "flow_latents": (flow.get("training") or {}).get("latents") or flow.get("latents"),
+                "likelihood": self.m.config.get("likelihood"), "arch": self.m.config.get("arch"),
+                "redshift_condition": self.m.conditioning.redshift_name if self.conditional else None}  # fmt: skip
+
+    # -- streaming ----------------------------------------------------------------------------
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        return tuple(self.m.conditioning.names) if self.conditional else ()
+
+    def batch_conditions(self, zs: np.ndarray, metas: list[dict[str, Any]]) -> np.ndarray:
+        """The model's conditions of a batch of real galaxies: (B,) redshifts, or (B, k) from their meta."""
+        if not getattr(self.m, "multi_condition", False):
+            return zs
+        z_name = self.m.conditioning.redshift_name
+        rows = []
+        for meta, z in zip(metas, zs):
+            given = meta.get("conditions") or {}
+            rows.append([float(given.get(c, z if c == z_name else np.nan)) for c in self.condition_names])
+        out = np.asarray(rows, dtype=np.float32)
+        if not np.isfinite(out).all():
+            raise ShardError(f"{self.manifest.path}: the shards do not carry the model's conditions "
+                             f"{', '.join(self.condition_names)} (re-shard with --conditions)")  # fmt: skip
+        return out
+
+    def noise_sigma(self, metas: list[dict[str, Any]]) -> np.ndarray:
+        """Each galaxy's sky-noise sigma: its catalog NOISE_VARIANCE, else the set's noise level."""
+        default = self.manifest.stats("train").get("noise_std") or float("nan")
+        out = []
+        for meta in metas:
+            v = meta.get("noise_variance")
+            out.append(math.sqrt(v) if isinstance(v, (int, float)) and v > 0 else default)
+        return np.asarray(out, dtype=np.float64)
+
     def stream_real(self) -> None:
         """Read, reconstruct, encode and measure the real split batch by batch."""
         import torch
 
-        m = self.m
-        cfg = self.cfg
-        manifest = self.manifest
-        transform = self.transform
-        acc = self.acc
-        notes = self.notes
-        skipped = self.skipped
-        dev = self.dev
-        conditional = self.conditional
+        from hpcvae.evaluate.spectra import reduced_chi2
+
+        m, cfg = self.m, self.cfg
         dtype = next(m.parameters()).dtype
+        keep = cfg.morph_n
+        self.real = StampSet(name="real", keep=max(keep, 256))
+        self.recon = StampSet(name="reconstructed", keep=keep)
+        self.resid = StampSet(name="residual", hsm=False)
+        self.truth = StampSet(name="real, noise-free", keep=keep)
+        truth_ok = True
         pixel_scales: set[float] = set()
         with torch.no_grad():
-            for keys, phys, zs, metas in _batches(
-                manifest, cfg.split, cfg.n, cfg.batch_size, conditional, skipped
-            ):
+            for keys, phys, zs, metas in _batches(self.manifest, cfg.split, cfg.n, cfg.batch_size,
+                                                  self.conditional, self.skipped):  # fmt: skip
                 for meta in metas:
                     if meta.get("pixel_scale") is not None:
                         pixel_scales.add(round(float(meta["pixel_scale"]), 9))
                 x = torch.as_tensor(phys, dtype=torch.float32).unsqueeze(1)
-                xn = transform.forward(x).to(dev, dtype)
-                r = torch.as_tensor(zs, device=dev) if conditional else None
+                xn = self.transform.forward(x).to(self.dev, dtype)
+                cond = self.batch_conditions(zs, metas)
+                self.cond_parts.append(cond)
+                r = torch.as_tensor(cond, device=self.dev) if self.conditional else None
                 o = m(xn, r, sample_latent=False)
                 recon = o.recon.float()
-                xn32 = xn.float()
-                acc.keys += keys
-                acc.redshift.append(zs)
-                acc.mu.append(o.mu.float().cpu().numpy())
-                acc.mse.append(((recon - xn32) ** 2).mean(dim=(1, 2, 3)).cpu().numpy())
+                recon_phys = self.observed(self.transform.inverse(recon.cpu())).numpy()[:, 0]
+                sig = self.noise_sigma(metas)
+                self.real.add(phys, sig)
+                self.recon.add(recon_phys, sig)
+                self.resid.add(phys - recon_phys, sig)
+                if truth_ok:
+                    truth_ok = self._add_truth(metas)
+                self.keys += keys
+                self.groups += [str(mt.get("group", mt.get("ident", k))) for k, mt in zip(keys, metas)]
+                self.metas += [{k: mt.get(k) for k in ("ident", "row", "mag")} for mt in metas]
+                self.z_parts.append(zs)
+                self.mu_parts.append(o.mu.float().cpu().numpy())
+                self.mse_parts.append(((recon - xn.float()) ** 2).mean(dim=(1, 2, 3)).cpu().numpy())
+                self.chi2_parts.append(reduced_chi2(phys, recon_phys, sig**2))
                 lv = o.logvar.float()
-                acc.kl.append((-0.5 * (1 + lv - o.mu.float() ** 2 - lv.exp()).sum(dim=1)).cpu().numpy())
+                self.kl_parts.append(
+                    (-0.5 * (1 + lv - o.mu.float() ** 2 - lv.exp()).sum(dim=1)).cpu().numpy()
+                )
                 if o.z_pred is not None:
-                    acc.z_pred.append(o.z_pred.float().reshape(-1).cpu().numpy())
-                acc.stats.append(moments(phys, 1.0))  # pixels now; scaled to arcsec below
-                acc.recon_stats.append(moments(self.observed(transform.inverse(recon.cpu())).numpy(), 1.0))
-                acc.border.append(border_median(phys))
-                shown = sum(len(a) for a in acc.show_real)
+                    self.z_pred_parts.append(o.z_pred.float().reshape(-1).cpu().numpy())
+                shown = sum(len(a) for a in self.show_real)
                 if shown < cfg.n_recon:
                     k = cfg.n_recon - shown
-                    acc.show_real.append(xn32[:k, 0].cpu().numpy())
-                    acc.show_recon.append(recon[:k, 0].cpu().numpy())
-        n_real = len(acc.keys)
-        if n_real < 2:
+                    self.show_real.append(phys[:k])
+                    self.show_recon.append(recon_phys[:k])
+        self.n_real = len(self.keys)
+        if self.n_real < 2:
             raise ShardError(
-                f"{manifest.path}: split {cfg.split!r} has {n_real} usable galaxies; need at least 2"
+                f"{self.manifest.path}: split {cfg.split!r} has {self.n_real} usable galaxies; need at least 2"
             )
-        if n_real < cfg.n:
-            notes.append(
-                f"split {cfg.split!r} has {n_real} usable galaxies, fewer than the {cfg.n} asked for"
+        if self.n_real < cfg.n:
+            self.notes.append(
+                f"split {cfg.split!r} has {self.n_real} usable galaxies, fewer than the {cfg.n} asked for"
             )
-        if skipped:
-            notes.append(
-                f"{len(skipped)} galaxies of split {cfg.split!r} skipped (see report.json data.skipped)"
+        if self.skipped:
+            self.notes.append(
+                f"{len(self.skipped)} galaxies of split {cfg.split!r} skipped (see report.json data.skipped)"
             )
-        pixel_scale, ps_source = _pixel_scale(pixel_scales, manifest, notes)
-        z_real = np.concatenate(acc.redshift)
-        mu = np.concatenate(acc.mu)
-        real_stats = merge_moments(acc.stats, pixel_scale)
-        self.n_real, self.pixel_scale, self.ps_source = n_real, pixel_scale, ps_source
-        self.z_real, self.mu, self.real_stats = z_real, mu, real_stats
+        self.pixel_scale, self.ps_source = _pixel_scale(pixel_scales, self.manifest, self.notes)
+        self.z_real = np.concatenate(self.z_parts)
+        self.cond_real = np.concatenate(self.cond_parts)
+        """Each real galaxy's conditions as the model takes them: (N,) redshifts or (N, k)."""
+        self.mu = np.concatenate(self.mu_parts)
+        self.R = self.real.finish(self.pixel_scale)
+        self.RC = self.recon.finish(self.pixel_scale)
+        self.RS = self.resid.finish(self.pixel_scale)
+        self.T = self.truth.finish(self.pixel_scale) if truth_ok and self.truth.n == self.n_real else None
+        self.real_stats, self.recon_stats = self.R["hsm"], self.RC["hsm"]
+        self.rs = (
+            Resampler(self.groups, self.n_real, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+            if self.cfg.n_boot
+            else None
+        )
+
+    def _add_truth(self, metas: list[dict[str, Any]]) -> bool:
+        """The real galaxies without noise, where the set is synthetic and its truth can be redrawn."""
+        if not self.manifest.synthetic:
+            return False
+        from hpcvae.synth import noiseless_stamps
+
+        try:
+            clean = noiseless_stamps(self.manifest, metas)
+        except (OSError, KeyError, ValueError) as exc:
+            self.notes.append(
+                f"noise-free real galaxies unavailable ({exc}); artefacts are judged against real stamps"
+            )
+            return False
+        if clean is None:
+            return False
+        self.truth.add(clean, self.noise_sigma(metas))
+        return True
 
     def observed(self, phys: Any) -> Any:
         """A PSF-free model's images through the set's mean PSF, so they compare with observed galaxies."""
@@ -389,263 +456,23 @@ class _Run:
         """As many generated galaxies as real ones, at the real galaxies' redshifts."""
         import torch
 
-        m = self.m
         cfg = self.cfg
-        transform = self.transform
-        dev = self.dev
-        conditional = self.conditional
-        prior = self.prior
-        n_real = self.n_real
-        z_real = self.z_real
-        pixel_scale = self.pixel_scale
-        acc = self.acc
-        # Through model.sample, so a fitted flow prior is used unless cfg.prior says otherwise.
-        gen = torch.Generator().manual_seed(cfg.seed)
-        gen_stats_parts, gen_border = [], []
+        self.gen = StampSet(name="generated", keep=cfg.morph_n)
+        sigma = float(np.nanmedian(self.R["sigma"])) if self.R["sigma"].size else float("nan")
+        gen = torch.Generator().manual_seed(cfg.seed)  # through model.sample: its flow prior if fitted
         with torch.no_grad():
-            for start in range(0, n_real, cfg.batch_size):
-                b = min(cfg.batch_size, n_real - start)
-                r = torch.as_tensor(z_real[start : start + b], device=dev) if conditional else None
-                imgs = m.sample(b, redshift=r, generator=gen, normalized=True, prior=prior)
-                img = self.observed(transform.inverse(imgs.float().cpu()))
-                gen_stats_parts.append(moments(img.numpy(), 1.0))
-                gen_border.append(border_median(img.numpy()))
-        gen_stats = merge_moments(gen_stats_parts, pixel_scale)
-        recon_stats = merge_moments(acc.recon_stats, pixel_scale)
-        self.gen_stats, self.recon_stats, self.gen_border = gen_stats, recon_stats, gen_border
-
-    def population(self) -> dict[str, Any]:
-        """HSM statistics of real against generated galaxies."""
-        cfg = self.cfg
-        acc = self.acc
-        conditional = self.conditional
-        prior = self.prior
-        n_real = self.n_real
-        real_stats = self.real_stats
-        gen_stats = self.gen_stats
-        save = self.save
-        comparison = {k: compare(real_stats[k], gen_stats[k]) for k in STATS}
-        population = {
-            "n_real": n_real,
-            "n_generated": n_real,
-            "generated_redshifts": "the real galaxies' zphot, one each" if conditional else None,
-            "latent_seed": cfg.seed,
-            "prior": prior,
-            "hsm_failures": {
-                "real": int((~real_stats["ok"]).sum()),
-                "generated": int((~gen_stats["ok"]).sum()),
-                "real_examples": [
-                    f"{acc.keys[int(e.split(':')[0])]}:{e.split(':', 1)[1]}" for e in real_stats["errors"][:5]
-                ],
-                "generated_examples": list(gen_stats["errors"][:5]),
-            },
-            "measured_in": "flux units (model normalisation inverted); sizes in arcsec",
-            "stats": comparison,
-            "reference_lanusse2021": LANUSSE2021,
-        }
-        save(plots.plot_population(real_stats, gen_stats, comparison), "population.png")
-        return population
-
-    def losses(self) -> dict[str, Any]:
-        """Loss curves from the run's metrics.jsonl."""
-        notes = self.notes
-        save = self.save
-        metrics_path = self.metrics
-        losses: dict[str, Any] = {"metrics_file": metrics_path}
-        if metrics_path is not None and metrics_path.is_file():
-            records = plots.read_metrics(metrics_path)
-            series = plots.loss_series(records)
-            losses["records"] = len(records)
-            losses["final"] = {
-                kind: {k: s[k][-1] for k in ("loss", "recon", "kl")} | {"step": s["x"][-1]}
-                for kind, s in series.items()
-                if s["x"]
-            }
-            save(plots.plot_losses(records), "losses.png")
-        else:
-            why = "no metrics.jsonl next to the model (a bare model file or a model object)"
-            losses["skipped"] = why
-            notes.append(f"loss curves skipped: {why}")
-        return losses
-
-    def reconstruction(self) -> dict[str, Any]:
-        """Reconstructions: errors, HSM of real against reconstructed, orientation."""
-        acc = self.acc
-        manifest = self.manifest
-        n_real = self.n_real
-        real_stats = self.real_stats
-        recon_stats = self.recon_stats
-        z_real = self.z_real
-        save = self.save
-        mse = np.concatenate(acc.mse)
-        kl = np.concatenate(acc.kl)
-        orient = orientation_agreement(real_stats, recon_stats)
-        reconstruction: dict[str, Any] = {
-            "n": n_real,
-            "mse_per_pixel_mean": float(mse.mean()),
-            "mse_per_pixel_median": float(np.median(mse)),
-            "kl_per_galaxy_mean": float(kl.mean()),
-            "space": "normalised [0, 1]",
-            "hsm": {k: compare(real_stats[k], recon_stats[k]) for k in ("sigma_arcsec", "g")},
-            "hsm_failures": int((~recon_stats["ok"]).sum()),
-            "orientation_cos2dphi": orient["mean"],
-            "orientation": {**orient, "of": "mean cos 2(phi_real - phi_reconstructed); 1 = kept, 0 = lost"},
-        }
-        z_pred = np.concatenate(acc.z_pred) if acc.z_pred else None
-        if z_pred is not None:
-            d = z_pred - z_real
-            reconstruction["redshift_prediction"] = {
-                "rmse": float(np.sqrt(np.mean(d**2))),
-                "bias": float(d.mean()),
-                "nmad": float(1.4826 * np.median(np.abs(d - np.median(d)) / (1 + z_real))),
-            }
-        n_show = sum(len(a) for a in acc.show_real)
-        save(
-            plots.plot_reconstructions(
-                np.concatenate(acc.show_real),
-                np.concatenate(acc.show_recon),
-                redshift=z_real[:n_show] if manifest.has_redshift else None,
-                z_pred=z_pred[:n_show] if z_pred is not None else None,
-                keys=acc.keys[:n_show],
-            ),
-            "reconstructions.png",
-        )
-        return reconstruction
-
-    def grids(self) -> dict[str, Any]:
-        """Generation grids, the same base noise in each."""
-        import torch
-
-        m = self.m
-        cfg = self.cfg
-        prior = self.prior
-        conditional = self.conditional
-        save = self.save
-        n_grid = cfg.grid_size * cfg.grid_size
-
-        def grid_sample(redshift: float | None) -> Any:
-            g = torch.Generator().manual_seed(cfg.seed + 1)  # the same base noise in every grid
-            return (
-                m.sample(n_grid, redshift=redshift, generator=g, normalized=True, prior=prior).float().cpu()
-            )
-
-        generation: dict[str, Any] = {
-            "n_per_grid": n_grid,
-            "prior": prior,
-            "latents": "N(0, I), the same latents in every grid"
-            if prior == "normal"
-            else "flow prior: the same base noise in every grid, mapped through the flow",
-        }
-        with torch.no_grad():
-            if conditional:
-                generation["grids"] = {}
-                for zval in cfg.grid_redshifts:
-                    imgs = grid_sample(float(zval))
-                    name = save(
-                        plots.plot_generation_grid(
-                            imgs, title=f"generated at z = {zval:g}", nrow=cfg.grid_size
-                        ),
-                        f"generations_z{zval:g}.png",
-                    )
-                    generation["grids"][f"{zval:g}"] = name
-            else:
-                imgs = grid_sample(None)
-                generation["grids"] = {
-                    "unconditional": save(
-                        plots.plot_generation_grid(imgs, title="generated", nrow=cfg.grid_size),
-                        "generations.png",
-                    )
-                }
-        return generation
-
-    def sweep(self) -> dict[str, Any]:
-        """One latent per row decoded across redshifts."""
-        import torch
-
-        m = self.m
-        cfg = self.cfg
-        prior = self.prior
-        conditional = self.conditional
-        transform = self.transform
-        dev = self.dev
-        notes = self.notes
-        save = self.save
-        dtype = next(m.parameters()).dtype
-        sweep: dict[str, Any]
-        if conditional:
-            zs_sweep = torch.as_tensor(cfg.sweep_redshifts, dtype=torch.float32)
-            g = torch.Generator().manual_seed(cfg.seed + 2)
-            lat = m.sample_latent(cfg.sweep_rows, generator=g, prior=prior).float().cpu()  # flow if fitted
-            ncol = len(zs_sweep)
-            zz = lat.repeat_interleave(ncol, 0).to(dev, dtype)
-            rr = zs_sweep.repeat(cfg.sweep_rows).to(dev)
-            with torch.no_grad():
-                imgs = (
-                    m.decode(zz, rr).float().cpu().reshape(cfg.sweep_rows, ncol, m.image_size, m.image_size)
+            for start in range(0, self.n_real, cfg.batch_size):
+                b = min(cfg.batch_size, self.n_real - start)
+                cond = self.cond_real[start : start + b]
+                r = torch.as_tensor(cond, device=self.dev) if self.conditional else None
+                imgs = self.m.sample(
+                    b, conditions=r, generator=gen, normalized=True, prior=self.prior, extrapolate=True
                 )
-            phys = transform.inverse(imgs).numpy()
-            flux = phys.reshape(cfg.sweep_rows, ncol, -1).sum(-1)
-            sweep = {
-                "redshifts": list(cfg.sweep_redshifts),
-                "rows": cfg.sweep_rows,
-                "prior": prior,
-                "mean_pixel_sum_flux_per_column": flux.mean(0),
-                "figure": save(plots.plot_redshift_sweep(imgs, cfg.sweep_redshifts), "redshift_sweep.png"),
-            }
-        else:
-            sweep = {"skipped": f"{m.config.get('arch')} is unconditional: no redshift to sweep"}
-            notes.append("redshift sweep skipped: the model does not take a redshift")
-        return sweep
+                self.gen.add(self.observed(self.transform.inverse(imgs.float().cpu())).numpy()[:, 0], sigma)
+        self.G = self.gen.finish(self.pixel_scale)
+        self.gen_stats = self.G["hsm"]
 
-    def latent(self) -> dict[str, Any]:
-        """The latent means: spread per dimension and a corner plot."""
-        m = self.m
-        cfg = self.cfg
-        mu = self.mu
-        save = self.save
-        latent = {
-            "z_dim": int(m.z_dim),
-            "dims_shown": int(min(cfg.latent_dims, m.z_dim)),
-            "mu_mean": mu.mean(0),
-            "mu_std": mu.std(0),
-            "active_dims": int((mu.std(0) > 0.1).sum()),
-            "active_threshold": "std of mu over galaxies > 0.1",
-        }
-        save(plots.plot_latent_corner(mu, dims=cfg.latent_dims), "latent_corner.png")
-        return latent
-
-    def trends(self) -> dict[str, Any]:
-        """Size and flux against redshift, against the synthetic truth."""
-        manifest = self.manifest
-        conditional = self.conditional
-        z_real = self.z_real
-        real_stats = self.real_stats
-        gen_stats = self.gen_stats
-        notes = self.notes
-        save = self.save
-        synthetic = manifest.synthetic
-        trends: dict[str, Any]
-        if not conditional:
-            trends = {"skipped": "model does not take a redshift"}
-        elif not synthetic:
-            trends = {"skipped": "data is not synthetic: the true size/flux-redshift relation is unknown"}
-        else:
-            trends = redshift_trends(z_real, real_stats, gen_stats)
-            truth = {"z": np.sort(z_real)}
-            from hpcvae import cosmology
-
-            truth["sigma_arcsec"] = cosmology.expected_hlr_arcsec(truth["z"])
-            truth["flux"] = cosmology.expected_flux(truth["z"])
-            save(
-                plots.plot_redshift_trends(
-                    z_real, real_stats, z_real, gen_stats, truth, trends["slopes_vs_z"]
-                ),
-                "redshift_trends.png",
-            )
-        if "skipped" in trends:
-            notes.append(f"redshift trends skipped: {trends['skipped']}")
-        return trends
-
+    # -- the report's header sections ---------------------------------------------------------
     def model_section(self) -> dict[str, Any]:
         m, t = self.m, self.transform
         return {"path": self.model_path, "config": m.config, "conditional": self.conditional,
@@ -653,13 +480,16 @@ class _Run:
                 "normalisation": t.to_dict() if hasattr(t, "to_dict") else repr(t)}  # fmt: skip
 
     def data_section(self) -> dict[str, Any]:
+        from hpcvae.evaluate.moments import summary
+
         mf = self.manifest
         return {
             "path": mf.root, "manifest_sha256": mf.digest, "split": self.cfg.split, "n_requested": self.cfg.n,
-            "n_used": self.n_real, "image_size": mf.image_size, "has_redshift": mf.has_redshift,
-            "synthetic": mf.synthetic, "pixel_scale_arcsec": self.pixel_scale,
+            "n_used": self.n_real, "n_galaxies": len(set(self.groups)), "image_size": mf.image_size,
+            "has_redshift": mf.has_redshift, "synthetic": mf.synthetic, "pixel_scale_arcsec": self.pixel_scale,
             "pixel_scale_source": self.ps_source, "n_skipped": len(self.skipped), "skipped": self.skipped[:50],
             "redshift": summary(self.z_real) if mf.has_redshift else None,
+            "noise_free_truth": self.T is not None,
         }  # fmt: skip
 
 

@@ -1,0 +1,159 @@
+"""The report's science sections: morphology, power spectra, artefacts and the conditional response.
+
+These are the measures the field compares generators by (Lanusse et al. 2021; Holzschuh et al.
+2022: Gini, M20, asymmetry, the image power spectrum), beside the HSM moments of ``sections``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hpcvae.evaluate import morphology as morph
+from hpcvae.evaluate import plots_science as plots
+from hpcvae.evaluate import response, spectra
+
+if TYPE_CHECKING:
+    from hpcvae.evaluate.report import Run
+
+
+def morphology(run: Run) -> dict[str, Any]:
+    """statmorph's Gini, M20, C, A, S of real and generated stamps (a subset of ``morph_n`` each)."""
+    import time
+
+    from hpcvae.evaluate.bootstrap import Resampler
+    from hpcvae.evaluate.sections import with_intervals
+
+    n = min(run.cfg.morph_n, len(run.R["kept"]), len(run.G["kept"]))
+    if n < 4:
+        return {"skipped": f"morph_n = {run.cfg.morph_n}: fewer than 4 stamps to measure"}
+    t0 = time.perf_counter()
+    real = morph.measure(run.R["kept"][:n], run.R["sigma"][:n], workers=run.workers)
+    gen = morph.measure(run.G["kept"][:n], run.G["sigma"][:n], workers=run.workers)
+    seconds = time.perf_counter() - t0
+    sub = (
+        Resampler(run.groups[:n], n, n_boot=run.cfg.n_boot, seed=run.cfg.seed + 11)
+        if run.cfg.n_boot
+        else None
+    )
+    saved, run.rs = run.rs, sub
+    try:
+        stats = {k: with_intervals(run, real[k], gen[k]) for k in morph.MORPH_STATS}
+    finally:
+        run.rs = saved
+    run.save(plots.plot_morphology(real, gen, stats), "morphology.png")
+
+    def rates(m: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {"failed": int((~m["ok"]).sum()), "failure_rate": float((~m["ok"]).mean()),
+                "suspect_flag1": int((m["flag"] == 1).sum()), "examples": list(m["errors"][:3])}  # fmt: skip
+
+    return {"n_real": n, "n_generated": n, "stats": stats, "failures": {"real": rates(real), "generated": rates(gen)},
+            "seconds": round(seconds, 2), "seconds_per_stamp_per_worker": round(seconds * run.workers / (2 * n), 3),
+            "workers": run.workers, "method": "statmorph on each stamp as is (sky-subtracted), segmentation: "
+            "1.5 sigma above the noise after a 1-pixel Gaussian smoothing, the segment under the centre, other "
+            "segments masked; weight map: the galaxy's sky-noise sigma (generated: the set's median); statmorph "
+            "flag >= 2 counts as a failure, flag 1 as suspect"}  # fmt: skip
+
+
+def power_spectra(run: Run) -> dict[str, Any]:
+    """Azimuthal power spectra of real, generated and reconstructed stamps, and residuals against the noise."""
+    k = run.R["ps"]["k"]
+    p = {"real": run.R["ps"]["p"], "generated": run.G["ps"]["p"], "reconstructed": run.RC["ps"]["p"],
+         "residual": run.RS["ps"]["p"]}  # fmt: skip
+    noise = spectra.noise_spectrum(run.R["kept"], k)
+    if run.T is not None:
+        p["real_noise_free"] = run.T["ps"]["p"]
+    out: dict[str, Any] = {"k_cycles_per_pixel": k, "k_per_arcsec": k / run.pixel_scale, "power": p,
+                           "bands_cycles_per_pixel": spectra.BANDS, "unit": "flux^2 per pixel (|FFT|^2 / Npix)",
+                           "ratios": {"generated_over_real": spectra.band_ratios(k, p["generated"], p["real"]),
+                                      "reconstructed_over_real": spectra.band_ratios(k, p["reconstructed"], p["real"])}}  # fmt: skip
+    if noise is not None:
+        out["power"]["noise"] = noise["p"]
+        out["noise"] = {"n_patches": noise["n_patches"], "patch_side": noise["patch_side"],
+                        "from": "corner patches of the real stamps holding < 1% of the stamp's flux"}  # fmt: skip
+        out["ratios"]["residual_over_noise"] = spectra.band_ratios(k, p["residual"], noise["p"])
+        r = p["residual"] / np.where(noise["p"] > 0, noise["p"], np.nan)
+        out["residual_over_noise_max_deviation"] = float(np.nanmax(np.abs(r - 1)))
+    else:
+        run.notes.append("noise power spectrum: no corner patch free of galaxy light; residuals not judged")
+    if run.T is not None:
+        out["ratios"]["generated_over_real_noise_free"] = spectra.band_ratios(
+            k, p["generated"], p["real_noise_free"]
+        )
+    run.save(plots.plot_power_spectra(k, p, run.pixel_scale), "power_spectra.png")
+    return out
+
+
+def artefacts(run: Run) -> dict[str, Any]:
+    """Row/column structure of generated stamps against real ones (noise-free where the truth is known)."""
+    ref, ref_name = (run.T, "real galaxies without noise (synthetic truth)") if run.T is not None else (
+        run.R, "real stamps (noise included: no noise-free truth for this set)")  # fmt: skip
+
+    def measure(s: dict[str, Any]) -> dict[str, Any]:
+        return {"streak_rows_median": float(np.nanmedian(s["streak_rows"])),
+                "streak_cols_median": float(np.nanmedian(s["streak_cols"])),
+                "axis_power_ratio": spectra.axis_power_ratio(s["ps"]["p2d"])}  # fmt: skip
+
+    gen, refm = measure(run.G), measure(ref)
+    worst = max(gen["streak_rows_median"], gen["streak_cols_median"])
+    base = max(refm["streak_rows_median"], refm["streak_cols_median"], 1e-6)
+    return {"generated": gen, "reference": refm, "reference_is": ref_name, "real_with_noise": measure(run.R),
+            "streak_ratio": worst / base, "band_width_px": spectra.band_width(run.manifest.image_size),
+            "of": "streak: RMS of second differences of the row (column) means in the outer band, in noise sigma; "
+                  "axis power ratio: 2-D power on the kx = 0 / ky = 0 axes over the diagonals at the same |k|"}  # fmt: skip
+
+
+def conditional_response(run: Run) -> dict[str, Any]:
+    """Fixed latents decoded across each condition's 10th-90th percentile, against the real binned medians."""
+    import torch
+
+    if not run.conditional:
+        return {"skipped": "model does not take a condition"}
+    m, n = run.m, run.cfg.response_latents
+    names = run.condition_names
+    real = run.cond_real.reshape(len(run.cond_real), -1)
+    conds = {name: real[:, j] for j, name in enumerate(names)}
+    ranges = _training_ranges(run, conds)
+    medians = {name: float(np.percentile(ranges[name]["values"], 50)) for name in conds}
+    g = torch.Generator().manual_seed(run.cfg.seed + 5)
+    z_name = m.conditioning.redshift_name
+    lat = m.sample_latent(n, redshift=medians.get(z_name), generator=g, prior=run.prior).float()
+    dtype = next(m.parameters()).dtype
+
+    def decode(z: np.ndarray, c: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            zz = torch.as_tensor(z, device=run.dev, dtype=dtype)
+            cond = np.stack([c[name] for name in names], axis=1) if m.multi_condition else c[names[0]]
+            img = m.decode(zz, torch.as_tensor(cond, device=run.dev))
+            return run.observed(run.transform.inverse(img.float().cpu())).numpy()[:, 0]
+
+    out: dict[str, Any] = {"latents": n, "prior": run.prior, "seed": run.cfg.seed + 5, "conditions": {}}
+    for name, values in conds.items():
+        grid = np.asarray(ranges[name]["grid"], dtype=np.float64)
+        gen = response.sweep(decode, lat.numpy(), name, grid, medians, run.pixel_scale)
+        real = response.real_change(values, run.real_stats["sigma_arcsec"], run.R["flux"], grid)
+        out["conditions"][name] = {
+            "grid_percentiles": list(response.GRID), "grid": grid, "range_from": ranges[name]["from"],
+            "generated": gen, "real": real,
+            "ratio_sigma": response.ratio(gen["dlog10_sigma"], real["dlog10_sigma"]),
+            "ratio_flux": response.ratio(gen["dlog10_flux"], real["dlog10_flux"]),
+        }  # fmt: skip
+    run.save(plots.plot_response(out["conditions"]), "conditional_response.png")
+    return out
+
+
+def _training_ranges(run: Run, conds: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Each condition's grid: the model's recorded training percentiles, else the evaluated galaxies'."""
+    info = getattr(run.m, "model_info", None) or {}
+    recorded = (info.get("conditions") or {}) if isinstance(info, dict) else {}
+    out = {}
+    for name, values in conds.items():
+        rec = recorded.get(name) if isinstance(recorded, dict) else None
+        pct = (rec or {}).get("percentiles") if isinstance(rec, dict) else None
+        if isinstance(pct, dict) and all(str(q) in pct for q in response.GRID):
+            grid, src = [float(pct[str(q)]) for q in response.GRID], "model.json (training set)"
+        else:
+            grid, src = [float(x) for x in np.percentile(values, response.GRID)], "the evaluated galaxies"
+        out[name] = {"grid": grid, "values": values, "from": src}
+    return out

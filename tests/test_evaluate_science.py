@@ -1,0 +1,106 @@
+"""The science measures of hpcvae.evaluate on real GalSim profiles with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from hpcvae.evaluate import bootstrap, morphology, spectra
+
+SIZE = 64
+SCALE = 0.03
+
+
+def _galaxy(n: float, hlr: float, q: float = 1.0, beta: float = 0.0, flux: float = 40.0) -> np.ndarray:
+    import galsim
+
+    gal = galsim.Sersic(n=n, half_light_radius=hlr).shear(q=q, beta=beta * galsim.degrees).withFlux(flux)
+    psf = galsim.Gaussian(fwhm=0.1)
+    return galsim.Convolve(gal, psf).drawImage(nx=SIZE, ny=SIZE, scale=SCALE).array.astype(np.float64)
+
+
+def test_white_noise_has_a_flat_spectrum_at_its_variance_and_the_corners_find_it():
+    rng = np.random.default_rng(0)
+    sigma = 0.02
+    noise = rng.normal(0, sigma, (200, SIZE, SIZE))
+    ps = spectra.power_spectrum(noise)
+    assert ps["p"].mean() == pytest.approx(sigma**2, rel=0.02)
+    assert np.ptp(ps["p"][2:]) / sigma**2 < 0.15  # flat
+    stamps = np.stack([_galaxy(1.0, 0.2) for _ in range(50)]) + rng.normal(0, sigma, (50, SIZE, SIZE))
+    est = spectra.noise_spectrum(stamps, ps["k"])
+    assert est is not None and est["n_patches"] >= 100
+    assert est["p"].mean() == pytest.approx(sigma**2, rel=0.1)
+    # residuals that are exactly the noise sit at 1 in every band
+    ratios = spectra.band_ratios(ps["k"], spectra.power_spectrum(stamps - np.stack([_galaxy(1.0, 0.2)] * 50))["p"],
+                                 est["p"])  # fmt: skip
+    assert all(v == pytest.approx(1.0, abs=0.15) for v in ratios.values())
+
+
+def test_reduced_chi2_is_one_for_noise_and_grows_with_a_model_error():
+    rng = np.random.default_rng(1)
+    clean = np.stack([_galaxy(1.0, 0.2) for _ in range(20)])
+    real = clean + rng.normal(0, 0.01, clean.shape)
+    assert spectra.reduced_chi2(real, clean, np.full(20, 1e-4)).mean() == pytest.approx(1.0, rel=0.05)
+    assert spectra.reduced_chi2(real, 0.8 * clean, np.full(20, 1e-4)).mean() > 1.2
+
+
+def test_artefact_measure_separates_row_stripes_from_a_clean_stamp():
+    """A smooth galaxy has no streaks; the same galaxy with faint stripes on every other row has many."""
+    clean = np.stack([_galaxy(1.5, 0.25, q=0.6, beta=b) for b in (0, 30, 60, 90)])
+    sigma = 0.01
+    striped = clean.copy()
+    striped[:, ::2, :] += 0.1 * sigma  # a tenth of the noise: invisible by eye, plain to the measure
+    a_clean, a_striped = spectra.artefacts(clean, sigma), spectra.artefacts(striped, sigma)
+    assert a_clean["streak_rows_median"] < 0.01
+    assert a_striped["streak_rows_median"] > 10 * max(a_clean["streak_rows_median"], 1e-4)
+    assert a_striped["streak_cols_median"] == pytest.approx(a_clean["streak_cols_median"], abs=1e-6)
+    cols = np.swapaxes(striped, 1, 2)
+    assert spectra.artefacts(cols, sigma)["streak_cols_median"] > 10 * max(
+        a_clean["streak_cols_median"], 1e-4
+    )
+    grid = clean.copy()
+    grid[:, ::4, :] += 0.3 * sigma  # a period-4 pattern along rows and columns: a cross-hatch
+    grid[:, :, ::4] += 0.3 * sigma
+    assert (
+        spectra.artefacts(grid, sigma)["axis_power_ratio"]
+        > 3 * spectra.artefacts(clean, sigma)["axis_power_ratio"]
+    )
+    # noise alone sits at sqrt(6 / S) in both directions, and is isotropic
+    noise = np.random.default_rng(2).normal(0, sigma, (64, SIZE, SIZE))
+    a_noise = spectra.artefacts(noise, sigma)
+    assert a_noise["streak_rows_median"] == pytest.approx(math.sqrt(6 / SIZE), rel=0.2)
+    assert a_noise["axis_power_ratio"] == pytest.approx(1.0, abs=0.15)
+
+
+def test_statmorph_ranks_concentrated_above_extended_profiles():
+    """de Vaucouleurs profiles have higher Gini and concentration, lower M20, than exponential disks."""
+    rng = np.random.default_rng(3)
+    sigma = 0.004
+    disks = np.stack([_galaxy(1.0, 0.25) for _ in range(4)]) + rng.normal(0, sigma, (4, SIZE, SIZE))
+    devs = np.stack([_galaxy(4.0, 0.25) for _ in range(4)]) + rng.normal(0, sigma, (4, SIZE, SIZE))
+    md, mv = morphology.measure(disks, sigma), morphology.measure(devs, sigma)
+    assert md["ok"].all() and mv["ok"].all()
+    assert np.mean(mv["gini"]) > np.mean(md["gini"]) + 0.05
+    assert np.mean(mv["concentration"]) > np.mean(md["concentration"]) + 0.5
+    assert np.mean(mv["m20"]) < np.mean(md["m20"])
+    empty = morphology.measure(rng.normal(0, sigma, (2, SIZE, SIZE)) * 0.01, sigma)  # nothing above 1.5 sigma
+    assert not empty["ok"].any() and np.isnan(empty["gini"]).all() and len(empty["errors"]) == 2
+
+
+def test_bootstrap_intervals_cover_and_keep_copies_of_a_galaxy_together():
+    rng = np.random.default_rng(4)
+    real, gen = rng.normal(1.0, 0.3, 400), rng.normal(1.1, 0.3, 400)
+    rs = bootstrap.Resampler([str(i) for i in range(400)], 400, n_boot=300, seed=0)
+    c = bootstrap.compare(real, gen, rs)
+    lo, hi = c["mean_diff_ci"]
+    assert lo < 0.1 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.3 * math.sqrt(2 / 400), rel=0.25)
+    # 100 galaxies in 4 copies each: the interval is as wide as 100 independent galaxies', not 400
+    grouped = bootstrap.Resampler([str(i // 4) for i in range(400)], 400, n_boot=300, seed=0)
+    copies = np.repeat(rng.normal(1.0, 0.3, 100), 4)
+    w_group = np.ptp(bootstrap.compare(copies, gen, grouped)["mean_real_ci"])
+    w_naive = np.ptp(bootstrap.compare(copies, gen, rs)["mean_real_ci"])
+    assert w_group > 1.6 * w_naive
+    b, se = bootstrap.slope(np.linspace(0, 1, 50), 2.0 * np.linspace(0, 1, 50) + rng.normal(0, 0.01, 50))
+    assert b == pytest.approx(2.0, abs=5 * se)
