@@ -15,18 +15,8 @@ from scipy import integrate, stats
 
 from hpcvae import cosmology as cosmo
 from hpcvae.errors import ConfigError
-from hpcvae.synth import (
-    CATALOG_NAME,
-    FITS_CATALOG_NAME,
-    TRUNC,
-    SynthConfig,
-    _sersic_scale,
-    composite_hlr,
-    draw_noiseless,
-    draw_params,
-    main,
-    make_synthetic,
-)
+from hpcvae.synth import CATALOG_NAME, FITS_CATALOG_NAME, SynthConfig, main, make_synthetic
+from hpcvae.synth.simple import TRUNC, _sersic_scale, composite_hlr, draw_noiseless, draw_params
 
 REAL = SHARED_DATA / "cosmos-23.5-example"
 SIZE = 48
@@ -234,7 +224,7 @@ def test_main_reports_rate(tmp_path: Path, capsys) -> None:
         == 0
     )
     out = capsys.readouterr().out
-    assert "wrote 3 galaxies" in out and "galaxies/s" in out
+    assert "wrote 3 simple galaxies" in out and "galaxies/s" in out
     assert len(fitsio.read(str(tmp_path / "o" / CATALOG_NAME), ext=1)) == 3
 
 
@@ -244,7 +234,10 @@ def test_main_reports_rate(tmp_path: Path, capsys) -> None:
         ({"n": 0, "size": 64}, "--n must be >= 1"),
         ({"n": 5, "size": 15}, "--size must be >= 16"),
         ({"n": 5, "size": 64, "workers": 0}, "--workers must be >= 1"),
-        ({"n": 5, "size": 64, "seed": -1}, "--seed must be >= 0"),
+        ({"n": 5, "size": 64, "seed": -1}, r"--seed must be in \[0, 2\*\*63\)"),
+        ({"n": 5, "size": 64, "seed": 2**64}, r"--seed must be in \[0, 2\*\*63\)"),
+        ({"n": 5, "size": 200_000}, "--size must be <= 4096"),
+        ({"n": 5, "size": 64, "family": "hsc"}, "family"),
     ],
 )
 def test_bad_config_is_a_config_error(tmp_path: Path, kwargs: dict, message: str) -> None:
@@ -286,3 +279,69 @@ def test_an_existing_set_is_kept_unless_overwrite(tmp_path: Path) -> None:
     import fitsio
 
     assert len(fitsio.read(str(out / "real_galaxy_catalog_synth.fits"))) == 2
+
+
+# -- the COSMOS-like family ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cosmos_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cosmos")
+    return make_synthetic(120, SIZE, out, seed=3, workers=1, progress=False, family="cosmos")
+
+
+def test_cosmos_family_is_drawn_from_the_real_fits(cosmos_set: Path) -> None:
+    """Every galaxy comes from a real COSMOS fit, moved by kernel noise: the population keeps its shape."""
+    from hpcvae.synth import cosmos
+
+    truth = fitsio.read(str(cosmos_set.parent / FITS_CATALOG_NAME), ext=1)
+    header = fitsio.read_header(str(cosmos_set.parent / FITS_CATALOG_NAME), ext=1)
+    real = fitsio.read(str(REAL / "real_galaxy_catalog_23.5_example_fits.fits"), ext=1)
+    assert header["FAMILY"].strip() == "cosmos" and header["ZEROPT"] == pytest.approx(26.02, abs=0.01)
+    assert set(truth["source_ident"]) <= set(real["IDENT"])
+    assert len(set(truth["source_ident"])) > 40  # many real galaxies, not a few repeated
+    for col, real_col in (("mag", real["mag_auto"]), ("zphot", real["zphot"])):
+        assert stats.ks_2samp(truth[col], real_col).pvalue > 0.01, col
+    assert stats.ks_2samp(np.log(truth["hlr"]), np.log(real["hlr"][:, 0])).pvalue > 0.01
+    assert abs(truth["use_bulgefit"].mean() - real["use_bulgefit"].mean()) < 0.15
+    # the smoothed bootstrap keeps the real size-magnitude correlation (brighter is bigger)
+    r_real = stats.spearmanr(real["mag_auto"], np.log(real["hlr"][:, 0]))[0]
+    r_synth = stats.spearmanr(truth["mag"], np.log(truth["hlr"]))[0]
+    assert r_real < -0.2 and abs(r_synth - r_real) < 0.25
+    assert np.all((truth["n"] >= 0.3) & (truth["n"] <= 6)) and np.all((truth["q"] > 0) & (truth["q"] <= 1))
+    np.testing.assert_allclose(truth["flux"], 10 ** (-0.4 * (truth["mag"] - cosmos.zeropoint())), rtol=1e-9)
+    ok = np.isfinite(truth["hsm_sigma_observed"])
+    assert ok.mean() > 0.8 and np.all(truth["hsm_sigma_observed"][ok] > 0.03)  # the PSF widens every galaxy
+
+
+def test_cosmos_stamps_carry_real_psfs_and_cosmos_noise(cosmos_set: Path) -> None:
+    from hpcvae.synth import cosmos
+
+    cat = fitsio.read(str(cosmos_set), ext=1)
+    truth = fitsio.read(str(cosmos_set.parent / FITS_CATALOG_NAME), ext=1)
+    rgc = galsim.RealGalaxyCatalog(str(cosmos_set))
+    real_psfs = cosmos.ingredients()["psfs"]
+    resid = []
+    for i in range(10):
+        psf = rgc.getPSFImage(i).array
+        np.testing.assert_allclose(psf, real_psfs[int(truth["psf_index"][i])], rtol=1e-5, atol=1e-7)
+        stamp = rgc.getGalImage(i).array
+        assert stamp.shape[0] >= SIZE and stamp.shape[1] >= SIZE  # sharding crops, never pads the noise
+        resid.append(stamp - cosmos.noiseless({"SEED": 3, "NOMSIZE": SIZE}, i))
+    assert cat["NOISE_VARIANCE"][:10] == pytest.approx(truth["noise_variance"][:10])
+    ratio = np.mean([r.var() / v for r, v in zip(resid, cat["NOISE_VARIANCE"][:10])])
+    assert ratio == pytest.approx(1.0, rel=0.15)  # the residual is the noise, at each galaxy's catalog level
+    lag1 = np.mean([np.mean(r[:, 1:] * r[:, :-1]) / r.var() for r in resid])
+    assert lag1 > 0.1  # correlated between neighbours, as COSMOS noise is (white noise: ~0)
+
+
+def test_cosmos_family_is_the_same_for_any_worker_count(tmp_path: Path) -> None:
+    a = make_synthetic(6, 32, tmp_path / "a", seed=9, workers=1, progress=False, family="cosmos")
+    b = make_synthetic(6, 32, tmp_path / "b", seed=9, workers=2, progress=False, family="cosmos")
+    ta, tb = (fitsio.read(str(x.parent / FITS_CATALOG_NAME), ext=1) for x in (a, b))
+    for name in ta.dtype.names:  # HSM truth is NaN where HSM failed: NaN == NaN here
+        np.testing.assert_array_equal(ta[name], tb[name], err_msg=name)
+    with fitsio.FITS(str(a.parent / "real_galaxy_images_synth_n1.fits")) as fa:
+        with fitsio.FITS(str(b.parent / "real_galaxy_images_synth_n1.fits")) as fb:
+            for h in range(6):
+                np.testing.assert_array_equal(fa[h].read(), fb[h].read())
