@@ -9,20 +9,23 @@ value fails at start-up with the field's name instead of hours into a job.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
+from hpcvae.config_io import (  # noqa: F401  (re-exported: every command imports them from here)
+    add_options,
+    dump_toml,
+    field_docs,
+    from_dict,
+    load_options,
+    options_from_args,
+    read_toml,
+    to_dict,
+)
 from hpcvae.errors import ConfigError
 
-T = TypeVar("T")
-
-ArchName = Literal["vae128", "vae158", "cvae", "cvae2", "fancy_cvae", "galaxy_vae"]
+ArchName = Literal["vae128", "vae158", "cvae", "cvae2", "fancy_cvae", "galaxy_vae", "galaxy_film"]
 Flavour = Literal["default", "debug"]
 Engine = Literal["ddp", "deepspeed"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -95,9 +98,15 @@ class ModelConfig:
     """``sum`` is the seed's MSE(sum); ``mean`` averages over pixels (keeps loss scale size-free)."""
     redshift_weight: float = 1000.0
     """k in fancy_cvae's ``k * MSE(z_pred, z)`` term (seed: 1000)."""
-    likelihood: Literal["mse", "gaussian"] = "mse"
-    """Reconstruction term: ``mse`` of the normalised images (the seed's), or ``gaussian``: the chi^2 in
-    physical units with each galaxy's noise variance (galaxy2galaxy's).  Recorded in model.json."""
+    likelihood: Literal["mse", "gaussian", "calibrated"] | None = None
+    """Reconstruction term (``hpcvae.models.likelihoods``): ``mse`` of the normalised images (the seed's),
+    ``gaussian`` (the chi^2 in physical units with each galaxy's noise variance, galaxy2galaxy's) or
+    ``calibrated`` (sigma-VAE: a Gaussian whose variance is each galaxy's own maximum-likelihood value, so
+    beta = 1 needs no tuning per data set).  ``None``: the architecture's default (galaxy_film: calibrated;
+    the others: mse).  Recorded in model.json."""
+    conditions: list[str] | None = None
+    """The conditions a multi-condition architecture (galaxy_film) takes, in order; ``None``: every condition the
+    shard set carries (``hpcvae.shard --conditions``).  The seed's models and galaxy_vae take the redshift."""
     psf_forward: bool = False
     """Convolve the decoder's output with each galaxy's PSF (FFT, on the device) before the likelihood,
     so the model learns the galaxy without the telescope (galaxy2galaxy's forward model); generated
@@ -117,10 +126,11 @@ class ModelConfig:
 class BetaConfig:
     kind: Literal["constant", "list", "linear_warmup", "cyclical"] = "constant"
     """How β evolves over epochs."""
-    value: float = 0.1
-    """β for ``constant``; the final β for ``linear_warmup`` and the peak for ``cyclical``. With MSE(sum), β / 2
-    is the likelihood variance per normalised pixel. On ``benchmarks.science``'s asinh set the seed's 0.1 is well
-    above the noise and blurs (sizes 13% too big); 0.03 gets them within 2%."""
+    value: float | None = None
+    """β for ``constant``; the final β for ``linear_warmup`` and the peak for ``cyclical``.  ``None``: 1 for a
+    likelihood that makes the loss a proper ELBO (``calibrated``), else the seed's 0.1.  With MSE(sum), β / 2 is
+    the likelihood variance per normalised pixel, so the right β depends on the data set: 0.03 suits the simple
+    synthetic set (``benchmarks.science``), not others; ``calibrated`` removes the knob."""
     values: list[float] = field(default_factory=list)
     """Per-epoch β for ``list`` (the seed's β arrays); the last value holds afterwards."""
     start: float = 0.0
@@ -131,7 +141,7 @@ class BetaConfig:
     """Period of ``cyclical``; the ramp takes half the period, then β holds."""
 
     def __post_init__(self) -> None:
-        _check(self.value >= 0, f"beta.value must be >= 0, got {self.value}")
+        _check(self.value is None or self.value >= 0, f"beta.value must be >= 0, got {self.value}")
         _check(self.start >= 0, f"beta.start must be >= 0, got {self.start}")
         _check(all(v >= 0 for v in self.values), f"beta.values must all be >= 0, got {self.values}")
         if self.kind == "list":
@@ -210,6 +220,10 @@ class TrainConfig:
     sync_every: int = 50
     """Optimizer steps between the ranks' agreement on stopping and on numerical health (one host sync and,
     with several ranks, one small CPU all-reduce); a stop signal takes effect within this many steps."""
+    sync_seconds: float = 10.0
+    """At most about this many seconds between control points: with slow steps (a 158 px model on a CPU, a
+    large batch) they come every ``sync_seconds / step time`` steps instead of every ``sync_every``, so a stop
+    signal is saved well within SLURM's KillWait (30 s by default)."""
     max_skipped_in_a_row: int = 50
     """fp16: stop with an error once this many optimizer steps in a row were skipped for overflow."""
     max_steps_per_epoch: int = 0
@@ -221,8 +235,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
         _check(self.sync_every >= 1, "train.sync_every must be >= 1")
+        _check(
+            0 < self.sync_seconds <= 3600, f"train.sync_seconds must be in (0, 3600], got {self.sync_seconds}"
+        )
         _check(self.status_every >= 1, "train.status_every must be >= 1")
         _check(self.max_skipped_in_a_row >= 1, "train.max_skipped_in_a_row must be >= 1")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch must be >= 0")
@@ -335,240 +353,18 @@ class JobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
 
-
-# ----------------------------------------------------------------------------------------
-# Loading, overriding and dumping
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert where TOML/CLI is lossy."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{where}: {value!r} is not one of {choices}", key=where)
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}", key=where)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}", key=where)
-        return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}", key=where)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}", key=where)
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}", key=where)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}", key=where)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # TOML and --set both accept inf and nan
-                raise ConfigError(f"{where}: {value!r} is not a finite number", key=where)
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}", key=where)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}", key=where)
-    if tp is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
-        raise ConfigError(f"{where}: expected a path, got {value!r}", key=where)
-    return value
+    def __post_init__(self) -> None:
+        check_out_path(self.out, "out")
 
 
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a (TOML) dict, rejecting unknown keys and naming missing ones."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    prefix = f"{where}." if where else ""
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})",
-            key=f"{prefix}{unknown[0]}",
-        )
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f)]
-    if missing:
-        raise ConfigError(f"{prefix}{missing[0]} is required", key=f"{prefix}{missing[0]}")
-    kwargs = {}
-    by_name = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in data.items():
-        key = f"{where}.{k}" if where else k
-        f = by_name[k]
-        if (
-            isinstance(v, dict)
-            and dataclasses.is_dataclass(hints[k])
-            and f.default_factory is not dataclasses.MISSING
-        ):
-            v = {
-                **dataclasses.asdict(f.default_factory()),
-                **v,
-            }  # a partial table keeps this field's defaults
-        kwargs[k] = _coerce(v, hints[k], key)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - kw_only mismatch
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-dict form (TOML/JSON-safe: tuples become lists, ``None`` is dropped)."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items() if x is not None}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return clean(dataclasses.asdict(cfg))
-
-
-def _parse_scalar(text: str) -> Any:
-    """Parse a CLI override value the way TOML would (``3``, ``1e-3``, ``true``, ``[1, 2]``)."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare string such as ``cosine`` or a path
-
-
-def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
-    """Return a copy of ``cfg`` with dotted-key overrides applied and re-validated.
-
-    ``overrides`` is a mapping (``{"train.epochs": 3}``) or ``key=value`` strings as
-    given on the command line.
-    """
-    overrides = _pairs(overrides)
-    data = dataclasses.asdict(cfg)
-    for key, value in overrides.items():
-        parts = key.split(".")
-        node = data
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                raise ConfigError(f"unknown config key {key}")
-            node = node[p]
-        if parts[-1] not in node:
-            raise ConfigError(f"unknown config key {key}")
-        node[parts[-1]] = value
-    return from_dict(type(cfg), data)
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        return tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {p}: invalid TOML: {exc}") from None
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"unknown config key {key}")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def _pairs(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
-    if not overrides:
-        return {}
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    pairs: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        k, v = item.split("=", 1)
-        pairs[k.strip()] = _parse_scalar(v.strip())
-    return pairs
-
-
-def load_options(
-    cls: type[T],
-    path: str | Path | None = None,
-    overrides: dict[str, Any] | list[str] | None = None,
-    *,
-    flags: dict[str, Any] | None = None,
-    base: dict[str, Any] | None = None,
-) -> T:
-    """Every command's options, loaded the same way: defaults < TOML file < ``--set`` < named flags.
-
-    ``overrides`` and ``flags`` map dotted keys (``train.epochs``) to values (``--set`` strings are
-    parsed the way TOML would); ``base`` is a dict under the file (a site profile's implied name,
-    say).  Everything is type-checked once, field by field, so a bad value names its key; an error
-    in a key that came from the file names the file.
-    """
-    data: dict[str, Any] = dict(base or {})
-    file_keys: set[str] = set()
-    if path is not None:
-        file_data = read_toml(path)
-        file_keys = _flat_keys(file_data)
-        for k, v in _flatten(file_data).items():
-            _set_dotted(data, k, v)
-    later = {**_pairs(overrides), **(flags or {})}
-    for k, v in later.items():
-        _set_dotted(data, k, v)
-    try:
-        return from_dict(cls, data)
-    except ConfigError as exc:
-        key = exc.key or ""
-        if path is not None and key in file_keys and key not in later:
-            raise ConfigError(f"config file {path}: {exc}", key=exc.key) from None
-        raise
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
-def _flat_keys(data: dict[str, Any]) -> set[str]:
-    return set(_flatten(data))
+def check_out_path(out: str | Path, key: str = "out") -> None:
+    """A folder path a file system can hold and that is not a file (checked before anything is built)."""
+    p = Path(out)
+    if len(str(p)) > 4000 or any(len(part) > 255 for part in p.parts):
+        raise ConfigError(f"--{key}: a path of {len(str(p))} characters (or a name over 255) is longer than a "
+                          "file system allows", key=key)  # fmt: skip
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--{key} {p} is a file, not a folder", key=key)
 
 
 def load_config(
@@ -578,136 +374,38 @@ def load_config(
     return load_options(JobConfig, path, overrides)
 
 
-# ----------------------------------------------------------------------------------------
-# Command lines: one flag per field, from the dataclass
+RESUME_APPLIES = ("name", "out", "data.", "checkpoint.", "ddp.", "train.epochs", "train.log_every",
+                  "train.status_every", "train.sync_every", "train.sync_seconds", "train.val_every", "train.sample_grid",
+                  "train.max_steps_per_epoch", "train.device", "train.precision", "train.channels_last",
+                  "train.compile", "train.compile_mode", "train.deterministic", "train.max_skipped_in_a_row",
+                  "train.seed", "deepspeed.bucket_size", "deepspeed.loss_scale_window")  # fmt: skip
+"""Options a resume can change: how the run is laid out, logged, checkpointed and computed, and more epochs.
+The others (the model, the loss and its beta, the optimizer and its schedule, the engine, the normalisation)
+define what is being trained: changing them mid-run would make the records lie, so a resume refuses them."""
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (and its bases): the help text of its flag."""
-    import ast
-    import inspect
+def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
+    """(refused, applied): the (key, old value, new value) that differ between a checkpoint's config and now."""
 
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(inspect.getsource(klass).lstrip())
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
-                if (
-                    isinstance(b, ast.Expr)
-                    and isinstance(b.value, ast.Constant)
-                    and isinstance(b.value.value, str)
-                ):
-                    docs[a.target.id] = " ".join(b.value.value.split())
-    return docs
-
-
-def _leaf(cls: type, key: str) -> tuple[type, dataclasses.Field]:
-    """The dataclass and field a dotted key names."""
-    parts = key.split(".")
-    for p in parts[:-1]:
-        cls = typing.get_type_hints(cls)[p]
-    f = next((f for f in dataclasses.fields(cls) if f.name == parts[-1]), None)
-    if f is None:
-        raise KeyError(key)
-    return cls, f
-
-
-def add_options(
-    parser: Any,
-    cls: type,
-    *,
-    flags: dict[str, str] | None = None,
-    skip: tuple[str, ...] = (),
-    config: bool = True,
-) -> dict[str, str]:
-    """Add ``--config FILE``, ``--set KEY=VALUE`` and one ``--flag`` per scalar field of ``cls``.
-
-    ``flags`` adds named flags for nested keys (``{"resume": "checkpoint.resume"}``) or renames
-    (``{"workers": "num_workers"}``).  A bool field gets ``--name`` (or ``--no-name`` when its
-    default is true).  Returns ``dest -> dotted key`` for :func:`options_from_args`.
-    """
-    table: dict[str, str] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in skip and not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
-            table.setdefault(f.name, f.name)
-    for name, key in (flags or {}).items():
-        table.pop(key, None) if key in table and key != name else None
-        table[name] = key
-    for name, key in table.items():
-        owner, f = _leaf(cls, key)
-        tp = typing.get_type_hints(owner)[f.name]
-        doc = field_docs(owner).get(f.name, "")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        flag = "--" + name.replace("_", "-")
-        if tp is bool:
-            if default is True:
-                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                                    default=None, help=doc)  # fmt: skip
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
             else:
-                parser.add_argument(flag, dest=name, action="store_true", default=None, help=doc)
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    refused, applied = [], []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+            va, vb = list(va), list(vb)
+        if va == vb:
             continue
-        if tp == bool | None:  # ``--flag`` = true, ``--flag false``, absent = None (auto)
-            parser.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="true|false",
-                                help=(doc + " Default: auto.").strip())  # fmt: skip
-            continue
-        # Choices are checked by the config (one line naming the key), not by argparse (a usage dump).
-        choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
-        shown = (f" One of: {', '.join(map(str, choices))}." if choices else "") + (
-            f" Default: {default}." if default not in (None, "") else "")  # fmt: skip
-        parser.add_argument(
-            flag, dest=name, default=None, metavar=name.upper(), help=(doc + shown).strip() or None
-        )
-    if config:
-        parser.add_argument("--config", help="TOML file of options (the command line overrides it)")
-        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="any option, e.g. --set checkpoint.every_steps=100 (repeatable)")  # fmt: skip
-    return table
-
-
-def options_from_args(cls: type[T], args: Any, table: dict[str, str], **given: Any) -> T:
-    """The options of ``cls`` from parsed arguments: ``--config``, ``--set``, then the named flags.
-
-    ``given`` holds values the command sets itself (positional arguments), as dotted keys.
-    """
-    flags: dict[str, Any] = {}
-    for name, key in table.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        owner, f = _leaf(cls, key)
-        flags[key] = _flag_value(value, typing.get_type_hints(owner)[f.name])
-    flags.update({k: v for k, v in given.items() if v is not None})
-    try:
-        return load_options(
-            cls, getattr(args, "config", None), list(getattr(args, "set", []) or []), flags=flags
-        )
-    except ConfigError as exc:
-        flag = next((n for n, k in table.items() if k == exc.key), None)
-        if flag and str(exc).endswith(" is required"):  # name the flag the user types
-            raise ConfigError(f"--{flag.replace('_', '-')} is required") from None
-        raise
-
-
-def _flag_value(text: Any, tp: Any) -> Any:
-    """A flag's string as its field wants it: strings stay strings, ``64,64`` is a list, the rest as TOML."""
-    if not isinstance(text, str):
-        return text
-    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
-    base = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
-    if str in base or Path in base or any(typing.get_origin(a) is Literal for a in base):
-        return text
-    if any(typing.get_origin(a) in (list, tuple) for a in base) and not text.startswith("["):
-        return [_parse_scalar(x.strip()) for x in text.split(",") if x.strip()]
-    return _parse_scalar(text)
-
-
-def dump_toml(cfg: Any) -> str:
-    import tomli_w
-
-    return tomli_w.dumps(to_dict(cfg))
+        # data.path is the shard set: checkpoint.allow_new_data decides it (Trainer._choose_transform)
+        safe = key != "data.transform" and any(key == p or (p.endswith(".") and key.startswith(p))
+                                               for p in RESUME_APPLIES)  # fmt: skip
+        (applied if safe else refused).append((key, va, vb))
+    return refused, applied

@@ -12,7 +12,9 @@ neither ``torch.load`` nor DeepSpeed.  ``hpcvae.consolidate`` makes the pair fro
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 
 from hpcvae._version import __version__
 from hpcvae.errors import CheckpointError, HpcvaeError
+from hpcvae.safe_io import replace_pair, signals_as_interrupt, temp_name
 
 MODEL_FILE = "model.safetensors"
 
@@ -42,6 +45,7 @@ def write_model(
     physics: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
     config_sha256: str | None = None,
+    conditions: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write the pair into folder ``out`` (atomically: temp files, then rename); returns the weights path.
 
@@ -59,6 +63,11 @@ def write_model(
         v = v.detach().to("cpu")
         sd[k] = (v.float() if v.is_floating_point() else v).contiguous()
     check_finite(sd, where=f"{out / MODEL_FILE}: refusing to write it")
+    check_shapes(
+        model_config,
+        {k: tuple(v.shape) for k, v in sd.items()},
+        where=f"{out / MODEL_FILE}: refusing to write it",
+    )
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
@@ -74,18 +83,34 @@ def write_model(
         "physics": physics,
         "data": data,
         "config_sha256": config_sha256,
+        "conditions": conditions or [],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    tmp_w, tmp_j = out / f".{MODEL_FILE}.tmp", out / f".{MODEL_JSON}.tmp"
-    save_file(sd, str(tmp_w), metadata={"format": FORMAT, "arch": model_config["arch"],
-                                        "model_config": json.dumps(model_config, sort_keys=True)})  # fmt: skip
-    tmp_j.write_text(json.dumps(meta, indent=1))
-    tmp_w.replace(out / MODEL_FILE)
-    tmp_j.replace(out / MODEL_JSON)
+    meta["write_id"] = uuid.uuid4().hex  # the pair's identity: both files carry it (load_model checks)
+    tmp_w, tmp_j = temp_name(out / MODEL_FILE), temp_name(out / MODEL_JSON)
+    with signals_as_interrupt(f"writing the model pair into {out}"):
+        try:
+            save_file(sd, str(tmp_w), metadata={"format": FORMAT, "arch": model_config["arch"], "write_id": meta["write_id"],
+                                                "model_config": json.dumps(model_config, sort_keys=True)})  # fmt: skip
+            tmp_j.write_text(json.dumps(meta, indent=1))
+            for t in (tmp_w, tmp_j):
+                shareable(t)
+        except BaseException:
+            tmp_w.unlink(missing_ok=True)
+            tmp_j.unlink(missing_ok=True)
+            raise
+    replace_pair([(tmp_w, out / MODEL_FILE), (tmp_j, out / MODEL_JSON)])
     return out / MODEL_FILE
 
 
-CARRIED = ("physics", "data", "config_sha256")
+def shareable(path: Path) -> None:
+    """Mode 0666 less the umask (safetensors writes 0600): group members on a cluster can read the model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+CARRIED = ("physics", "data", "config_sha256", "conditions")
 """model.json keys a rewrite (train_prior, consolidate) passes through unchanged."""
 
 
@@ -115,14 +140,10 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{meta_path}: no such file (a consolidated model is {MODEL_FILE} + {MODEL_JSON})"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{meta_path}: unreadable: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{meta_path}: not an hpcvae model (format {meta.get('format')!r}, expected {FORMAT!r})"
-        )
+    from hpcvae.jsonfiles import MODEL_JSON as SCHEMA
+    from hpcvae.jsonfiles import read_json
+
+    meta = read_json(meta_path, SCHEMA, CheckpointError, "model", fmt=FORMAT)
     return meta
 
 
@@ -161,6 +182,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: 
         )
     if "model_config" in file_meta and json.loads(file_meta["model_config"]) != cfg:
         raise CheckpointError(f"{weights}: model config stored with the weights differs from {meta_path}")
+    if file_meta.get("write_id") and meta.get("write_id") and file_meta["write_id"] != meta["write_id"]:
+        raise CheckpointError(f"{weights} and {meta_path} come from two different writes (an interrupted save?); "
+                              "consolidate the run's checkpoint again")  # fmt: skip
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in sd.items()}, where=f"{meta_path}")
     try:
         model = build_model(**cfg)
     except (HpcvaeError, TypeError) as exc:
@@ -173,13 +198,39 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: 
     if meta.get("transform"):
         from hpcvae.transforms import transform_from_dict
 
-        model.set_normalisation(transform_from_dict(meta["transform"]))
+        try:
+            model.set_normalisation(transform_from_dict(meta["transform"]))
+        except HpcvaeError as exc:
+            raise CheckpointError(f"{meta_path}: transform: {exc}") from None
+    model.set_conditions(meta.get("conditions") or None)
     from hpcvae.hardware import inference_layout
 
     model.to(device, memory_format=inference_layout(device))  # NHWC where its convolutions are faster
     model.eval()
     model.model_info = meta
     return model
+
+
+def check_shapes(model_config: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Refuse weights whose shapes are not the recorded architecture's, before any real allocation.
+
+    The architecture is built on the meta device (no memory), so a model.json asking for nf = 1000000
+    fails here in microseconds instead of trying to allocate terabytes.
+    """
+    from hpcvae.models import build_model
+
+    try:
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in build_model(**model_config).state_dict().items()}
+    except (HpcvaeError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: cannot rebuild the model from model_config: {exc}") from None
+    vae = {k: v for k, v in shapes.items() if not k.startswith("flow_prior.")}
+    missing = sorted(set(own) - set(vae))
+    bad = next((f"{k} {vae[k]} vs {own[k]}" for k in own if k in vae and vae[k] != own[k]), None)
+    if missing or bad:
+        what = f"shape mismatch {bad}" if bad else f"missing {len(missing)} tensors (e.g. {missing[0]})"
+        raise CheckpointError(f"{where}: the weights do not fit the architecture it records ({model_config.get('arch')}, "
+                              f"nf {model_config.get('nf')}, z_dim {model_config.get('z_dim')}): {what}")  # fmt: skip
 
 
 def _load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, strict: bool, where: str) -> None:

@@ -39,13 +39,18 @@ class FlowSpec:
     z_dim: int
     """Latent size of the VAE (the flow's feature count)."""
     conditional: bool = False
-    """Condition on the redshift (context size 1), as the conditional VAEs are."""
+    """Condition on the VAE's conditions (the redshift, or its vector of conditions), as the conditional VAEs are."""
     kind: FlowKind = "maf"
     """``maf``: affine masked autoregressive flow; ``nsf``: rational-quadratic splines (more flexible)."""
     transforms: int = 4
     """Autoregressive transforms stacked (orders alternate between them)."""
     hidden_features: tuple[int, ...] = (64, 64)
     """Hidden layer widths of each transform's masked MLP."""
+    context_features: int = 1
+    """Number of conditions the flow takes as context (1: the redshift)."""
+    passes: int | None = None
+    """Passes of each transform's inverse: ``None`` is fully autoregressive (z_dim passes, slow to sample: the
+    flows of hpcvae 0.1), 2 a coupling transform (two passes: fast to sample and to fit)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.z_dim, int) or self.z_dim < 1:
@@ -59,6 +64,12 @@ class FlowSpec:
             raise ModelError(
                 f"flow prior: hidden_features must be positive widths, got {self.hidden_features}"
             )
+        if not isinstance(self.context_features, int) or self.context_features < 1:
+            raise ModelError(
+                f"flow prior: context_features must be an integer >= 1, got {self.context_features!r}"
+            )
+        if self.passes is not None and (not isinstance(self.passes, int) or self.passes < 1):
+            raise ModelError(f"flow prior: passes must be None or an integer >= 1, got {self.passes!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -81,30 +92,35 @@ class FlowPrior(nn.Module):
 
         self.spec = spec
         cls = zuko.flows.MAF if spec.kind == "maf" else zuko.flows.NSF
+        k = spec.context_features
+        extra = {} if spec.passes is None else {"passes": spec.passes}
         self.flow = cls(
             features=spec.z_dim,
-            context=1 if spec.conditional else 0,
+            context=k if spec.conditional else 0,
             transforms=spec.transforms,
             hidden_features=list(spec.hidden_features),
+            **extra,
         )
         self.register_buffer("z_loc", torch.zeros(spec.z_dim))
         self.register_buffer("z_scale", torch.ones(spec.z_dim))
-        self.register_buffer("c_loc", torch.zeros(1))
-        self.register_buffer("c_scale", torch.ones(1))
+        self.register_buffer("c_loc", torch.zeros(k))
+        self.register_buffer("c_scale", torch.ones(k))
 
     @property
     def conditional(self) -> bool:
         return self.spec.conditional
 
     def set_standardisation(
-        self, z_mean: torch.Tensor, z_std: torch.Tensor, c_mean: float = 0.0, c_std: float = 1.0
+        self, z_mean: torch.Tensor, z_std: torch.Tensor, c_mean: Any = 0.0, c_std: Any = 1.0
     ) -> None:
-        """Fix the affine map raw -> standardised (computed once from the train latents)."""
+        """Fix the affine map raw -> standardised (computed once from the train latents and conditions)."""
         z_std = torch.as_tensor(z_std, dtype=torch.float32).clamp_min(1e-6)
         self.z_loc.copy_(torch.as_tensor(z_mean, dtype=torch.float32))
         self.z_scale.copy_(z_std)
-        self.c_loc.fill_(float(c_mean))
-        self.c_scale.fill_(max(float(c_std), 1e-6))
+        self.c_loc.copy_(torch.as_tensor(c_mean, dtype=torch.float32).expand_as(self.c_loc))
+        self.c_scale.copy_(
+            torch.as_tensor(c_std, dtype=torch.float32).clamp_min(1e-6).expand_as(self.c_scale)
+        )
 
     def _context(self, redshift: Any, n: int, device: torch.device) -> torch.Tensor | None:
         if not self.spec.conditional:
@@ -112,13 +128,15 @@ class FlowPrior(nn.Module):
                 raise ModelError("flow prior is unconditional but was given a redshift")
             return None
         if redshift is None:
-            raise ModelError("flow prior is conditioned on redshift: pass a redshift (one value per latent)")
-        r = torch.as_tensor(redshift, dtype=torch.float32, device=device).reshape(-1)
-        if r.numel() == 1 and n != 1:
-            r = r.expand(n)
-        if r.numel() != n:
-            raise ModelError(f"flow prior: needs {n} redshifts (one per latent), got {r.numel()}")
-        return ((r - self.c_loc) / self.c_scale)[:, None]
+            raise ModelError("flow prior is conditional: pass its conditions (one row per latent)")
+        k = self.spec.context_features
+        r = torch.as_tensor(redshift, dtype=torch.float32, device=device)
+        r = r.reshape(-1, k) if r.dim() < 2 else r
+        if r.shape[0] == 1 and n != 1:
+            r = r.expand(n, k)
+        if tuple(r.shape) != (n, k):
+            raise ModelError(f"flow prior: needs conditions of shape ({n}, {k}), got {tuple(r.shape)}")
+        return (r - self.c_loc) / self.c_scale
 
     def log_prob(self, z: torch.Tensor, redshift: Any = None) -> torch.Tensor:
         """log p(z [| redshift]) of raw latents (B, z_dim) -> (B,)."""
@@ -135,14 +153,22 @@ class FlowPrior(nn.Module):
         return -self.log_prob(z, redshift).mean()
 
     @torch.no_grad()
-    def sample(self, n: int, redshift: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` latents (n, z_dim); the base noise comes from ``generator`` so samples are reproducible."""
+    def sample(
+        self,
+        n: int,
+        redshift: Any = None,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``n`` latents (n, z_dim); the base noise is ``eps``, or comes from ``generator``: reproducible samples."""
         if n < 1:
             raise ModelError(f"flow prior: sample needs n >= 1, got {n}")
         device = self.z_loc.device
         c = self._context(redshift, n, device)
-        gen_device = generator.device if generator is not None else device
-        eps = torch.randn(n, self.spec.z_dim, generator=generator, device=gen_device).to(device)
+        if eps is None:
+            gen_device = generator.device if generator is not None else device
+            eps = torch.randn(n, self.spec.z_dim, generator=generator, device=gen_device)
+        eps = eps.to(device=device, dtype=torch.float32)
         dist = self.flow(c)
         u0 = dist.base.mean + dist.base.stddev * eps
         u = dist.transform.inv(u0)
@@ -179,9 +205,7 @@ def flow_meta(
             "std": flow.z_scale.tolist(),
         },
         "context_standardisation": (
-            {"variable": "zphot", "mean": float(flow.c_loc), "std": float(flow.c_scale)}
-            if spec.conditional
-            else None
+            {"mean": flow.c_loc.tolist(), "std": flow.c_scale.tolist()} if spec.conditional else None
         ),
         "training": training,
         "evaluation": evaluation,

@@ -21,7 +21,13 @@ from hpcvae.errors import ConfigError
 class BetaSchedule:
     """β for an epoch, ``schedule(epoch) -> float``; built by :func:`beta_schedule`."""
 
-    def __init__(self, cfg: BetaConfig) -> None:
+    def __init__(self, cfg: BetaConfig, default: float = 0.1) -> None:
+        if (
+            cfg.value is None
+        ):  # unset: the likelihood's ELBO weight (the caller's default), else the seed's 0.1
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, value=float(default))
         if cfg.kind == "cyclical" and cfg.cycle_epochs < 2:
             raise ConfigError(
                 f"beta.cycle_epochs = {cfg.cycle_epochs}: a cyclical β needs a period of at least 2 epochs "
@@ -58,10 +64,13 @@ class BetaSchedule:
         return f"BetaSchedule({self.to_dict()})"
 
 
-def beta_schedule(cfg: BetaConfig | float | Sequence[float]) -> BetaSchedule:
-    """A β schedule from a config, a plain number (constant β) or a per-epoch list (the seed's arrays)."""
+def beta_schedule(cfg: BetaConfig | float | Sequence[float], default: float = 0.1) -> BetaSchedule:
+    """A β schedule from a config, a plain number (constant β) or a per-epoch list (the seed's arrays).
+
+    ``default`` is the β of a config that leaves ``value`` unset (the likelihood's ELBO weight, else 0.1).
+    """
     if isinstance(cfg, BetaConfig):
-        return BetaSchedule(cfg)
+        return BetaSchedule(cfg, default)
     if hasattr(cfg, "tolist"):  # numpy / torch arrays, as the seed passed them
         cfg = cfg.tolist()
     if isinstance(cfg, bool):

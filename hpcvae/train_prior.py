@@ -48,6 +48,7 @@ from hpcvae.dist import DistInfo, barrier, cleanup, init_distributed, on_rank0, 
 from hpcvae.errors import CheckpointError, ConfigError, ModelError
 from hpcvae.loop import Loop, LoopConfig
 from hpcvae.metrics import Metrics
+from hpcvae.models.conditions import from_batch
 from hpcvae.prior import PREFIX, FlowKind, FlowSpec, build_flow, flow_meta, gaussian_nll, vae_digest
 from hpcvae.runlock import RunLock
 
@@ -82,6 +83,9 @@ class PriorConfig:
     """zuko flow: ``nsf`` (rational-quadratic splines, default) or ``maf`` (affine)."""
     transforms: int = 4
     """Autoregressive transforms in the flow."""
+    passes: int | None = 2
+    """Passes of each transform's inverse: 2 (default) makes coupling transforms, which sample in two passes
+    instead of z_dim; ``none`` is the fully autoregressive flow of hpcvae 0.1 (slow to sample)."""
     hidden_features: tuple[int, ...] = (64, 64)
     """Hidden widths of each transform's MLP."""
     seed: int = 0
@@ -208,7 +212,8 @@ class PriorTrainer(Loop):
         stats = self._global_stats()
         self.n_train = int(stats["n"])
         spec = FlowSpec(z_dim=self.vae.z_dim, conditional=bool(self.vae.conditional), kind=cfg.kind,
-                        transforms=cfg.transforms, hidden_features=cfg.hidden_features)  # fmt: skip
+                        transforms=cfg.transforms, hidden_features=cfg.hidden_features,
+                        context_features=self.spec_context(), passes=cfg.passes)  # fmt: skip
         self.spec = spec
         torch.manual_seed(cfg.seed)  # identical initial flow on every rank
         self.flow = build_flow(spec)
@@ -260,7 +265,10 @@ class PriorTrainer(Loop):
         zs, ss, cs = [], [], []
         for batch in loader:
             x = batch["image"].to(self.dist.device)
-            r = batch["redshift"].to(self.dist.device) if self.vae.conditional else None
+            r = from_batch(
+                self.vae, batch, self.manifest.condition_names or [self.manifest.data.get("redshift_column")]
+            )
+            r = r.to(self.dist.device) if r is not None else None
             mu, logvar = self.vae.encode(x, r)
             zs.append(mu.float().cpu())
             ss.append(torch.exp(0.5 * logvar.float()).cpu())
@@ -269,8 +277,17 @@ class PriorTrainer(Loop):
         zd = self.vae.z_dim
         z = torch.cat(zs) if zs else torch.zeros(0, zd)
         s = torch.cat(ss) if ss else torch.zeros(0, zd)
-        c = (torch.cat(cs) if cs else torch.zeros(0)) if self.vae.conditional else None
+        k = self.spec_context()
+        c = (
+            (torch.cat([x.reshape(-1, k) for x in cs]) if cs else torch.zeros(0, k))
+            if self.vae.conditional
+            else None
+        )
         return z, s, c
+
+    def spec_context(self) -> int:
+        """Number of conditions the VAE (and so the flow) takes."""
+        return len(self.vae.spec.conditions) if self.vae.multi_condition else 1
 
     def _global_stats(self) -> dict[str, Any]:
         """Moments of the train latents (and zphot) over all ranks: the flow's fixed standardisation.
@@ -279,10 +296,10 @@ class PriorTrainer(Loop):
         aggregate posterior's variance is their sum.
         """
         z, c = self.z_train.double(), self.c_train
-        zd = z.shape[1]
-        cs = c.double() if c is not None else torch.zeros(0, dtype=torch.float64)
+        zd, k = z.shape[1], self.spec_context()
+        cs = c.double() if c is not None else torch.zeros(0, k, dtype=torch.float64)
         v = torch.cat([torch.tensor([float(z.shape[0])], dtype=torch.float64), z.sum(0), (z**2).sum(0),
-                       torch.stack([cs.sum(), (cs**2).sum()]), (self.s_train.double() ** 2).sum(0)])  # fmt: skip
+                       (self.s_train.double() ** 2).sum(0), cs.sum(0), (cs**2).sum(0)])  # fmt: skip
         if self.dist.distributed:
             dev = self.dist.device if self.dist.backend == "nccl" else torch.device("cpu")
             t = v.to(dev)
@@ -293,11 +310,13 @@ class PriorTrainer(Loop):
             raise ConfigError(f"{self.manifest.path}: only {int(n)} train galaxies were encoded; need >= 2")
         mean = v[1 : 1 + zd] / n
         var = (v[1 + zd : 1 + 2 * zd] / n - mean**2).clamp_min(0)
-        c_mean = v[1 + 2 * zd].item() / n
-        c_var = max(v[2 + 2 * zd].item() / n - c_mean**2, 0.0)
-        post_var = v[3 + 2 * zd :] / n
+        post_var = v[1 + 2 * zd : 1 + 3 * zd] / n
+        c_mean = v[1 + 3 * zd : 1 + 3 * zd + k] / n
+        c_std = (v[1 + 3 * zd + k :] / n - c_mean**2).clamp_min(0).sqrt()
+        if c is None:
+            c_mean, c_std = torch.zeros(k), torch.ones(k)
         return {"n": n, "mu_mean": mean.float(), "mu_var": var.float(), "post_var": post_var.float(),
-                "c_mean": c_mean if c is not None else 0.0, "c_std": c_var**0.5 if c is not None else 1.0}  # fmt: skip
+                "c_mean": c_mean.float(), "c_std": c_std.float()}  # fmt: skip
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _expect(self) -> dict[str, Any]:

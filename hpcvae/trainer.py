@@ -18,6 +18,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -103,7 +104,21 @@ class Trainer(Loop):
                 collective=True,
             )
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = model_from_config(cfg.model, size)
+        model = model_from_config(cfg.model, size, conditions=self.manifest.condition_names)
+        model.set_conditions(self._condition_records())
+        resolved = {"likelihood": model.spec.likelihood,
+                    "conditions": list(model.spec.conditions) if model.multi_condition else None}  # fmt: skip
+        cfg = self.cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, **resolved)
+        )  # what ran
+        if model.multi_condition:
+            missing = [c for c in model.spec.conditions if c not in self._condition_index()]
+            if missing:
+                raise ConfigError(
+                    f"{self.manifest.path}: model.conditions asks for {missing[0]!r} but the shard set carries "
+                    f"{', '.join(self._condition_index()) or 'none'}; re-shard with --conditions",
+                    collective=True,
+                )
         if model.conditional and not self.manifest.has_redshift:
             raise ConfigError(
                 f"{self.manifest.path}: model {cfg.model.arch} is conditioned on redshift but the shard set has none; "
@@ -117,10 +132,10 @@ class Trainer(Loop):
         self.resume_meta = read_meta(self.resume_from) if self.resume_from else None
         self.transform = self._choose_transform()
         model.set_normalisation(self.transform)  # the gaussian likelihood works in physical units
-        if model.spec.likelihood == "gaussian" and "noise_std" not in self.manifest.stats("train"):
+        if "noise_var" in model.likelihood.needs and "noise_std" not in self.manifest.stats("train"):
             raise ConfigError(
-                f"{self.manifest.path}: model.likelihood = 'gaussian' needs each galaxy's noise variance, but the "
-                "shards carry none (the catalog had no NOISE_VARIANCE); use likelihood 'mse'",
+                f"{self.manifest.path}: model.likelihood = {model.spec.likelihood!r} needs each galaxy's noise "
+                "variance, but the shards carry none (the catalog had no NOISE_VARIANCE); use 'calibrated' or 'mse'",
                 collective=True,
             )
         if model.spec.psf_forward and not (self.manifest.data.get("physics") or {}).get("psf", {}).get(
@@ -151,10 +166,13 @@ class Trainer(Loop):
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.scheduler = lr_scheduler(engine.optimizer, cfg.scheduler, total_steps=self.total_steps,
                                       steps_per_epoch=self.steps_per_epoch)  # fmt: skip
-        self.beta = beta_schedule(cfg.beta)
+        self.beta = beta_schedule(cfg.beta, default=model.likelihood.default_beta or 0.1)
+        if cfg.beta.value is None:  # the records say which β ran
+            cfg = self.cfg = dataclasses.replace(cfg, beta=self.beta.cfg)
         t, c = cfg.train, cfg.checkpoint
         loop = LoopConfig(epochs=t.epochs, every_steps=c.every_steps, keep_last=c.keep_last, sync_every=t.sync_every,
-                          log_every=t.log_every, max_skipped_in_a_row=t.max_skipped_in_a_row)  # fmt: skip
+                          log_every=t.log_every, max_skipped_in_a_row=t.max_skipped_in_a_row,
+                          sync_seconds=t.sync_seconds)  # fmt: skip
         Loop.__init__(self, loop=loop, dist=dist, engine=engine, checkpoint_dir=self.out,
                       metrics=Metrics(self.out, enabled=dist.is_main, status_every=t.status_every))  # fmt: skip
         self.engine: Engine = engine
@@ -167,6 +185,7 @@ class Trainer(Loop):
         self._images_seen = 0
         self._train_time = 0.0
         self._beta_now = self.beta(0)
+        self._check_changed_options()
         self._resume()
         if self._lock is not None and dist.is_main:  # every refusal check has passed
             self._lock.announce()
@@ -177,6 +196,18 @@ class Trainer(Loop):
             (self.out / "config.toml").write_text(self.checkpoint_config())
             if cfg.train.engine == "deepspeed":
                 (self.out / "deepspeed_config.json").write_text(json.dumps(self.engine.ds_config, indent=1))
+
+    def _condition_records(self) -> list[dict[str, Any]]:
+        """The shard set's conditions; a set from before conditions existed has its redshift as the one."""
+        if self.manifest.conditions:
+            return self.manifest.conditions
+        if self.manifest.has_redshift:
+            return [{"name": self.manifest.data.get("redshift_column") or "zphot", "role": "redshift"}]
+        return []
+
+    @functools.cache  # noqa: B019  (one trainer per process)
+    def _condition_index(self) -> dict[str, int]:
+        return {str(r["name"]): i for i, r in enumerate(self._condition_records())}
 
     def _resolve_hardware(self, cfg: JobConfig, dist: DistInfo) -> JobConfig:
         """``auto`` precision and layout decided by :mod:`hpcvae.hardware`; printed once, then recorded."""
@@ -195,6 +226,49 @@ class Trainer(Loop):
         train = dataclasses.replace(cfg.train, precision=prec.value, channels_last=layout.value)
         self.cfg = dataclasses.replace(cfg, train=train)
         return self.cfg
+
+    def _check_changed_options(self) -> None:
+        """The resume rule: options that define what is trained cannot change mid-run; the others apply.
+
+        The checkpoint's config.toml is the run's record; a refused change leaves everything as it was,
+        an applied one is printed and recorded (config.toml, model.json say what ran).
+        """
+        import tomllib
+
+        from hpcvae.config import resume_changes
+
+        folder = self.resume_from
+        if folder is None or not (Path(folder) / "config.toml").is_file():
+            return
+        try:
+            old = tomllib.loads((Path(folder) / "config.toml").read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise CheckpointError(f"{folder}/config.toml: unreadable ({exc})", collective=True) from None
+        refused, applied = resume_changes(old, to_dict(self.cfg))
+        refused = [r for r in refused if r[0] != "data.path"]
+        if refused:
+            key, a, b = refused[0]
+            more = (
+                f" (and {len(refused) - 1} more: {', '.join(r[0] for r in refused[1:4])})"
+                if len(refused) > 1
+                else ""
+            )
+            raise ConfigError(
+                f"{folder}: {key} was {a!r} when this run started and is {b!r} now{more}; a resume cannot change "
+                "what is being trained. Use the run's value, or start a new run (--resume none or another --out)",
+                key=key, collective=True,
+            )  # fmt: skip
+        done = int((self.resume_meta or {}).get("epoch", 0))
+        if self.cfg.train.epochs < done:
+            raise ConfigError(
+                f"{folder}: train.epochs = {self.cfg.train.epochs} but the checkpoint has already trained {done} "
+                "epochs; ask for at least that many", key="train.epochs", collective=True,
+            )  # fmt: skip
+        shown = [r for r in applied if not r[0].startswith(("data.path", "out", "checkpoint.resume"))]
+        if shown:
+            print0(
+                "resume: applying changed options: " + "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in shown)
+            )
 
     def _apply_determinism(self) -> None:
         if self.cfg.train.deterministic:
@@ -371,10 +445,19 @@ class Trainer(Loop):
         """(images, redshifts, noise variances, PSFs) on the device, each only where the model uses it."""
         dev, spec = self.dist.device, self.model.spec
         x = self.engine.prepare(batch["image"])
-        r = batch["redshift"].to(dev, non_blocking=True) if self.model.conditional else None
-        nv = batch["noise_var"].to(dev, non_blocking=True) if spec.likelihood == "gaussian" else None
+        r = self._conditions(batch).to(dev, non_blocking=True) if self.model.conditional else None
+        nv = (
+            batch["noise_var"].to(dev, non_blocking=True)
+            if "noise_var" in self.model.likelihood.needs
+            else None
+        )
         psf = batch["psf"].to(dev, non_blocking=True) if spec.psf_forward else None
         return x, r, nv, psf
+
+    def _conditions(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        from hpcvae.models.conditions import from_batch
+
+        return from_batch(self.model, batch, list(self._condition_index()))
 
     def forward_backward_step(
         self,
@@ -400,6 +483,7 @@ class Trainer(Loop):
         it = iter(self.data.val_loader())
         size = self.model.image_size
         filler = {"image": torch.zeros(1, 1, size, size), "redshift": torch.full((1,), 0.5),
+                  "cond": torch.full((1, max(1, len(self._condition_index()))), 0.5),
                   "noise_var": torch.ones(1), "psf": torch.ones(1, 1, 1, 1)}  # fmt: skip
         while True:
             batch = next(it, None)
@@ -503,6 +587,7 @@ class Trainer(Loop):
                 "val_fraction": m.data.get("val_fraction"), "n_skipped": m.data.get("n_skipped"),
                 "image_size": m.image_size, "synthetic": m.synthetic}  # fmt: skip
         return {"physics": {**m.physics(), "psf_free": self.model.spec.psf_forward}, "data": data,
+                "conditions": self.model.conditioning.records if self.model.conditional else [],
                 "config_sha256": hashlib.sha256(dump_toml(self.cfg).encode()).hexdigest()}  # fmt: skip
 
     def checkpoint_components(self) -> dict[str, Any]:

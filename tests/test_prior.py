@@ -67,7 +67,7 @@ def test_conditional_flow_learns_a_redshift_dependent_density():
 def test_redshift_arguments_are_checked():
     with pytest.raises(ModelError, match="unconditional but was given a redshift"):
         _flow(False).sample(3, redshift=0.5)
-    with pytest.raises(ModelError, match="conditioned on redshift"):
+    with pytest.raises(ModelError, match="flow prior is conditional: pass its conditions"):
         _flow(True).log_prob(torch.zeros(3, 4))
     with pytest.raises(ModelError, match=r"shape \(B, 4\)"):
         _flow(False).log_prob(torch.zeros(3, 5))
@@ -90,7 +90,7 @@ def test_flow_round_trips_through_the_model_files(tmp_path):
     m, flow = _model_with_flow(tmp_path)
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["flow_prior"]["library"] == "zuko" and meta["flow_prior"]["spec"]["transforms"] == 2
-    assert meta["flow_prior"]["context_standardisation"]["mean"] == pytest.approx(0.9)
+    assert meta["flow_prior"]["context_standardisation"]["mean"] == pytest.approx([0.9])
     loaded = load_model(tmp_path)
     assert isinstance(loaded.flow_prior, FlowPrior) and loaded.default_prior == "flow"
     z, r = torch.randn(10, m.z_dim), torch.linspace(0.1, 2.0, 10)
@@ -181,7 +181,7 @@ def test_train_prior_cli_writes_the_flow_into_the_model_files(tiny_run, tmp_path
     meta = json.loads((out / "model.json").read_text())
     fp = meta["flow_prior"]
     assert fp["spec"] == {"z_dim": 8, "conditional": True, "kind": "nsf", "transforms": 2,
-                          "hidden_features": [16, 16]}  # fmt: skip
+                          "hidden_features": [16, 16], "context_features": 1, "passes": 2}  # fmt: skip
     assert fp["training"]["n_train_latents"] == 80 and fp["training"]["steps"] == 10  # 5 steps x 2 epochs
     assert fp["evaluation"]["val_count"] == 24 and fp["evaluation"]["val_nll"] is not None
     assert meta["lr_schedule"]["scheduler"]["kind"] == "cosine"  # carried over from the VAE's model.json

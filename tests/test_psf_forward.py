@@ -116,7 +116,7 @@ def test_psf_free_model_generates_the_psf_free_sizes(blurred, tmp_path):
     from hpcvae import load_model
     from hpcvae.evaluate.moments import moments
     from hpcvae.shards import Manifest, iter_samples
-    from hpcvae.synth import PIXEL_SCALE, _profile, draw_params
+    from hpcvae.synth.simple import PIXEL_SCALE, _profile, draw_params
     from hpcvae.train import main as train_main
     from hpcvae.train_prior import main as prior_main
 

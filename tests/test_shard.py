@@ -323,12 +323,12 @@ def test_h5_ingest(tiny_h5: Path, tmp_path: Path) -> None:
 def test_h5_dataset_detection(tmp_path: Path) -> None:
     path = tmp_path / "x.h5"
     with h5py.File(path, "w") as f:
-        f["grp/imgs"] = np.zeros((6, 1, 20, 20), np.float32)
+        f["grp/imgs"] = np.ones((6, 1, 20, 20), np.float32)
         f["z"] = np.arange(6.0)
         f["other"] = np.zeros(5)
     assert find_h5_datasets(path) == ("grp/imgs", "z")
     with h5py.File(path, "a") as f:
-        f["more"] = np.zeros((6, 8, 8))
+        f["more"] = np.ones((6, 8, 8))
         f["z2"] = np.arange(6.0)
     with pytest.raises(ShardError, match=r"x\.h5: several 3-D image dataset\(s\) .*--h5-images"):
         find_h5_datasets(path)
@@ -388,7 +388,7 @@ def test_cli_errors_are_one_line(shared_data: Path, aegis_copy: Path, tmp_path: 
 def test_h5_redshifts_of_the_wrong_length_are_an_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.h5"
     with h5py.File(path, "w") as f:
-        f["images"] = np.zeros((6, 20, 20), np.float32)
+        f["images"] = np.ones((6, 20, 20), np.float32)
         f["redshifts"] = np.arange(5.0)  # one short: used to be ignored, sharding without redshifts
     with pytest.raises(ShardError, match=r"redshifts \[5\] do not match the 6 images.*--no-redshift"):
         build_shards_from_h5(path, tmp_path / "o", size=16)

@@ -94,8 +94,9 @@ class _Failure:
 
 # -- worker processes and stop signals -----------------------------------------------------------
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-"""What SLURM sends a job step on preemption, requeue and time limit: the trainer's to handle, not a worker's."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+"""What SLURM sends a job step on preemption, requeue and time limit, and Ctrl-C (the terminal sends it to the
+whole process group): the trainer's to handle, not a worker's."""
 
 
 def worker_init(_worker_id: int) -> None:
@@ -107,7 +108,7 @@ def worker_init(_worker_id: int) -> None:
     inherited the mask, see :func:`stop_signals_blocked`, so none can land before this
     runs) and a thread takes them with ``sigwaitinfo``, which names the sender: a SIGTERM
     from the parent (``Process.terminate()``, e.g. multiprocessing's exit hook) ends the
-    worker as before; any other SIGTERM or SIGUSR2 is dropped.
+    worker as before; any other SIGTERM, SIGUSR2 or SIGINT is dropped.
     """
     parent = os.getppid()
 

@@ -72,6 +72,8 @@ class _Source:
     """The samples' meta.json carry noise_variance: batches then have ``noise_var`` (physical units)."""
     psf_shape: tuple[int, int] | None = None
     """Batches carry each sample's ``psf.npy`` as ``psf`` (B, 1, P, P); None = not read."""
+    cond_names: tuple[str, ...] = ()
+    """The manifest's conditions: batches carry them as ``cond`` (B, len(cond_names)), raw catalog values."""
 
     def path(self, name: str) -> Path:
         return Path(self.root) / name
@@ -167,7 +169,8 @@ class _Source:
             fwd = getattr(self.transform, "forward", self.transform)
             x = np.asarray(fwd(x), dtype=np.float32)
         z = nv = math.nan
-        if self.has_redshift or self.has_noise:
+        cond: list[float] = []
+        if self.has_redshift or self.has_noise or self.cond_names:
             meta = raw.files.get(META)
             if meta is None:
                 raise ShardError(f"{raw.shard}: sample {raw.key} has no meta.json")
@@ -176,13 +179,18 @@ class _Source:
                 zv, nvv = info.get("zphot"), info.get("noise_variance")
                 z = float(zv) if zv is not None else math.nan
                 nv = float(nvv) if nvv is not None else math.nan
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise ShardError(f"{raw.shard}: sample {raw.key}: bad meta.json: {exc}") from None
+                if self.cond_names:
+                    given = info.get("conditions") or {}
+                    cond = [float(given[c]) for c in self.cond_names]
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                raise ShardError(f"{raw.shard}: sample {raw.key}: bad meta.json: {exc!r}") from None
             if self.has_redshift and not math.isfinite(z):
                 raise ShardError(
                     f"{raw.shard}: sample {raw.key}: zphot is {zv!r} but the manifest has redshifts"
                 )
-        return raw.key, x, z, nv
+            if not all(math.isfinite(c) for c in cond):
+                raise ShardError(f"{raw.shard}: sample {raw.key}: a condition is not finite ({cond})")
+        return raw.key, x, z, nv, cond
 
     # stage: everything, for one worker ----------------------------------------------------------
     def batches(
@@ -205,7 +213,7 @@ class _Source:
         pos = 0
         try:
             for size in sizes:
-                keys, zs, nvs = [], [], []
+                keys, zs, nvs, conds = [], [], [], []
                 imgs = np.empty((size, self.image_size, self.image_size), dtype=np.float32)
                 psfs = np.empty((size, *self.psf_shape), dtype=np.float32) if self.psf_shape else None
                 for i, g in enumerate(order[pos : pos + size].tolist()):
@@ -217,7 +225,8 @@ class _Source:
                             )
                         pending[r.index] = r
                     raw_g = pending.pop(g)
-                    k, imgs[i], z, nv = self.decode(raw_g)
+                    k, imgs[i], z, nv, c = self.decode(raw_g)
+                    conds.append(c)
                     if psfs is not None:
                         psfs[i] = self.decode_psf(raw_g)
                     keys.append(k)
@@ -231,6 +240,8 @@ class _Source:
                     batch["noise_var"] = torch.tensor(nvs, dtype=torch.float32)
                 if psfs is not None:
                     batch["psf"] = torch.from_numpy(psfs).unsqueeze(1)
+                if self.cond_names:
+                    batch["cond"] = torch.tensor(conds, dtype=torch.float32)
                 yield batch
         except ShardError as exc:
             yield _Failure(str(exc))
@@ -325,6 +336,7 @@ def _source(
         batch_size=batch_size,
         has_noise="noise_std" in manifest.stats("train"),
         psf_shape=tuple(psf_info["shape"]) if psf else None,
+        cond_names=manifest.condition_names,
     )
 
 

@@ -15,6 +15,7 @@ from hpcvae.config import ModelConfig
 from hpcvae.errors import ModelError
 from hpcvae.models.base import GalaxyVAE, ModelSpec, VAEOutput
 from hpcvae.models.cvae import CVAE, CVAE2, FancyCVAE
+from hpcvae.models.film import GalaxyFiLM
 from hpcvae.models.galaxy import GalaxyCVAE
 from hpcvae.models.vae import VAE128, VAE158
 
@@ -30,7 +31,8 @@ __all__ = [
     "model_from_config",
 ]
 
-OVERRIDABLE = ("image_size", "nf", "z_dim", "recon_reduction", "redshift_weight", "likelihood", "psf_forward")
+OVERRIDABLE = ("image_size", "nf", "z_dim", "recon_reduction", "redshift_weight", "likelihood", "psf_forward",
+               "conditions")  # fmt: skip
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -100,6 +102,16 @@ MODEL_REGISTRY: dict[str, ArchSpec] = {
                 "debug": {"image_size": 64, "nf": 8, "z_dim": 16},
             },
         ),
+        ArchSpec(
+            name="galaxy_film",
+            cls=GalaxyFiLM,
+            description="beyond the seed: a vector of conditions, FiLM on every decoder block, bilinear "
+            "resize-convolutions, residual blocks; the calibrated (sigma-VAE) likelihood",
+            flavours={
+                "default": {"image_size": 158, "nf": 32, "z_dim": 32, "likelihood": "calibrated"},
+                "debug": {"image_size": 64, "nf": 8, "z_dim": 16, "likelihood": "calibrated"},
+            },
+        ),
     )
 }
 SEED_ARCHS = ("vae128", "vae158", "cvae", "cvae2", "fancy_cvae")
@@ -130,7 +142,9 @@ def build_model(
     return get_arch(arch).build(flavour, **overrides)
 
 
-def model_from_config(model_cfg: ModelConfig, image_size: int | None = None) -> GalaxyVAE:
+def model_from_config(
+    model_cfg: ModelConfig, image_size: int | None = None, conditions: tuple[str, ...] | None = None
+) -> GalaxyVAE:
     """The model a training config asks for; ``image_size`` is the shard set's side.
 
     ``None`` fields of the config take the flavour's defaults; an explicit
@@ -153,4 +167,7 @@ def model_from_config(model_cfg: ModelConfig, image_size: int | None = None) -> 
         redshift_weight=model_cfg.redshift_weight,
         likelihood=model_cfg.likelihood,
         psf_forward=model_cfg.psf_forward,
+        conditions=tuple(model_cfg.conditions or conditions or ()) or None
+        if get_arch(model_cfg.arch).cls.multi_condition
+        else None,
     )

@@ -9,7 +9,6 @@ on the architecture name.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -20,9 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcvae.errors import ModelError
+from hpcvae.models.conditions import Conditioning
+from hpcvae.models.likelihoods import LIKELIHOODS, LikelihoodName, get_likelihood
+from hpcvae.models.stacks import (  # noqa: F401  (the architectures' building blocks, re-exported)
+    MIN_LATENT_SIDE,
+    Geometry,
+    build_decoder,
+    build_encoder,
+    down_kernel,
+    geometry_halving,
+    geometry_valid_head,
+)
 
 Reduction = Literal["sum", "mean"]
-Likelihood = Literal["mse", "gaussian"]
 MIN_IMAGE_SIZE = 16
 
 
@@ -50,9 +59,11 @@ class ModelSpec:
     z_dim: int
     recon_reduction: Reduction = "sum"
     redshift_weight: float = 1000.0
-    likelihood: Likelihood = "mse"
+    likelihood: LikelihoodName = "mse"
     psf_forward: bool = False
     """The decoder draws PSF-free galaxies; the loss convolves them with each galaxy's PSF."""
+    conditions: tuple[str, ...] = ()
+    """Names of the conditions a multi-condition architecture takes, in order (the seed's: redshift only)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
@@ -67,141 +78,25 @@ class ModelSpec:
             raise ModelError(
                 f"model {self.arch}: recon_reduction must be 'sum' or 'mean', got {self.recon_reduction!r}"
             )
-        if self.likelihood not in ("mse", "gaussian"):
+        if self.likelihood not in LIKELIHOODS:
             raise ModelError(
-                f"model {self.arch}: likelihood must be 'mse' or 'gaussian', got {self.likelihood!r}"
+                f"model {self.arch}: likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}"
             )
+        if not isinstance(self.conditions, (list, tuple)) or not all(
+            isinstance(c, str) for c in self.conditions
+        ):
+            raise ModelError(
+                f"model {self.arch}: conditions must be a list of names, got {self.conditions!r}"
+            )
+        self.conditions = tuple(self.conditions)
         if not isinstance(self.redshift_weight, (int, float)) or self.redshift_weight < 0:
             raise ModelError(f"model {self.arch}: redshift_weight must be >= 0, got {self.redshift_weight!r}")
         self.redshift_weight = float(self.redshift_weight)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ----------------------------------------------------------------------------------------
-# Size-generic conv stacks
-
-
-def down_kernel(n: int) -> int:
-    """Kernel of a stride-2, padding-1 conv that maps ``n`` to ``ceil(n/2)``.
-
-    Kernel 4 halves an even side exactly; kernel 3 maps an odd side ``n`` to ``(n+1)/2``.
-    The matching transposed convs (same kernel, stride 2, padding 1) map back to ``n``:
-    TConv(4,2,1) doubles, TConv(3,2,1) gives ``2m - 1``.  This is the rule the seed's
-    vae158 follows (158 -> 79 -> 40 -> 20 -> 10 -> 5).
-    """
-    return 4 if n % 2 == 0 else 3
-
-
-def down_sizes(size: int, n: int) -> list[int]:
-    """Sides after each of ``n`` stride-2 layers, starting with ``size`` itself."""
-    sizes = [size]
-    for _ in range(n):
-        sizes.append(math.ceil(sizes[-1] / 2))
-    return sizes
-
-
-MIN_LATENT_SIDE = 4
-"""The encoder's last map is never smaller than this (the seed's sizes reach 5x5 and 4x4)."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class Geometry:
-    """Where the conv stack goes for one image size.
-
-    ``sizes[:5]`` are the sides entering the five encoder convs.  Each of the first four
-    halves the side (stride 2, kernel :func:`down_kernel`) unless that would go below
-    :data:`MIN_LATENT_SIDE`; then it keeps the side (stride 1, kernel 3, padding 1).  The
-    fifth ("head") conv maps ``sizes[4]`` to ``latent_side`` with ``(head_kernel, head_stride,
-    head_padding)``; the decoder mirrors every layer with a ConvTranspose2d of the same kernel,
-    stride and padding.  At the seed's sizes every layer halves, exactly as in the seed.
-    """
-
-    sizes: tuple[int, ...]
-    strides: tuple[int, ...]
-    """Strides of the four trunk convs."""
-    head_kernel: int
-    head_stride: int
-    head_padding: int
-    latent_side: int
-
-    @property
-    def n_features(self) -> int:
-        """Flattened size of the 1-channel latent map (25 for the seed's 5x5)."""
-        return self.latent_side * self.latent_side
-
-    def trunk(self, i: int) -> tuple[int, int, int]:
-        """(kernel, stride, padding) of trunk conv ``i``."""
-        return (down_kernel(self.sizes[i]), 2, 1) if self.strides[i] == 2 else (3, 1, 1)
-
-
-def _trunk(size: int) -> tuple[list[int], list[int]]:
-    sizes, strides = [size], []
-    for _ in range(4):
-        halves = math.ceil(sizes[-1] / 2) >= MIN_LATENT_SIDE
-        strides.append(2 if halves else 1)
-        sizes.append(math.ceil(sizes[-1] / 2) if halves else sizes[-1])
-    return sizes, strides
-
-
-def geometry_halving(size: int) -> Geometry:
-    """vae158 style: five stride-2 convs, each ``ceil(n/2)``, none below a 4x4 map."""
-    s, strides = _trunk(size)
-    m = s[4]
-    if math.ceil(m / 2) >= MIN_LATENT_SIDE:
-        head = (down_kernel(m), 2, 1, math.ceil(m / 2))
-    else:
-        head = (3, 1, 1, m)
-    return Geometry(sizes=tuple(s), strides=tuple(strides), head_kernel=head[0], head_stride=head[1],
-                    head_padding=head[2], latent_side=head[3])  # fmt: skip
-
-
-def geometry_valid_head(size: int) -> Geometry:
-    """vae128 style: four stride-2 convs, then one stride-1 unpadded conv.
-
-    The seed's 128 path ends 8 -> Conv(5,1,0) -> 4.  For any size the head maps the last side
-    ``m`` to ``ceil(m/2)`` (kernel ``m - ceil(m/2) + 1``), but never below a 4x4 map:
-    64 -> 4 -> 4 (kernel 1), 96 -> 6 -> 4 (kernel 3).
-    """
-    s, strides = _trunk(size)
-    m = s[4]
-    out = max(math.ceil(m / 2), min(m, MIN_LATENT_SIDE))
-    return Geometry(sizes=tuple(s), strides=tuple(strides), head_kernel=m - out + 1, head_stride=1,
-                    head_padding=0, latent_side=out)  # fmt: skip
-
-
-def build_encoder(in_channels: int, nf: int, geo: Geometry) -> nn.Sequential:
-    """Conv trunk: in -> nf -> 2nf -> 4nf -> 8nf -> 1 channel, BN after the middle three (seed)."""
-    chans = [in_channels, nf, 2 * nf, 4 * nf, 8 * nf]
-    layers: list[nn.Module] = []
-    for i in range(4):
-        layers.append(nn.Conv2d(chans[i], chans[i + 1], *geo.trunk(i), bias=False))
-        if i > 0:
-            layers.append(nn.BatchNorm2d(chans[i + 1]))
-        layers.append(nn.LeakyReLU(0.2, inplace=True))
-    layers.append(nn.Conv2d(8 * nf, 1, geo.head_kernel, geo.head_stride, geo.head_padding, bias=False))
-    return nn.Sequential(*layers)
-
-
-def build_decoder(
-    in_channels: int, out_channels: int, nf: int, geo: Geometry, *, head_bias: bool = True
-) -> nn.Sequential:
-    """Mirror of :func:`build_encoder`; only the first TConv may have a bias (the seed's 158 models).  No final activation."""
-    layers: list[nn.Module] = [
-        nn.ConvTranspose2d(
-            in_channels, 8 * nf, geo.head_kernel, geo.head_stride, geo.head_padding, bias=head_bias
-        ),
-        nn.BatchNorm2d(8 * nf),
-        nn.ReLU(inplace=True),
-    ]
-    chans = [out_channels, nf, 2 * nf, 4 * nf, 8 * nf]
-    for i in range(3, -1, -1):  # 8nf -> 4nf -> 2nf -> nf -> out
-        layers.append(nn.ConvTranspose2d(chans[i + 1], chans[i], *geo.trunk(i), bias=False))
-        if i > 0:
-            layers.append(nn.BatchNorm2d(chans[i]))
-            layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+        d = asdict(self)
+        d["conditions"] = list(self.conditions)
+        return d
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,11 +119,16 @@ class GalaxyVAE(nn.Module):
     seed_image_size: ClassVar[int | None] = None
     """The seed's image size for this architecture; only there may the bottleneck be below z_dim."""
 
+    multi_condition: ClassVar[bool] = False
+    """Takes a vector of conditions (``spec.conditions``) instead of the seed's one redshift."""
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
         self.transform: Any = None
         self.flow_prior: nn.Module | None = None
+        self.conditioning = Conditioning.from_records(None, spec.conditions or ("zphot",))
+        self.likelihood = get_likelihood(spec.likelihood)
         self.geometry = self._make_geometry()
         self._check_bottleneck(self.bottleneck)
 
@@ -284,6 +184,27 @@ class GalaxyVAE(nn.Module):
         self.transform = transform
         return self
 
+    def set_conditions(self, records: list[dict[str, Any]] | None) -> GalaxyVAE:
+        """Attach the conditions' records (names, roles, train statistics: the shard manifest's ``conditions``).
+
+        They set the training ranges that ``sample``/``interpolate`` check, the defaults of conditions a caller
+        leaves out (the training median), and, for multi-condition models, the standardisation of the inputs.
+        """
+        if not self.conditional:
+            return self
+        names = self.spec.conditions if self.multi_condition else ()
+        cond = Conditioning.from_records(records, names)
+        if not self.multi_condition:  # the seed's one redshift: keep only that record
+            z = cond.redshift_name or (cond.names[0] if cond.names else "zphot")
+            cond = Conditioning.from_records([r for r in cond.records if r["name"] == z] or None, (z,))
+            cond.redshift_name = z
+        self.conditioning = cond
+        self._conditioning_changed()
+        return self
+
+    def _conditioning_changed(self) -> None:
+        """Subclasses that standardise their inputs refresh their constants here."""
+
     # -- argument checks --------------------------------------------------------------
 
     def _device(self) -> torch.device:
@@ -302,15 +223,38 @@ class GalaxyVAE(nn.Module):
             raise ModelError(f"{self.arch}: expected images of shape (B, 1, {s}, {s}), got {tuple(x.shape)}")
         return x
 
-    def _redshift(self, redshift: Any, n: int, device: torch.device, what: str) -> torch.Tensor | None:
-        """Validate the condition against the architecture; return a float32 (n,) tensor or None."""
+    def _redshift(
+        self, redshift: Any, n: int, device: torch.device, what: str, *, conditions: Any = None,
+        extrapolate: bool = True,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Validate the condition against the architecture: (n,) redshifts, or (n, k) conditions, or None.
+
+        ``extrapolate=False`` (the generation entry points' default) refuses values outside the training
+        range recorded by :meth:`set_conditions`; NaN is always refused.
+        """
         if not self.conditional:
-            if redshift is not None:
+            if redshift is not None or conditions is not None:
                 raise ModelError(
                     f"{self.arch} is unconditional but {what} was given a redshift; "
                     "use cvae, cvae2 or fancy_cvae to condition on redshift"
                 )
             return None
+        if self.multi_condition:
+            if redshift is not None and conditions is None and not isinstance(redshift, (int, float)):
+                t = torch.as_tensor(redshift)
+                if t.dim() == 2 or (t.dim() == 1 and len(self.conditioning.names) > 1 and t.shape[0] == len(
+                        self.conditioning.names) and n != t.shape[0]):  # fmt: skip
+                    conditions, redshift = redshift, None  # a condition matrix passed positionally
+            if redshift is None and conditions is None and any(self.conditioning.median(c) is None
+                                                               for c in self.conditioning.names):  # fmt: skip
+                raise ModelError(f"{self.arch} is conditional: {what} needs its conditions "
+                                 f"({', '.join(self.conditioning.names)})")  # fmt: skip
+            return self.conditioning.values(conditions, n, device, what, self.arch, extrapolate=extrapolate,
+                                            redshift=redshift)  # fmt: skip
+        if redshift is None and isinstance(conditions, dict):
+            redshift = conditions.get(self.conditioning.redshift_name or "zphot")
+        elif redshift is None and conditions is not None:  # the one condition, as an array
+            redshift = conditions
         if redshift is None:
             raise ModelError(f"{self.arch} is conditional: {what} needs a redshift (one value per image)")
         r = torch.as_tensor(redshift, dtype=torch.float32, device=device)
@@ -322,6 +266,8 @@ class GalaxyVAE(nn.Module):
             raise ModelError(
                 f"{self.arch}: {what} needs a redshift of shape ({n},) or ({n}, 1), got {tuple(r.shape)}"
             )
+        if not (what == "forward" or what == "compute_loss"):  # the hot path skips the host sync
+            self.conditioning.check(r[:, None], what, self.arch, extrapolate=extrapolate)
         return r.to(dtype=torch.float32)
 
     # -- the model --------------------------------------------------------------------
@@ -385,15 +331,9 @@ class GalaxyVAE(nn.Module):
         with each galaxy's PSF (``psf``: (B, 1, P, P), the loader's ``batch["psf"]``) and brought
         back, so the likelihood compares like with like while the decoder stays PSF-free.
 
-        The reconstruction term is ``spec.likelihood``:
-
-        * ``mse`` (the seed's): squared error of the normalised images, summed over batch and
-          pixels.  Under ``minmax`` it weights the bright core; under ``asinh`` the faint
-          isophotes that carry the shape count too.
-        * ``gaussian``: the Gaussian negative log-likelihood in physical units with each
-          galaxy's sky-noise variance, ``0.5 * sum((x - x_hat)^2 / noise_var)`` (a chi^2, as in
-          galaxy2galaxy); needs the normalisation attached (``set_normalisation``) and
-          ``noise_var`` per galaxy (the loader's ``batch["noise_var"]``).
+        The reconstruction term is ``spec.likelihood``, an entry of
+        :data:`hpcvae.models.likelihoods.LIKELIHOODS` (``mse``, the seed's; ``gaussian``, the chi^2
+        in physical units; ``calibrated``, the sigma-VAE's analytic per-galaxy variance).
 
         kl = -0.5 * sum(1 + logvar - mu^2 - exp(logvar)) over batch and latents, total = recon +
         beta * kl (+ k * redshift for fancy_cvae, redshift = summed squared error of z_pred).
@@ -405,17 +345,7 @@ class GalaxyVAE(nn.Module):
         mu, logvar = out.mu.float(), out.logvar.float()
         if self.spec.psf_forward:
             recon = self._observed(recon, psf)
-        if self.spec.likelihood == "gaussian":
-            if self.transform is None or noise_var is None:
-                raise ModelError(
-                    f"{self.arch}: likelihood 'gaussian' needs the normalisation attached (set_normalisation) "
-                    "and each galaxy's noise variance (batch['noise_var'], from the shards' NOISE_VARIANCE)"
-                )
-            var = torch.as_tensor(noise_var, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-            resid = self.transform.inverse(recon) - self.transform.inverse(x)
-            recon_sum = 0.5 * (resid.square() / var.clamp_min(1e-30)).sum()
-        else:
-            recon_sum = F.mse_loss(recon, x, reduction="sum")
+        recon_sum = self.likelihood.nll(self, recon, x, {"noise_var": noise_var})
         kl_sum = -0.5 * torch.sum(1.0 + logvar - mu.pow(2) - logvar.exp())
         scale = 1.0 if self.spec.recon_reduction == "sum" else 1.0 / x.numel()
         losses = {"recon": recon_sum * scale, "kl": kl_sum * scale}
@@ -495,12 +425,20 @@ class GalaxyVAE(nn.Module):
         return "normal" if self.flow_prior is None else "flow"
 
     def _prior_sample(
-        self, n: int, r: torch.Tensor | None, generator: torch.Generator | None, prior: str | None
-    ) -> torch.Tensor:
+        self, n: int, r: torch.Tensor | None, generator: torch.Generator | None, prior: str | None,
+        eps: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Latents from the prior; ``eps`` (n, z_dim) is the base noise when the caller fixes it per row."""
         device = self._device()
         dtype = self._dtype()
         kind = prior or self.default_prior
+        if eps is not None and tuple(eps.shape) != (n, self.spec.z_dim):
+            raise ModelError(
+                f"{self.arch}: eps must have shape ({n}, {self.spec.z_dim}), got {tuple(eps.shape)}"
+            )
         if kind == "normal":
+            if eps is not None:
+                return eps.to(device=device, dtype=dtype)
             gen_device = generator.device if generator is not None else device
             z = torch.randn(n, self.spec.z_dim, generator=generator, device=gen_device, dtype=dtype)
             return z.to(device)
@@ -511,7 +449,9 @@ class GalaxyVAE(nn.Module):
                     "`python -m hpcvae.train_prior MODEL --data SHARDS` or use prior='normal'"
                 )
             # The flow owns its base distribution; it gets the condition for conditional models.
-            return self.flow_prior.sample(n, redshift=r, generator=generator).to(device=device, dtype=dtype)
+            return self.flow_prior.sample(n, redshift=r, generator=generator, eps=eps).to(
+                device=device, dtype=dtype
+            )
         raise ModelError(f"{self.arch}: unknown prior {kind!r} (choices: normal, flow)")
 
     def sample_latent(
@@ -530,29 +470,66 @@ class GalaxyVAE(nn.Module):
             raise ModelError(f"{self.arch}: sample_latent needs n >= 1, got {n}")
         r = None
         if self.conditional:
-            r = torch.full((n,), 0.7 if redshift is None else float(redshift), device=self._device())
+            z0 = (
+                self.conditioning.median(self.conditioning.redshift_name or "")
+                if redshift is None
+                else redshift
+            )
+            r = self._redshift(
+                0.7 if z0 is None else float(z0), n, self._device(), "sample_latent", extrapolate=True
+            )
         with self._inference():
             return self._prior_sample(n, r, generator, prior)
 
     def sample(
         self,
-        n: int,
+        n: Any,
         redshift: Any = None,
         generator: torch.Generator | None = None,
         normalized: bool | None = None,
         prior: str | None = None,
+        *,
+        conditions: Any = None,
+        extrapolate: bool = False,
+        seed: int | None = None,
+        batch_size: int = 1024,
+        eps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``n`` new galaxies (n, 1, H, W) from z ~ prior; conditional models need a redshift (float or n).
+        """New galaxies (n, 1, H, W) from z ~ prior.
 
-        ``prior``: ``"flow"`` (the fitted flow prior; the default when the model has one) or
-        ``"normal"`` (N(0, I), what the VAE was trained against).
+        ``n`` is a count, or a catalog (astropy Table, numpy structured array, pandas DataFrame, dict of
+        columns, or a FITS/CSV path): one galaxy per row, conditioned on the row's columns named like the
+        model's conditions, drawn in batches of ``batch_size`` with row i's noise fixed by ``seed`` (default 0).
+        Conditional models take ``redshift`` (a float or one per galaxy) and, for a model of several
+        conditions, ``conditions`` (a dict of columns or an (n, k) array); a condition left out is its
+        training median.  Values outside the training range are refused unless ``extrapolate=True``.
+        ``prior``: ``"flow"`` (the fitted flow prior; the default when the model has one) or ``"normal"``.
+        ``seed`` fixes each row's noise whatever the batching; ``generator`` draws all rows from one stream.
         """
-        if n < 1:
-            raise ModelError(f"{self.arch}: sample needs n >= 1, got {n}")
+        from hpcvae import catalog
+
+        if catalog.is_table(n):
+            cols = catalog.columns(n)
+            names = self.conditioning.names if self.conditional else ()
+            cond = catalog.pick(cols, names, "catalog") if names else None
+            rows = len(next(iter(cols.values()))) if cols else 0
+            if rows < 1:
+                raise ModelError(f"{self.arch}: the catalog has no rows")
+            parts = [img for _, img in catalog.sample_rows(self, cond, rows, seed=seed or 0, batch_size=batch_size,
+                                                           prior=prior, normalized=normalized, extrapolate=extrapolate)]  # fmt: skip
+            return torch.cat(parts)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ModelError(f"{self.arch}: sample needs n >= 1 (an integer) or a catalog, got {n!r}")
+        if seed is not None and eps is None:
+            eps = catalog.row_latents(catalog.check_seed(seed), 0, n, self.spec.z_dim)
         physical = self._physical(normalized)
         with self._inference():
-            r = self._redshift(redshift, n, self._device(), "sample")
-            z = self._prior_sample(n, r, generator, prior)  # all at once: row i is the same for any chunking
+            r = self._redshift(
+                redshift, n, self._device(), "sample", conditions=conditions, extrapolate=extrapolate
+            )
+            z = self._prior_sample(
+                n, r, generator, prior, eps
+            )  # all at once: row i is the same for any chunking
             return self._out(self._decode_chunked(z, r), physical)
 
     def reconstruct(
@@ -591,9 +568,10 @@ class GalaxyVAE(nn.Module):
         z: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         normalized: bool | None = None,
+        extrapolate: bool = False,
     ) -> torch.Tensor:
         """One galaxy structure (latent ``z``; if omitted, drawn from the default prior at the first redshift)
-        at each redshift: (len, 1, H, W)."""
+        at each redshift, other conditions at their training medians: (len, 1, H, W)."""
         if not self.conditional:
             raise ModelError(f"{self.arch} is unconditional: interpolate needs cvae, cvae2 or fancy_cvae")
         physical = self._physical(normalized)
@@ -601,6 +579,7 @@ class GalaxyVAE(nn.Module):
             r = torch.as_tensor(redshifts, dtype=torch.float32, device=self._device()).reshape(-1)
             if r.numel() == 0:
                 raise ModelError(f"{self.arch}: interpolate needs at least one redshift")
+            r = self._redshift(r, r.numel(), self._device(), "interpolate", extrapolate=extrapolate)
             if z is None:
                 z = self._prior_sample(1, r[:1], generator, None)  # the flow prior (at r[0]) if fitted
             z = torch.as_tensor(z, device=self._device()).reshape(-1)
@@ -608,7 +587,7 @@ class GalaxyVAE(nn.Module):
                 raise ModelError(
                     f"{self.arch}: interpolate needs one latent of size {self.spec.z_dim}, got {z.numel()}"
                 )
-            zs = z.to(self._dtype()).unsqueeze(0).expand(r.numel(), -1)
+            zs = z.to(self._dtype()).unsqueeze(0).expand(r.shape[0], -1)
             return self._out(self._decode_chunked(zs, r), physical)
 
     def extra_repr(self) -> str:

@@ -150,6 +150,8 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, int, int]]:
         name = pax.get("path", long_name or name)
         if "size" in pax:
             size = int(pax["size"])
+            if size < 0:
+                raise ValueError(f"negative member size {size} at byte {pos}")
             nxt = data + (size + 511) // 512 * 512
         pax, long_name = {}, None
         if kind in (b"0", b"\0", b"7"):
@@ -158,11 +160,16 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, int, int]]:
 
 
 def _pax_records(payload: bytes) -> dict[str, str]:
+    """``"<len> <key>=<value>\n"`` records; a length that does not move forward is damage, not a loop."""
     out: dict[str, str] = {}
     i = 0
     while i < len(payload) and payload[i] != 0:
-        sp = payload.index(b" ", i)
+        sp = payload.find(b" ", i)
+        if sp < 0 or not payload[i:sp].isdigit():
+            raise ValueError(f"bad pax record at offset {i}")
         n = int(payload[i:sp])
+        if n <= sp - i + 1 or i + n > len(payload):  # must cover its own length field and stay inside
+            raise ValueError(f"bad pax record length {n} at offset {i}")
         key, _, value = payload[sp + 1 : i + n - 1].partition(b"=")
         out[key.decode("utf-8")] = value.decode("utf-8")
         i += n

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from hpcvae.shards.ingest import (
     ShardConfig,
     Source,
     build,
+    condition_problem,
     identity_digest,
     row_error,
     seed_of,
@@ -182,7 +182,14 @@ def build_shards_from_h5(
         redshifts = None
     with h5py.File(path, "r") as f:
         n = int(f[images].shape[0])
-        z = np.asarray(f[redshifts][:], dtype=np.float64) if redshifts else None
+        z = None
+        if redshifts:
+            raw = f[redshifts][:]
+            if raw.dtype.kind not in "iuf":
+                raise ShardError(
+                    f"{path}: redshift dataset {redshifts!r} holds {raw.dtype} values, not numbers"
+                )
+            z = np.asarray(raw, dtype=np.float64)
     rows: list[Row] = []
     skipped: list[dict[str, Any]] = []
     for i in range(n):
@@ -196,9 +203,10 @@ def build_shards_from_h5(
             mag=None,
             pixel_scale=None,
             noise_variance=None,
+            conditions=None if z is None else {redshifts: float(z[i])},
         )
-        if r.zphot is not None and not math.isfinite(r.zphot):
-            problem = f"redshift ({redshifts}) is {r.zphot} (not finite)"
+        problem = None if r.zphot is None else condition_problem(str(redshifts), r.zphot, redshift=True)
+        if problem:
             if not skip_bad:
                 raise ShardError(f"{path}, row {i}: {problem}")
             skipped.append(skip_record(r, problem))
@@ -223,5 +231,6 @@ def build_shards_from_h5(
         redshift_column=redshifts,
         source_info=info,
         h5_images=images,
-    )
+        conditions=[{"name": redshifts, "column": redshifts, "table": str(path), "role": "redshift"}] if redshifts else [],
+    )  # fmt: skip
     return build(src, Path(out), cfg)

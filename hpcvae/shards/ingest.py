@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from hpcvae.errors import ConfigError, HpcvaeError, ShardError
+from hpcvae.safe_io import signals_as_interrupt
 from hpcvae.shards.format import PSF, PSF_MEAN, WIDS_SUFFIX, ShardWriter, sample_key
 from hpcvae.shards.manifest import (
     MANIFEST_NAME,
@@ -45,6 +46,11 @@ from hpcvae.shards.manifest import (
 )
 
 MAX_STATS_PIXELS = 4_000_000
+MAX_SIZE = 4096
+"""Largest stamp side: 4096^2 float32 is 64 MB a stamp (--size 2000000 would ask for 16 TB)."""
+SENTINELS = (-9999.0, -999.0, -99.0, 99.0, 999.0, 9999.0)
+PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
+"""Percentiles of each condition's train values recorded in the manifest (and model.json)."""
 
 MIN_STATS_PIXELS_PER_GALAXY = 16
 
@@ -85,6 +91,14 @@ class ShardConfig:
     """Arcsec per pixel where the catalog has no PIXEL_SCALE column."""
     psfs: bool = True
     """Copy each galaxy's PSF (PSF_FILENAME/PSF_HDU) into the shards; ``--no-psfs`` ignores those columns."""
+    conditions: list[str] = field(default_factory=list)
+    """Catalog columns (of the catalog or its ``_fits.fits`` sibling) carried as the galaxies' conditions, e.g.
+    ``zphot,mag_auto,flux_radius``; the redshift column is always one of them when the set has redshifts. NaN,
+    the usual sentinels (+-99, +-999, +-9999), a negative redshift, a magnitude outside (0, 40) or a radius that
+    is not positive are row errors (skipped and recorded with --skip-bad)."""
+    zeropoint: float | None = None
+    """Magnitude zeropoint of the pixels (mag = zeropoint - 2.5 log10 flux); default: the catalog's ZEROPT header,
+    else the median of MAG + 2.5 log10(stamp_flux) when the catalog has both columns."""
     dtype: Literal["float32", "float16"] = "float32"
     """Pixel storage. ``float16`` halves the disk (314k x 158^2: 15.7 GB, the GPU-resident copy's size); the
     rounding error against the noise level is recorded in the manifest (``image.rounding``)."""
@@ -104,6 +118,15 @@ class ShardConfig:
             )
         if self.pad not in ("zeros", "noise"):
             raise ConfigError(f"pad must be 'zeros' or 'noise', got {self.pad!r}")
+        if self.size > MAX_SIZE:
+            raise ConfigError(f"size must be <= {MAX_SIZE} pixels, got {self.size}")
+        bad = [c for c in self.conditions if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", c)]
+        if bad:
+            raise ConfigError(f"--conditions: {bad[0]!r} is not a column name")
+        if len(set(c.lower() for c in self.conditions)) != len(self.conditions):
+            raise ConfigError(f"--conditions: a column is named twice in {','.join(self.conditions)}")
+        if self.zeropoint is not None and not (math.isfinite(self.zeropoint) and 0 < self.zeropoint < 50):
+            raise ConfigError(f"--zeropoint must be a finite magnitude in (0, 50), got {self.zeropoint}")
 
 
 def identity_digest(ident: str, file: str, hdu: int) -> bytes:
@@ -134,6 +157,8 @@ class Row:
     band: str | None = None
     psf_file: str | None = None
     psf_hdu: int | None = None
+    conditions: dict[str, float] | None = None
+    """The row's condition values (``ShardConfig.conditions``), checked by :func:`condition_problem`."""
 
 
 @dataclass(kw_only=True)
@@ -175,6 +200,33 @@ class JobResult:
     round_n: int = 0
     header: dict[str, str] = field(default_factory=dict)
     """BUNIT, TELESCOP, INSTRUME, FILTER of the first stamp's FITS header."""
+
+
+def condition_problem(name: str, value: float, *, redshift: bool = False) -> str | None:
+    """Why ``value`` cannot be a condition of a galaxy, or None; the rules are ShardConfig.conditions' doc."""
+    low = name.lower()
+    redshift = redshift or low in ("z", "zphot", "zspec", "redshift", "photo_z")
+    what = f"{'redshift' if redshift else 'condition'} {name}"
+    if not math.isfinite(value):
+        return f"{what} is {value} (not finite)"
+    if any(abs(value - s) < 1e-6 * abs(s) for s in SENTINELS):
+        return f"{what} is {value:g}, a missing-value sentinel"
+    if redshift and not 0 <= value < 20:
+        return f"{what} is {value:g}, not a redshift (must be in [0, 20))"
+    if "mag" in low and not 0 < value < 40:
+        return f"{what} is {value:g}, not a magnitude (must be in (0, 40))"
+    if any(k in low for k in ("radius", "hlr", "size", "r_e")) and not value > 0:
+        return f"{what} is {value:g}, not a radius (must be > 0)"
+    return None
+
+
+def condition_stats(values: np.ndarray) -> dict[str, Any]:
+    """min, max, mean, std and :data:`PERCENTILES` of one condition's train values."""
+    v = np.asarray(values, dtype=np.float64)
+    if not v.size:
+        return {}
+    return {"n": int(v.size), "min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()),
+            "std": float(v.std()), "percentiles": {str(q): float(np.percentile(v, q)) for q in PERCENTILES}}  # fmt: skip
 
 
 def row_error(problem: str, r: Row, source: str) -> HpcvaeError:
@@ -223,6 +275,12 @@ def write_row(job: Job, tar: ShardWriter, res: JobResult, r: Row, img: Any, psf:
             res.skipped.append(skip_record(r, problem))
             return
         psf = (psf / total).astype(np.float32)
+    if not np.any(img):
+        problem = "the stamp is all zeros (no galaxy, a blank cutout)"
+        if not job.skip_bad:
+            raise row_error(problem, r, job.source)
+        res.skipped.append(skip_record(r, problem))
+        return
     try:
         out = fit_to_size(img, job.size, pad=job.pad, noise_variance=r.noise_variance, seed=r.seed)
     except ValueError as exc:
@@ -256,6 +314,8 @@ def write_row(job: Job, tar: ShardWriter, res: JobResult, r: Row, img: Any, psf:
         "psf_file": r.psf_file if psf is not None else None,
         "psf_hdu": r.psf_hdu if psf is not None else None,
     }
+    if r.conditions is not None:
+        meta["conditions"] = r.conditions
     tar.add_sample(sample_key(r.row), half if job.dtype == "float16" else out, meta, psf=psf)
     res.count += 1
     if psf is not None:
@@ -282,6 +342,10 @@ class Source:
     redshift_column: str | None
     source_info: dict[str, Any]
     h5_images: str | None = None
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+    """One record per condition (name, column, table, unit), in the order of each row's ``conditions``."""
+    zeropoint: tuple[float, str] | None = None
+    """(zeropoint, where it came from), when the source knows one."""
 
 
 def check_out(out: Path, overwrite: bool) -> list[Path]:
@@ -340,33 +404,47 @@ def build(src: Source, out: Path, cfg: ShardConfig) -> Manifest:
             )
 
     results: list[JobResult] = []
-    try:
-        if cfg.workers <= 1 or len(jobs) <= 1:
-            try:
-                for job in jobs:
-                    results.append(run_job(job))
-                    progress(cfg, results, jobs, t0)
-            finally:
-                _close_all_readers()
-        else:
-            with ProcessPoolExecutor(
-                max_workers=min(cfg.workers, len(jobs)), mp_context=get_context("spawn")
-            ) as ex:
-                futures: list[Future[JobResult]] = [ex.submit(run_job, j) for j in jobs]
+    with signals_as_interrupt(f"hpcvae.shard {out}"):
+        try:
+            if cfg.workers <= 1 or len(jobs) <= 1:
                 try:
-                    for fut in futures:
-                        results.append(fut.result())
+                    for job in jobs:
+                        results.append(run_job(job))
                         progress(cfg, results, jobs, t0)
-                except BaseException:
-                    for fut in futures:
-                        fut.cancel()
-                    raise
-        return _finish(src, out, cfg, results, old, t0)
-    finally:
-        for p in out.glob(f"{TMP_PREFIX}{token}-*"):
-            p.unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+                finally:
+                    _close_all_readers()
+            else:
+                with ProcessPoolExecutor(
+                    max_workers=min(cfg.workers, len(jobs)), mp_context=get_context("spawn")
+                ) as ex:
+                    futures: list[Future[JobResult]] = [ex.submit(run_job, j) for j in jobs]
+                    try:
+                        for fut in futures:
+                            results.append(fut.result())
+                            progress(cfg, results, jobs, t0)
+                    except BaseException:
+                        stop_pool(ex, futures)
+                        raise
+            return _finish(src, out, cfg, results, old, t0)
+        finally:
+            for p in out.glob(f"{TMP_PREFIX}{token}-*"):
+                p.unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+
+
+def stop_pool(ex: ProcessPoolExecutor, futures: list[Future[Any]]) -> None:
+    """Cancel what has not started and end the worker processes now (an interrupted build must not leave
+    workers writing shards behind it); the caller removes their temp files."""
+    import multiprocessing
+
+    for fut in futures:
+        fut.cancel()
+    ex.shutdown(wait=False, cancel_futures=True)
+    for child in multiprocessing.active_children():
+        child.terminate()
+    for child in multiprocessing.active_children():
+        child.join(timeout=10)
 
 
 def progress(cfg: ShardConfig, results: list[JobResult], jobs: list[Job], t0: float) -> None:
@@ -419,11 +497,16 @@ def _finish(
         splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
 
     physics = _physics(src, cfg, results, stats.to_dict(), out)
+    dropped = {sk["row"] for sk in skipped}
+    train_rows = [r for r in src.rows if r.row not in dropped
+                  and split_of(identity_digest(r.ident, r.file, r.hdu), cfg.val_fraction) == "train"]  # fmt: skip
+    conditions = [{**c, "train": condition_stats(np.array([r.conditions[c["name"]] for r in train_rows
+                                                             if r.conditions]))} for c in src.conditions]  # fmt: skip
     data = manifest_record(
         size=cfg.size, splits=splits, stats=stats.to_dict(), source=src.source_info,
         has_redshift=src.has_redshift, redshift_column=src.redshift_column, n_rows=src.n_rows,
         skipped=skipped, pad=cfg.pad, val_fraction=cfg.val_fraction, shard_size=cfg.shard_size,
-        build_seconds=round(time.perf_counter() - t0, 3), physics=physics, dtype=cfg.dtype,
+        build_seconds=round(time.perf_counter() - t0, 3), physics=physics, dtype=cfg.dtype, conditions=conditions,
     )  # fmt: skip
     if cfg.dtype == "float16":
         data["image"]["rounding"] = _rounding(results, physics.get("noise_std"))
@@ -463,14 +546,45 @@ def _physics(
         os.replace(tmp, out / PSF_MEAN)
         psf |= {"member": PSF, "mean_file": PSF_MEAN, "n": psf_n, "shape": list(shape),
                 "fwhm_arcsec": _fwhm(mean, scale)}  # fmt: skip
+    zp = (cfg.zeropoint, "--zeropoint") if cfg.zeropoint is not None else src.zeropoint
     return {
         "pixel_scale_arcsec": scale,
         "band": band,
         "instrument": instrument,
-        "bunit": cfg.bunit or header.get("BUNIT"),
+        "bunit": fits_unit(cfg.bunit or header.get("BUNIT")),
+        "bunit_original": cfg.bunit or header.get("BUNIT"),
+        "zeropoint": zp[0] if zp else None,
+        "zeropoint_source": zp[1] if zp else None,
         "noise_std": stats.get("noise_std"),
         "psf": psf,
     }
+
+
+ELECTRON_UNITS = ("electrons", "electron", "e-", "e")
+"""How HST and other archives spell electrons; the FITS standard has no electron unit, so they become counts."""
+
+
+def fits_unit(bunit: str | None) -> str | None:
+    """BUNIT in the FITS standard's spelling, parseable by ``astropy.units.Unit(..., format="fits")``.
+
+    HST stamps say ``ELECTRONS/S``, which the standard does not define: a detected electron is one count,
+    so it becomes ``count s-1`` (the original spelling is kept in the manifest as ``bunit_original``).
+    A unit astropy cannot read is kept as written.
+    """
+    if not bunit:
+        return bunit
+    from astropy import units as u
+
+    text = str(bunit).strip()
+    low = text.lower()
+    for e in ELECTRON_UNITS:
+        low = re.sub(rf"(?<![a-z]){re.escape(e)}(?![a-z])", "count", low)
+    for candidate in (text, low):
+        try:
+            return u.Unit(candidate, format="fits").to_string("fits")
+        except ValueError:
+            continue
+    return text
 
 
 def _fwhm(psf: np.ndarray, scale: float | None) -> float | None:

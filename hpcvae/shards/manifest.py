@@ -61,17 +61,9 @@ class Manifest:
             raise ShardError(f"shard folder {root} does not exist")
         if not path.is_file():
             raise ShardError(f"{path}: no manifest.json (is {root} a shard set made by hpcvae.shard?)")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ShardError(f"{path}: unreadable manifest: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ShardError(
-                f"{path}: not an hpcvae manifest (format {data.get('format')!r}, expected {FORMAT!r})"
-            )
-        for key in ("image", "splits"):
-            if key not in data:
-                raise ShardError(f"{path}: manifest lacks '{key}'")
+        from hpcvae.jsonfiles import MANIFEST, read_json
+
+        data = read_json(path, MANIFEST, ShardError, "manifest", fmt=FORMAT)
         return cls(root=root, data=data)
 
     # -- accessors -----------------------------------------------------------------------
@@ -101,6 +93,15 @@ class Manifest:
 
     def shard_paths(self, split: str) -> list[Path]:
         return [self.root / s.name for s in self.shards(split)]
+
+    @property
+    def conditions(self) -> list[dict[str, Any]]:
+        """The galaxies' conditions (name, column, table, role, train stats), in the order batches carry them."""
+        return [c for c in self.data.get("conditions") or [] if isinstance(c, dict) and c.get("name")]
+
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        return tuple(str(c["name"]) for c in self.conditions)
 
     def stats(self, split: str = "train") -> dict[str, float]:
         return dict(self.data.get("stats", {}).get(split, {}))
@@ -181,7 +182,8 @@ def hash_shards(manifest: Manifest, shards: list[ShardInfo], threads: int = 4) -
     def one(s: ShardInfo) -> tuple[str, dict[str, Any]]:
         path = manifest.root / s.name
         st = path.stat()
-        return s.name, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+        return s.name, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path),
+                        "count": count_samples(path)}  # fmt: skip
 
     if not shards:
         return {}
@@ -189,14 +191,35 @@ def hash_shards(manifest: Manifest, shards: list[ShardInfo], threads: int = 4) -
         return dict(ex.map(one, shards))
 
 
+def count_samples(path: Path) -> int | None:
+    """Samples (distinct keys) in a shard, reading tar headers only; None if the tar is damaged."""
+    from hpcvae.shards.format import tar_members
+
+    keys = set()
+    try:
+        with open(path, "rb") as f:
+            for name, _, _ in tar_members(f):
+                keys.add(name.rpartition("/")[2].partition(".")[0])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return len(keys)
+
+
 def check_hashes(manifest: Manifest, hashed: dict[str, dict[str, Any]]) -> None:
-    """Raise ShardError naming the first shard whose sha256 differs from the manifest's."""
+    """Raise ShardError naming the first shard whose sha256, or sample count, differs from the manifest's."""
     want = {s.name: s.sha256 for sp in manifest.splits for s in manifest.shards(sp)}
+    counts = {s.name: s.count for sp in manifest.splits for s in manifest.shards(sp)}
     for name, rec in sorted(hashed.items()):
         if rec["sha256"] != want.get(name):
             raise ShardError(
                 f"{manifest.root / name}: sha256 differs from {manifest.path}: the shard changed after it was "
                 "written; re-shard, or train on it anyway with --set data.verify=false",
+                collective=True,
+            )
+        if rec.get("count") is not None and rec["count"] != counts.get(name):  # the manifest was edited
+            raise ShardError(
+                f"{manifest.root / name}: holds {rec['count']} samples but {manifest.path} says {counts.get(name)}: "
+                "samples would be dropped or invented silently; re-shard",
                 collective=True,
             )
 

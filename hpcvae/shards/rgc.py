@@ -17,7 +17,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,17 @@ import fitsio
 import numpy as np
 
 from hpcvae.errors import CatalogError, FitsReadError
-from hpcvae.shards.ingest import Job, Row, ShardConfig, Source, build, identity_digest, seed_of, skip_record
+from hpcvae.shards.ingest import (
+    Job,
+    Row,
+    ShardConfig,
+    Source,
+    build,
+    condition_problem,
+    identity_digest,
+    seed_of,
+    skip_record,
+)
 from hpcvae.shards.manifest import Manifest, sha256_file
 
 FITS_BLOCK = 2880
@@ -110,6 +120,9 @@ class RGCCatalog:
     band: list[str] | None = None
     psf_filename: list[str] | None = None
     psf_hdu: np.ndarray | None = None
+    conditions: dict[str, tuple[np.ndarray, Path]] = field(default_factory=dict)
+    """Condition name -> (values, the table they came from), in the order asked for."""
+    zeropoint: tuple[float, str] | None = None
 
     def __len__(self) -> int:
         return len(self.gal_filename)
@@ -131,8 +144,9 @@ def read_catalog(
     fits_catalog: str | Path | None = None,
     redshift_column: str | None = None,
     use_redshift: bool | None = None,
+    conditions: list[str] | tuple[str, ...] = (),
 ) -> RGCCatalog:
-    """Read a RealGalaxyCatalog and (optionally) its redshifts.
+    """Read a RealGalaxyCatalog and (optionally) its redshifts and condition columns.
 
     ``use_redshift``: None = use ``redshift_column`` (default ``zphot``) when the fits
     catalog (given, or the sibling ``<stem>_fits.fits``) has it; True = required (an
@@ -174,7 +188,13 @@ def read_catalog(
         redshift = _read_redshift(path, cols, n, fpath, column, required=required)
         if redshift is None:
             fpath = None
+    conds = _read_conditions(path, n, fpath or (default_fits_catalog(path) if default_fits_catalog(path).is_file()
+                                               else None), conditions)  # fmt: skip
+    if redshift is not None and column.lower() not in {c.lower() for c in conds}:
+        conds = {column: (redshift, fpath or path), **conds}  # the redshift is always a condition
     return RGCCatalog(
+        conditions=conds,
+        zeropoint=_zeropoint(path, cols, fpath),
         path=path,
         fits_catalog=fpath,
         ident=ident,
@@ -188,6 +208,48 @@ def read_catalog(
         band=[str(v) for v in cols["BAND"]] if "BAND" in cols else None,
         **_psf_columns(path, cols),
     )
+
+
+def _read_conditions(
+    path: Path, n: int, fpath: Path | None, names: list[str] | tuple[str, ...]
+) -> dict[str, tuple[np.ndarray, Path]]:
+    """Each named column from the fits catalog (first) or the catalog: numeric, scalar, one value per row."""
+    out: dict[str, tuple[np.ndarray, Path]] = {}
+    if not names:
+        return out
+    tables = [(fpath, read_table(fpath, list(names))[0])] if fpath is not None else []
+    tables.append((path, read_table(path, list(names))[0]))
+    for name in names:
+        found = next(((t, cols[name.upper()]) for t, cols in tables if name.upper() in cols), None)
+        if found is None:
+            where = " or ".join(str(t) for t, _ in tables)
+            raise CatalogError(f"{where}: no column {name!r} for --conditions")
+        table, col = found
+        if col.ndim != 1 or col.dtype.kind not in "iuf" or len(col) != n:
+            raise CatalogError(f"{table}: column {name!r} must be a numeric scalar column (got {col.dtype}, "
+                               f"shape {col.shape}) to be a condition")  # fmt: skip
+        out[name] = (col.astype(np.float64), table)
+    return out
+
+
+def _zeropoint(path: Path, cols: dict[str, np.ndarray], fpath: Path | None) -> tuple[float, str] | None:
+    """The catalog's ZEROPT header keyword, else the median MAG + 2.5 log10(stamp_flux) of its rows."""
+    for table in (t for t in (fpath, path) if t is not None):
+        try:
+            header = fitsio.read_header(str(table), ext=1)
+        except (OSError, ValueError):
+            continue
+        if "ZEROPT" in header:
+            return float(header["ZEROPT"]), f"{table.name} header ZEROPT"
+    extra, _ = read_table(path, ["MAG", "STAMP_FLUX"])
+    if "MAG" in extra and "STAMP_FLUX" in extra:
+        mag, flux = np.asarray(extra["MAG"], float), np.asarray(extra["STAMP_FLUX"], float)
+        ok = np.isfinite(mag) & np.isfinite(flux) & (flux > 0) & (mag > 0) & (mag < 40)
+        if ok.sum() >= 3:
+            return float(
+                np.median(mag[ok] + 2.5 * np.log10(flux[ok]))
+            ), f"median MAG + 2.5 log10 stamp_flux of {path.name}"
+    return None
 
 
 def _psf_columns(path: Path, cols: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -435,9 +497,8 @@ def build_shards(
         verbose=verbose,
         **physics,
     )
-    cat = read_catalog(
-        catalog, fits_catalog=fits_catalog, redshift_column=redshift_column, use_redshift=use_redshift
-    )
+    cat = read_catalog(catalog, fits_catalog=fits_catalog, redshift_column=redshift_column,
+                       use_redshift=use_redshift, conditions=cfg.conditions)  # fmt: skip
     if cfg.pad == "noise" and cat.noise_variance is None:
         raise CatalogError(f"{cat.path}: --pad noise needs a NOISE_VARIANCE column, which the catalog lacks")
     rows, pre_skipped = _rgc_rows(cat, cfg)
@@ -457,7 +518,10 @@ def build_shards(
         has_redshift=cat.redshift is not None,
         redshift_column=cat.redshift_column,
         source_info=info,
-    )
+        conditions=[{"name": name, "column": name, "table": str(table), "role": "redshift"
+                     if name == cat.redshift_column else "catalog"} for name, (_, table) in cat.conditions.items()],
+        zeropoint=cat.zeropoint,
+    )  # fmt: skip
     return build(src, Path(out), cfg)
 
 
@@ -483,11 +547,23 @@ def _rgc_rows(cat: RGCCatalog, cfg: ShardConfig) -> tuple[list[Row], list[dict[s
             band=None if cat.band is None else (cat.band[i] or None),
             psf_file=None if cat.psf_filename is None or not cfg.psfs else cat.psf_filename[i],
             psf_hdu=None if cat.psf_hdu is None or not cfg.psfs else int(cat.psf_hdu[i]),
+            conditions={name: float(v[i]) for name, (v, _) in cat.conditions.items()} or None,
         )
-        if r.zphot is not None and not math.isfinite(r.zphot):
-            problem = f"redshift {cat.redshift_column} is {r.zphot} (not finite)"
+        problems = [(table, condition_problem(name, float(v[i]), redshift=name == cat.redshift_column))
+                    for name, (v, table) in cat.conditions.items()]  # fmt: skip
+        if r.pixel_scale is not None and not r.pixel_scale > 0:
+            problems.append((cat.path, f"PIXEL_SCALE is {r.pixel_scale:g}; it must be > 0 (arcsec per pixel)"))
+        if r.noise_variance is not None and r.noise_variance < 0:
+            problems.append((cat.path, f"NOISE_VARIANCE is {r.noise_variance:g}; a variance cannot be negative"))
+        bad = next(((t, pr) for t, pr in problems if pr), None)
+        if bad is None and r.zphot is not None and not math.isfinite(r.zphot):
+            bad = (cat.fits_catalog or cat.path, f"redshift {cat.redshift_column} is {r.zphot} (not finite)")
+        if bad is not None:
+            table, problem = bad
             if not cfg.skip_bad:
-                raise CatalogError(f"{cat.fits_catalog or cat.path}, row {i} (IDENT {ident}): {problem}")
+                raise CatalogError(
+                    f"{table}, row {i} (IDENT {ident}): {problem}; fix the row or pass --skip-bad"
+                )
             skipped.append(skip_record(r, problem))
             continue
         first = first_row.setdefault((ident, file, hdu), i)
