@@ -2,10 +2,10 @@
 
     python examples/simulate_field.py runs/demo --n 100 --out field.fits
 
-A 0.2"/pixel camera with a Moffat PSF (FWHM 0.7") and Gaussian noise: each galaxy is a
-``model.to_galsim()`` object (an InterpolatedImage at the training pixel scale, deconvolved
-by the HST PSF it was trained with, then convolved with the ground PSF), placed at a random
-position with a redshift drawn from [0.3, 1.2].  The header records the sum of the galaxies'
+A 0.2"/pixel camera with a Moffat PSF (FWHM 0.7") and Gaussian noise: the galaxies come from one
+batched ``model.to_galsim(n, redshift=...)`` call (InterpolatedImages at the training pixel scale,
+deconvolved by the HST PSF they were trained with, then convolved with the ground PSF), each placed
+at a random position with a redshift drawn from [0.3, 1.2].  The header records the sum of the galaxies'
 fluxes as generated (``FLUXSUM``), so the field can be checked for flux conservation.
 """
 
@@ -42,9 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     field = galsim.ImageF(a.size, a.size, scale=a.pixel_scale)
     margin = 34  # stamps (64 px) stay inside the field, so the flux check is exact
     total = 0.0
-    for _ in range(a.n):
-        z = 0.3 + 0.9 * uniform() if model.conditional else None
-        (gal,) = model.to_galsim(1, redshift=z, rng=rng, psf=psf)
+    z = np.array([0.3 + 0.9 * uniform() for _ in range(a.n)]) if model.conditional else None
+    # One batched call draws and decodes every galaxy (one call per galaxy is ~20x slower).
+    gals = model.to_galsim(a.n, redshift=z, rng=rng, psf=psf)
+    for gal in gals:
         x, y = (margin + (a.size - 2 * margin) * uniform() for _ in range(2))
         stamp = gal.drawImage(nx=64, ny=64, scale=a.pixel_scale, center=galsim.PositionD(x, y))
         bounds = stamp.bounds & field.bounds

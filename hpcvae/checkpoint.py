@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -110,10 +111,17 @@ def verify(folder: Path) -> None:
         if not (folder / META).is_file():
             raise CheckpointError(f"checkpoint {folder}: {META} is missing (damaged)")
         return
+    from hpcvae.jsonfiles import CHECKPOINT_FILES, read_json
+
     try:
-        files = json.loads(listing.read_text())["files"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {folder}: {FILES} is unreadable (damaged): {exc}") from None
+        files = read_json(listing, CHECKPOINT_FILES, CheckpointError, "checkpoint file list")["files"]
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {folder}: {FILES} is damaged: {exc}") from None
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(
+                f"checkpoint {folder}: {FILES} names {rel!r}, outside the checkpoint (damaged)"
+            )
     for rel, want in files.items():
         p = folder / rel
         if not p.is_file():
@@ -200,15 +208,30 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not is_complete(folder):
         raise CheckpointError(f"{folder}: not a complete hpcvae checkpoint (needs {META} and {COMPLETE})")
+    from hpcvae.jsonfiles import CHECKPOINT_META, read_json
+
     try:
-        meta = json.loads((folder / META).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {folder}: file {META} is unreadable (damaged): {exc}") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint {folder}: file {META} holds no JSON object (damaged)")
+        meta = read_json(folder / META, CHECKPOINT_META, CheckpointError, "checkpoint meta")
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {folder}: file {META} is damaged: {exc}") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
+
+
+def _unpickle_reason(exc: BaseException) -> str:
+    """What went wrong, without torch's advice to retry with weights_only=False (that would run the code)."""
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc).lower():
+        return "it holds Python objects other than tensors and plain data, refused (never unpickled)"
+    return _one_line(exc)
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with every failure one CheckpointError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{path}: cannot be loaded: {_unpickle_reason(exc)}") from None
 
 
 # -- RNG states ----------------------------------------------------------------------------------
@@ -295,6 +318,19 @@ class Checkpointer:
         if is_complete(final):  # e.g. preempted again right after resuming: nothing new to save
             return final
         tmp = self.root / f"{_TMP_PREFIX}{step_name(step)}"
+        try:
+            return self._save(step, final, tmp, engine=engine, components=components, meta=meta,
+                              config_toml=config_toml)  # fmt: skip
+        except OSError as exc:  # a full disk, a lost mount: the previous checkpoint stays the latest
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {final} ({exc.strerror or exc}); the previous complete "
+                                  "checkpoint stays the latest", collective=True) from None  # fmt: skip
+
+    def _save(
+        self, step: int, final: Path, tmp: Path, *, engine: Any, components: dict[str, Stateful],
+        meta: dict[str, Any], config_toml: str,
+    ) -> Path:  # fmt: skip
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for p in self.root.iterdir():  # leftovers of saves that were killed
@@ -359,11 +395,11 @@ class Checkpointer:
                 )
         try:
             engine.load(folder)
-            state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
             if isinstance(exc, CheckpointError):
                 raise
-            raise CheckpointError(f"checkpoint {folder}: cannot be loaded: {_one_line(exc)}") from None
+            raise CheckpointError(f"checkpoint {folder}: cannot be loaded: {_unpickle_reason(exc)}") from None
+        state = safe_torch_load(folder / "train_state.pt")
         for k, c in components.items():
             if k in state:
                 c.load_state_dict(state[k])
@@ -373,7 +409,7 @@ class Checkpointer:
                 raise CheckpointError(f"{folder / 'train_state.pt'}: no {k!r} state")
         rank_file = folder / f"rank-{self.dist.rank:05d}.pt"
         if rank_file.is_file():
-            set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=True))
+            set_rng_state(safe_torch_load(rank_file))
             meta["rng_restored"] = True
         else:  # a different world size: the RNG streams cannot continue exactly
             meta["rng_restored"] = False

@@ -1,27 +1,43 @@
 """``python -m hpcvae.generate RUN --n 64 --redshift 0.7 --out gen.fits``: generated galaxies as files.
 
-FITS is what astronomers' tools read: one image HDU per galaxy, each with a celestial TAN WCS
-at the training data's pixel scale, ``BUNIT``, the redshift, the latent seed and the prior;
-the primary header holds the model's provenance (arch, hpcvae version, config and data
-digests).  ``--format npy`` writes the (n, H, W) float32 cube, ``--format png`` a grid.
-The same ``--seed`` gives the same galaxies.
+``--catalog cat.fits|cat.csv`` draws one galaxy per catalog row, conditioned on the row's columns
+named like the model's conditions (``zphot``, ``mag_auto``, ...); rows outside the training range
+are refused unless ``--extrapolate``.  Row i's galaxy depends only on ``--seed`` and i, never on
+``--batch-size``.  Generation runs in batches and streams to disk, so ``--n`` can be millions.
+
+Formats (``--format``, default from the suffix of ``--out``):
+
+* ``fits`` (``--layout cube``, default): one file holding an image cube (NAXIS3 = galaxies) with a
+  celestial TAN WCS (astropy.wcs) at the training pixel scale, ``BUNIT`` in FITS-standard form, a
+  ``GALAXIES`` binary table (the catalog's columns, index, flux, magnitude with the model's zeropoint,
+  HSM size and shape of each stamp), and the training PSF as a ``PSF`` image; every HDU carries a
+  CHECKSUM.  ``--layout hdus`` writes one image HDU per galaxy instead (its CRVAL the row's RA/DEC
+  when the catalog has them).
+* ``rgc``: a RealGalaxyCatalog folder (catalog, image and PSF files) that ``galsim.RealGalaxyCatalog``
+  and ``hpcvae.shard`` read back.
+* ``npy``: the (n, H, W) float32 cube; ``png``: a grid (at most 1024 galaxies).
+
+Every write goes to a temp file renamed at the end; SIGTERM or Ctrl-C leaves no partial file.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from hpcvae.cli import run_cli
 from hpcvae.config import add_options, options_from_args
 from hpcvae.errors import ConfigError
+
+MAX_N = 1_000_000_000
+PNG_MAX = 1024
 
 
 @dataclass(kw_only=True)
@@ -29,129 +45,154 @@ class GenerateConfig:
     model: Path
     """Run folder, model.safetensors or model.json."""
     out: Path
-    """Output file (.fits, .npy or .png)."""
+    """Output file (.fits, .npy or .png), or a folder for ``--format rgc``."""
     n: int = 64
-    """Number of galaxies."""
+    """Number of galaxies (ignored with ``--catalog``: one per row)."""
+    catalog: Path | None = None
+    """FITS or CSV catalog: one galaxy per row, conditioned on its columns named like the model's conditions."""
     redshift: float | None = None
-    """Redshift to generate at (required by conditional models)."""
+    """Redshift to generate at (without ``--catalog``; a model's other conditions take their training medians)."""
+    extrapolate: bool = False
+    """Generate at conditions outside the training range instead of refusing them."""
     prior: Literal["flow", "normal"] | None = None
     """Latent prior; default: the fitted flow when the model has one, else N(0, I)."""
     seed: int = 0
-    """Seed of the latent draw; recorded in every HDU."""
-    format: Literal["fits", "npy", "png"] | None = None
-    """Output format; default: from the suffix of ``out``."""
+    """Seed of the latent noise: galaxy i depends only on it and i. Recorded in the file."""
+    format: Literal["fits", "npy", "png", "rgc"] | None = None
+    """Output format; default: from the suffix of ``out`` (a folder: ``rgc``)."""
+    layout: Literal["cube", "hdus"] = "cube"
+    """FITS layout: one image cube + table + PSF (default), or one image HDU per galaxy."""
     center: tuple[float, float] = (150.1, 2.2)
-    """RA, Dec (degrees) given to each stamp's centre in its WCS (generated galaxies have no sky
-    position; the default is in the COSMOS field)."""
+    """RA, Dec (degrees) of the stamps' centres in the WCS when the catalog gives no RA/DEC (the default is in
+    the COSMOS field)."""
+    batch_size: int = 1024
+    """Galaxies per decoder batch (only memory and speed: the output does not depend on it)."""
     device: str = "cpu"
     """Device to run the decoder on."""
     overwrite: bool = False
     """Replace ``out`` if it exists."""
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ConfigError(f"n must be >= 1, got {self.n}", key="n")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}", key="seed")
+        if isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise ConfigError(f"n must be in [1, {MAX_N}], got {self.n}", key="n")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}", key="seed")
+        if not 1 <= self.batch_size <= 65536:
+            raise ConfigError(f"batch_size must be in [1, 65536], got {self.batch_size}", key="batch_size")
+        ra, dec = self.center
+        if not (0 <= ra < 360 and -90 <= dec <= 90):
+            raise ConfigError(
+                f"center must be RA in [0, 360) and Dec in [-90, 90] degrees, got {ra},{dec}", key="center"
+            )
+        if self.redshift is not None and not math.isfinite(self.redshift):
+            raise ConfigError(f"redshift must be finite, got {self.redshift}", key="redshift")
+        if self.catalog is not None and self.redshift is not None:
+            raise ConfigError(
+                "--redshift and --catalog exclude each other: the catalog's rows give the conditions"
+            )
+        if len(str(self.out)) > 4000 or len(self.out.name) > 255:
+            raise ConfigError(
+                f"--out: a file name of {len(self.out.name)} characters is longer than a file system allows"
+            )
         if self.format is None:
             suffix = self.out.suffix.lower().lstrip(".")
             self.format = {"fits": "fits", "fit": "fits", "npy": "npy", "png": "png"}.get(suffix)  # type: ignore[assignment]
+            if self.format is None and (not suffix or self.out.is_dir()):
+                self.format = "rgc"
             if self.format is None:
-                raise ConfigError(f"{self.out}: unknown suffix; use .fits, .npy or .png, or pass --format")
+                raise ConfigError(
+                    f"{self.out}: unknown suffix; use .fits, .npy or .png, a folder, or pass --format"
+                )
+
+
+@dataclass(kw_only=True)
+class Plan:
+    """What to draw: the model, how many, each row's conditions and the catalog's other columns."""
+
+    model: Any
+    n: int
+    conditions: dict[str, np.ndarray] | None
+    columns: dict[str, np.ndarray]
+    positions: tuple[np.ndarray, np.ndarray] | None
+
+
+def plan(cfg: GenerateConfig) -> Plan:
+    from hpcvae import catalog as cat
+    from hpcvae.hardware import choose_device
+    from hpcvae.model_files import load_model
+
+    model = load_model(cfg.model, device=choose_device(cfg.device, "generate"))
+    names = model.conditioning.names if model.conditional else ()
+    if cfg.catalog is not None:
+        cols = cat.columns(cfg.catalog)
+        n = len(next(iter(cols.values()))) if cols else 0
+        if n < 1:
+            raise ConfigError(f"{cfg.catalog}: the catalog has no rows with numeric columns")
+        conds = cat.pick(cols, names, str(cfg.catalog)) if names else None
+        lower = {k.lower(): k for k in cols}
+        pos = (cols[lower["ra"]], cols[lower["dec"]]) if "ra" in lower and "dec" in lower else None
+        if pos is not None and not (np.all((pos[0] >= 0) & (pos[0] < 360)) and np.all(np.abs(pos[1]) <= 90)):
+            raise ConfigError(f"{cfg.catalog}: RA must be in [0, 360) and DEC in [-90, 90] degrees")
+        return Plan(model=model, n=n, conditions=conds, columns=cols, positions=pos)
+    if (
+        model.conditional
+        and cfg.redshift is None
+        and model.conditioning.median(model.conditioning.redshift_name or "") is None
+    ):
+        raise ConfigError(f"{cfg.model}: {model.arch} is conditional; pass --redshift or --catalog")
+    if not model.conditional and cfg.redshift is not None:
+        raise ConfigError(f"{cfg.model}: {model.arch} is not conditioned on redshift; drop --redshift")
+    conds = None
+    if model.conditional:
+        z = (
+            cfg.redshift
+            if cfg.redshift is not None
+            else model.conditioning.median(model.conditioning.redshift_name)
+        )
+        conds = {model.conditioning.redshift_name: np.full(cfg.n, float(z))}
+    return Plan(model=model, n=cfg.n, conditions=conds, columns={}, positions=None)
+
+
+def batches(cfg: GenerateConfig, p: Plan) -> Iterator[tuple[int, np.ndarray]]:
+    """(first index, (b, H, W) float32 physical images) per batch: the same galaxies for any batch size."""
+    from hpcvae.catalog import sample_rows
+
+    for start, imgs in sample_rows(p.model, p.conditions, p.n, seed=cfg.seed, batch_size=cfg.batch_size,
+                                   prior=cfg.prior, extrapolate=cfg.extrapolate):  # fmt: skip
+        yield start, imgs[:, 0].detach().to("cpu").float().numpy()
 
 
 def generate(cfg: GenerateConfig) -> tuple[np.ndarray, Any]:
-    """(images (n, H, W) float32 in the model's flux units, the loaded model)."""
-    from hpcvae.model_files import load_model
-
-    model = load_model(cfg.model, device=cfg.device)
-    if model.conditional and cfg.redshift is None:
-        raise ConfigError(f"{cfg.model}: {model.arch} is conditioned on redshift; pass --redshift")
-    if not model.conditional and cfg.redshift is not None:
-        raise ConfigError(f"{cfg.model}: {model.arch} is not conditioned on redshift; drop --redshift")
-    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    with torch.no_grad():
-        imgs = model.sample(cfg.n, redshift=cfg.redshift, generator=gen, prior=cfg.prior)
-    return imgs[:, 0].detach().to("cpu", torch.float32).numpy(), model
+    """(images (n, H, W) float32 in the model's flux units, the loaded model): all in memory, for small n."""
+    p = plan(cfg)
+    return np.concatenate([imgs for _, imgs in batches(cfg, p)]), p.model
 
 
-def fits_headers(model: Any, cfg: GenerateConfig, shape: tuple[int, int]) -> tuple[list, list]:
-    """(primary cards, per-image cards) as (key, value, comment) triples."""
-    from hpcvae._version import __version__
+def write(cfg: GenerateConfig) -> tuple[Path, int]:
+    """Generate and write in the chosen format, atomically; returns (path, galaxies written)."""
+    from hpcvae import generate_io
 
-    info = getattr(model, "model_info", {}) or {}
-    phys = info.get("physics") or {}
-    scale = phys.get("pixel_scale_arcsec")
-    if not scale:
-        raise ConfigError(f"{cfg.model}: model.json records no pixel scale, so no WCS can be written")
-    prior = cfg.prior or getattr(model, "default_prior", "normal")
-    primary = [
-        ("ORIGIN", "hpcvae", "generated by python -m hpcvae.generate"),
-        ("HPCVAE", __version__, "hpcvae version"),
-        ("ARCH", model.arch, "model architecture"),
-        ("MODEL", str(Path(cfg.model).resolve())[-68:], "model path (tail)"),
-        ("CFGHASH", (info.get("config_sha256") or "")[:16], "sha256 of the run's config.toml (prefix)"),
-        ("DATAHASH", (info.get("manifest_digest") or "")[:16], "digest of the training shard set (prefix)"),
-        ("NGAL", cfg.n, "number of galaxies (one image HDU each)"),
-        ("SEED", cfg.seed, "latent seed"),
-        ("PRIOR", prior, "latent prior"),
-        ("PSFFREE", bool(phys.get("psf_free", False)), "images are PSF-free (forward-modelled)"),
-        ("FILTER", phys.get("band") or "", "band of the training images"),
-        ("INSTRUME", phys.get("instrument") or "", "instrument of the training images"),
-    ]
-    h, w = shape
-    image = [
-        ("WCSAXES", 2, ""),
-        ("CTYPE1", "RA---TAN", ""),
-        ("CTYPE2", "DEC--TAN", ""),
-        ("CUNIT1", "deg", ""),
-        ("CUNIT2", "deg", ""),
-        ("CRPIX1", (w + 1) / 2.0, "stamp centre"),
-        ("CRPIX2", (h + 1) / 2.0, "stamp centre"),
-        ("CRVAL1", float(cfg.center[0]), "RA of the stamp centre"),
-        ("CRVAL2", float(cfg.center[1]), "Dec of the stamp centre"),
-        ("CD1_1", -float(scale) / 3600.0, f"{scale} arcsec/pixel, the training data's"),
-        ("CD1_2", 0.0, ""),
-        ("CD2_1", 0.0, ""),
-        ("CD2_2", float(scale) / 3600.0, ""),
-        ("BUNIT", phys.get("bunit") or "unknown", "flux unit of the training pixels"),
-        ("REDSHIFT", cfg.redshift if cfg.redshift is not None else -1.0, "redshift generated at (-1: none)"),
-        ("SEED", cfg.seed, "latent seed of the file"),
-        ("PRIOR", prior, "latent prior"),
-    ]
-    return primary, image
-
-
-def write(cfg: GenerateConfig, images: np.ndarray, model: Any) -> Path:
-    """Write ``images`` to ``cfg.out`` in its format, atomically (temp file, then rename)."""
     out = cfg.out
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out}: exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ConfigError(f"{out}: its parent {out.parent} is a file, not a folder")
+    p = plan(cfg)
+    if cfg.format == "png" and p.n > PNG_MAX:
+        raise ConfigError(
+            f"--format png draws at most {PNG_MAX} galaxies in a grid, got {p.n}; use fits or npy"
+        )
+    writer = generate_io.WRITERS[cfg.format if cfg.format != "fits" else f"fits-{cfg.layout}"]
     try:
-        if cfg.format == "fits":
-            from astropy.io import fits
-
-            primary, per_image = fits_headers(model, cfg, images.shape[1:])
-            hdus: list[Any] = [fits.PrimaryHDU(header=fits.Header(primary))]
-            for i, img in enumerate(images):
-                hdr = fits.Header(per_image)
-                hdr["INDEX"] = (i, "galaxy index in the draw")
-                hdus.append(fits.ImageHDU(img.astype(np.float32), header=hdr, name=f"GAL{i:05d}"))
-            fits.HDUList(hdus).writeto(tmp, output_verify="exception")
-        elif cfg.format == "npy":
-            with open(tmp, "wb") as f:
-                np.save(f, images.astype(np.float32))
-        else:
-            from hpcvae.evaluate.plots import plot_generation_grid
-
-            fig = plot_generation_grid(images, title=f"{model.arch}, z={cfg.redshift}, seed {cfg.seed}")
-            fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer(cfg, p, batches(cfg, p))
+    except PermissionError as exc:
+        raise ConfigError(f"{out}: cannot write there ({exc.strerror})") from None
+    except OSError as exc:
+        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise ConfigError(f"{out}: the disk is full ({exc.strerror}); nothing was written") from None
+        raise ConfigError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    return out, p.n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,9 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = add_options(p, GenerateConfig, skip=("model",))
     args = p.parse_args(argv)
     cfg = options_from_args(GenerateConfig, args, table, model=args.model)
-    images, model = generate(cfg)
-    path = write(cfg, images, model)
-    print(f"hpcvae.generate: wrote {len(images)} galaxies ({images.shape[1]}x{images.shape[2]}) to {path}")
+    t0 = time.perf_counter()
+    path, n = write(cfg)
+    dt = time.perf_counter() - t0
+    print(
+        f"hpcvae.generate: wrote {n} galaxies to {path} ({cfg.format}) in {dt:.1f} s ({n / max(dt, 1e-9):.0f}/s)"
+    )
     return 0
 
 

@@ -181,3 +181,22 @@ def inference_layout(device: str | torch.device) -> torch.memory_format:
         if choose_channels_last(None, capabilities(device)).value
         else torch.contiguous_format
     )
+
+
+def choose_device(requested: str, what: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; an unavailable device is a one-line error naming it."""
+    from hpcvae.errors import ConfigError
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{what}: --device {requested!r} is not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"{what}: --device {requested} asked for, but this machine has no such CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what}: --device {requested}: only cpu and cuda are supported")
+    return dev

@@ -4,7 +4,7 @@ The loop owns what must behave the same for the VAE (``hpcvae.trainer``) and its
 (``hpcvae.train_prior``):
 
 * epochs and the position in them (``epoch``, ``step_in_epoch``, ``global_step``);
-* stop requests: SIGUSR2/SIGTERM, or ``request_stop()`` from another thread, only set a flag;
+* stop requests: SIGUSR2/SIGTERM/SIGINT (Ctrl-C), or ``request_stop()`` from another thread, only set a flag;
 * **control points**, every ``sync_every`` steps, before every save and at each epoch end: the
   ranks agree on stopping and on numerical health in one all-reduce of three integers on a CPU
   group (one host sync for the device flags).  A stop is then saved by every rank together;
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ class LoopConfig:
     """Steps between control points (stop agreement and health)."""
     log_every: int
     max_skipped_in_a_row: int = 50
+    sync_seconds: float = 10.0
+    """At most about this long between control points: slow steps bring them closer than ``sync_every``."""
 
 
 class Loop:
@@ -71,6 +74,10 @@ class Loop:
         # the last control point (they come at most sync_every steps apart, so the bad one is kept).
         self._bad_at = torch.full((), -1, dtype=torch.int64, device=dist.device)
         self._recent: deque[tuple[int, int, int, list[str]]] = deque(maxlen=loop.sync_every)
+        # The next control point: after one step (to time it), then every min(sync_every, sync_seconds / step)
+        # steps, the step time being the slowest rank's (agreed in the control point's all-reduce).
+        self._next_cp: int | None = None
+        self._cp_t0, self._cp_step = time.perf_counter(), 0
         # Control collectives on the CPU: no GPU sync at the step boundary.
         self._ctrl_group = None
         if dist.distributed and dist.backend != "gloo":
@@ -128,7 +135,17 @@ class Loop:
             return old  # the launcher calls request_stop() instead
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             old[sig] = signal.signal(sig, lambda signum, frame: self.request_stop())
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_ctrl_c)
         return old
+
+    def _on_ctrl_c(self, signum: int, frame: Any) -> None:
+        """Ctrl-C stops like SIGTERM (a checkpoint at the next control point); a second one aborts."""
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        print0(
+            f"{self.log_prefix}Ctrl-C: saving a checkpoint at the next control point (Ctrl-C again to abort)"
+        )
+        self.request_stop()
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> Literal["completed", "preempted"]:
@@ -157,7 +174,7 @@ class Loop:
     def _epoch(self) -> bool:
         """One epoch from ``step_in_epoch``; False when stopped early (checkpoint written)."""
         steps, batches = self.epoch_batches()
-        every, sync_every = self.loop.every_steps, self.loop.sync_every
+        every = self.loop.every_steps
         local_stop = not self.dist.distributed  # one process needs no agreement: seen at the next step
         while self.step_in_epoch < steps:
             self.train_step(next(batches))
@@ -168,7 +185,9 @@ class Loop:
             if self._steps_since_log >= self.loop.log_every:
                 self._log()
             due = every and self.global_step % every == 0 and self.step_in_epoch < steps
-            if due or self.global_step % sync_every == 0 or (local_stop and self._stop_requested):
+            if self._next_cp is None:
+                self._next_cp, self._cp_step = self.global_step, self.global_step - 1
+            if due or self.global_step >= self._next_cp or (local_stop and self._stop_requested):
                 if self.control_point():
                     self._log()
                     self.save_checkpoint()
@@ -210,11 +229,20 @@ class Loop:
         bad_at = int(self._bad_at.item())
         in_a_row = int(self.engine.skipped_in_a_row.item())
         stop = self._stop_requested
+        now = time.perf_counter()
+        steps = max(1, self.global_step - self._cp_step)
+        step_us = int(1e6 * (now - self._cp_t0) / steps)
         if self.dist.distributed:
             big = 1 << 62  # MAX-reduce of (big - step) gives the earliest bad step of any rank
-            t = torch.tensor([int(stop), big - bad_at if bad_at >= 0 else 0, in_a_row], dtype=torch.int64)
+            t = torch.tensor(
+                [int(stop), big - bad_at if bad_at >= 0 else 0, in_a_row, step_us], dtype=torch.int64
+            )
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self._ctrl_group)
             stop, bad_at, in_a_row = bool(t[0]), (big - int(t[1])) if int(t[1]) else -1, int(t[2])
+            step_us = int(t[3])
+        budget = int(self.loop.sync_seconds * 1e6 / max(step_us, 1))
+        self._next_cp = self.global_step + max(1, min(self.loop.sync_every, budget))
+        self._cp_t0, self._cp_step = now, self.global_step
         if bad_at >= 0:
             raise self._numerical_error(bad_at)
         limit = self.loop.max_skipped_in_a_row

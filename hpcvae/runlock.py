@@ -44,7 +44,15 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self._created_folder = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".hpcvae-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            self._undo_folder()
+            raise ConfigError(f"run folder {self.folder}: cannot write there ({exc.strerror or exc})",
+                              collective=True) from None  # fmt: skip
         while True:
             existed = self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -173,7 +173,8 @@ class Asinh(Transform):
             a = next((k for k in ("noise_std", "mad_std", "std") if (stats.get(k) or 0) > 0), None)
             if a is None:
                 raise ConfigError(
-                    "asinh transform: manifest stats have no positive noise_std, mad_std or std; pass a="
+                    "asinh transform: the shard set's train stats (manifest.json stats.train) have no positive "
+                    'noise_std, mad_std or std; re-shard the set, or use --set data.transform="minmax"'
                 )
         return cls(a=_stat(stats, a, cls.name), lo=_stat(stats, lo, cls.name), hi=_stat(stats, hi, cls.name))
 

@@ -19,10 +19,12 @@ def read_history(run: Path) -> dict[str, Any]:
     p = _history_path(run)
     if not p.is_file():
         return {"jobs": [], "events": []}
+    from hpcvae.jsonfiles import LAUNCH, read_json
+
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise LaunchError(f"{p} is not valid JSON ({exc}); delete it to start a fresh history") from None
+        return read_json(p, LAUNCH, LaunchError, "launch history")
+    except LaunchError as exc:
+        raise LaunchError(f"{exc}; delete it to start a fresh history") from None
 
 
 def record(run: Path, *, job: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> None:

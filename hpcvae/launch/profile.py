@@ -62,6 +62,22 @@ def check_script_text(what: str, value: str) -> str:
     return value
 
 
+def safe_command(what: str, value: str) -> str:
+    """A command (``python3``, ``/opt/env/bin/python -X faulthandler``) that lands unquoted on the srun line:
+    each word may hold only path characters, so nothing in it can run as shell."""
+    import shlex
+
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {value!r} is not a command ({exc})") from None
+    bad = next((w for w in words if not re.fullmatch(r"[A-Za-z0-9_./+:=,@%-]+", w)), None)
+    if not words or bad is not None:
+        raise ConfigError(f"{what}: {value!r} may hold only a program path and plain arguments"
+                          f"{f' (not {bad!r})' if bad else ''}; it is run by the job's shell")  # fmt: skip
+    return " ".join(words)
+
+
 @dataclass(kw_only=True)
 class SiteProfile:
     """Site defaults from ``slurm/<site>.toml``; command-line flags win over them."""
@@ -115,6 +131,16 @@ class SiteProfile:
                 check_script_text(f"profile {self.name}: {key}.{k}", v)
         for i, a in enumerate(self.srun_args):
             check_script_text(f"profile {self.name}: srun_args[{i}]", str(a))
+        for k, v in self.sbatch.items():  # submitit writes "#SBATCH --KEY=VALUE" as given: one flag, one word
+            if not re.fullmatch(r"[a-z][a-z0-9-]*", k):
+                raise ConfigError(
+                    f"profile {self.name}: sbatch key {k!r} is not an sbatch option name (like mail-type)"
+                )
+            if not v or re.search(r"\s", v):
+                raise ConfigError(f"profile {self.name}: sbatch.{k} = {v!r} must be one word (no spaces): "
+                                  "sbatch would read the rest as more options")  # fmt: skip
+        if self.python is not None:
+            self.python = safe_command(f"profile {self.name}: python", self.python)
 
 
 def load_profile(path: str | Path | None) -> SiteProfile:
