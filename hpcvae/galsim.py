@@ -182,6 +182,11 @@ class HpcvaeModelInput:
     conditions come from its own config values and its latents from its GalSim rng (one decode each).
     """
 
+    _req_params = {"file_name": str}  # GalSim's InputLoader reads these to parse the YAML block
+    _opt_params = {"batch": int, "catalog": str, "seed": int, "prior": str, "extrapolate": bool}
+    _single_params: list = []
+    _takes_rng = False
+
     def __init__(self, file_name: str, batch: int = 256, catalog: str | None = None, seed: int = 0,
                  prior: str | None = None, extrapolate: bool = False) -> None:  # fmt: skip
         from hpcvae import catalog as cat

@@ -129,8 +129,10 @@ def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, ca
     assert "wrote" in capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
     pngs = {p.name for p in out.glob("*.png")}
-    grids = {f"generations_z{z:g}.png" for z in (0.3, 0.7, 1.5, 2.5)}
-    assert EXPECTED_PNGS | grids | {"redshift_sweep.png", "redshift_trends.png"} <= pngs
+    grids = {p for p in pngs if p.startswith("generations_z")}  # the 10th, 50th and 90th training percentile
+    assert len(grids) == 3 and len(rep["generation"]["grids"]) == 3
+    science = {"morphology.png", "power_spectra.png", "conditional_response.png"}
+    assert EXPECTED_PNGS | science | {"redshift_sweep.png", "redshift_trends.png"} <= pngs
     assert set(rep["figures"].values()) == pngs
     md = (out / "report.md").read_text()
     for name in pngs:
@@ -175,6 +177,38 @@ def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, ca
     assert len(rep["redshift_sweep"]["mean_pixel_sum_flux_per_column"]) == len(
         rep["redshift_sweep"]["redshifts"]
     )
+    # issue 20: every mean, W1 and slope carries a 95% interval; failures are counted, never NaN
+    for section in (pop["stats"], rep["morphology"]["stats"], {"flux": rep["flux"]["flux"]}):
+        for name, c in section.items():
+            for key in ("mean_real", "mean_generated", "mean_diff", "w1"):
+                assert c[f"{key}_ci"] is None or c[f"{key}_ci"][0] <= c[key] <= c[f"{key}_ci"][1], (name, key)
+            if (
+                min(c["n_real"], c["n_generated"]) >= 10
+            ):  # else failures are counted, and no interval is made up
+                assert c["mean_diff_ci"] is not None and c["w1_ci"] is not None, name
+    mo = rep["morphology"]
+    assert set(mo["stats"]) == {"gini", "m20", "concentration", "asymmetry", "smoothness"}
+    assert 0 <= mo["failures"]["real"]["failure_rate"] <= 1 and mo["seconds"] > 0
+    ps = rep["power_spectra"]
+    assert set(ps["ratios"]["residual_over_noise"]) == {"low", "mid", "high"} and ps["noise"]["n_patches"] > 0
+    assert rep["reconstruction"]["reduced_chi2"]["median"] > 0
+    art = rep["artefacts"]
+    assert art["reference_is"].startswith("real galaxies without noise") and art["streak_ratio"] > 0
+    resp = rep["conditional_response"]["conditions"]["zphot"]
+    assert resp["real"]["dlog10_sigma"] < 0 and resp["generated"]["dlog10_sigma"] is not None
+    assert rep["flux"]["zeropoint"] is not None and "magnitude" in rep["flux"]
+    sl = rep["redshift_trends"]["slopes_vs_z"]["sigma_arcsec"]
+    assert sl["real"]["slope_ci"] and sl["generated"]["slope_ci"] and sl["truth"]["slope"] < 0
+    for key in ("flux", "residual_power", "artefacts", "conditioning", "morphology", "reconstruction_sizes"):
+        assert rep["verdict"][key]["verdict"] in ("ok", "close", "off"), key
+    for section in (
+        "Morphology (statmorph)",
+        "Power spectra",
+        "Artefacts",
+        "Conditional response",
+        "Flux and magnitude",
+    ):
+        assert f"## {section}" in md
 
 
 @pytest.mark.slow
@@ -193,7 +227,7 @@ def test_unconditional_bare_model_skips_redshift_parts(vae_run, synth_shards, tm
     assert "redshift" in rep["redshift_trends"]["skipped"]
     assert "metrics.jsonl" in rep["losses"]["skipped"]
     md = (out / "report.md").read_text()
-    assert md.count("Skipped:") == 3
+    assert md.count("Skipped:") == 4  # losses, sweep, trends, conditional response
     assert rep["population"]["generated_redshifts"] is None
     assert rep["population"]["n_generated"] == 40
 
@@ -357,3 +391,39 @@ def test_verdict_names_the_cause_and_never_repeats_advice():
     assert c["size"]["cause"] == "conditioning" and c["conditioning"]["verdict"] == "off"
     assert c["orientation"]["verdict"] == "close" and c["background"]["verdict"] == "off"
     assert c["size_redshift_slope"]["verdict"] == "ok"
+
+
+@pytest.mark.slow
+def test_conditional_response_detects_a_decoder_that_ignores_its_condition(cvae2_run, synth_shards, tmp_path):
+    """A decoder that follows its redshift exactly (a Gaussian whose size goes as 1/(1+z)) against the same
+    decoder with its redshift input zeroed: the section measures the known response, and zero."""
+    import torch
+
+    from hpcvae import load_model
+
+    cfg = EvalConfig(n=48, morph_n=8, n_boot=20, response_latents=8)
+    yy, xx = torch.meshgrid(
+        torch.arange(SIZE) - SIZE / 2 + 0.5, torch.arange(SIZE) - SIZE / 2 + 0.5, indexing="ij"
+    )
+
+    def analytic(z: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, None]:
+        sig = (4.0 * 1.8 / (1 + r.float()) * torch.exp(0.05 * z[:, 0].float()))[:, None, None, None]
+        img = 0.02 + 0.9 * torch.exp(-(xx**2 + yy**2) / (2 * sig**2))
+        return torch.logit(img.clamp(1e-4, 1 - 1e-4)), None
+
+    used, deaf = load_model(cvae2_run), load_model(cvae2_run)
+    used._decode = analytic
+    deaf._decode = lambda z, r: analytic(z, torch.zeros_like(r))  # the condition never reaches the decoder
+    a = evaluate(used, synth_shards, tmp_path / "used", config=cfg)
+    b = evaluate(deaf, synth_shards, tmp_path / "deaf", config=cfg)
+    ra, rb = (x["conditional_response"]["conditions"]["zphot"] for x in (a, b))
+    lo, hi = ra["grid"][0], ra["grid"][-1]
+    assert ra["generated"]["dlog10_sigma"] == pytest.approx(np.log10((1 + lo) / (1 + hi)), abs=0.03)
+    assert rb["generated"]["dlog10_sigma"] == pytest.approx(
+        0.0, abs=1e-9
+    )  # identical images across the range
+    assert rb["ratio_sigma"] == pytest.approx(0.0, abs=1e-6) and ra["ratio_sigma"] > 0.5
+    assert (
+        a["verdict"]["conditioning"]["verdict"] in ("ok", "close")
+        and b["verdict"]["conditioning"]["verdict"] == "off"
+    )

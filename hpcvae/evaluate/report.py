@@ -42,10 +42,11 @@ class EvalConfig:
     """Seeds the latents of every generated image and the bootstrap."""
     batch_size: int = 256
     """Inference batch size."""
-    grid_redshifts: tuple[float, ...] = (0.3, 0.7, 1.5, 2.5)
-    """Redshifts of the 8x8 generation grids of conditional models."""
-    sweep_redshifts: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0)
-    """Columns of the redshift sweep."""
+    grid_redshifts: tuple[float, ...] | None = None
+    """Redshifts of the 8x8 generation grids of conditional models; ``None``: the 10th, 50th and 90th percentile
+    of the training redshifts (values beyond the training range are drawn anyway and noted)."""
+    sweep_redshifts: tuple[float, ...] | None = None
+    """Columns of the redshift sweep; ``None``: 8 steps from the 5th to the 95th training percentile."""
     sweep_rows: int = 6
     """Latents (rows) in the redshift sweep."""
     n_recon: int = 8
@@ -74,7 +75,11 @@ class EvalConfig:
             raise ConfigError(f"evaluate: batch_size must be >= 1, got {self.batch_size}")
         if self.sweep_rows < 1 or self.n_recon < 1 or self.latent_dims < 1 or self.grid_size < 1:
             raise ConfigError("evaluate: sweep_rows, n_recon, latent_dims and grid_size must be >= 1")
-        if not self.grid_redshifts or not self.sweep_redshifts:
+        if (
+            self.grid_redshifts is not None
+            and not self.grid_redshifts
+            or (self.sweep_redshifts is not None and not self.sweep_redshifts)
+        ):
             raise ConfigError("evaluate: grid_redshifts and sweep_redshifts must not be empty")
         if self.prior not in (None, "flow", "normal"):
             raise ConfigError(f"evaluate: prior must be 'flow' or 'normal', got {self.prior!r}")
@@ -294,6 +299,23 @@ class Run:
         plt.close(fig)
         self.figures[name.removesuffix(".png")] = name
         return name
+
+    def redshifts(self, given: tuple[float, ...] | None, percentiles: tuple[int, ...]) -> list[float]:
+        """``given``, or the training redshifts' ``percentiles`` (the model's record, else the evaluated galaxies')."""
+        if given is not None:
+            return [float(z) for z in given]
+        cond = self.m.conditioning
+        rec = (cond.train(cond.redshift_name or "").get("percentiles") or {}) if self.conditional else {}
+        pts = {int(float(k)): float(v) for k, v in rec.items()} if isinstance(rec, dict) else {}
+        lo_q, hi_q = percentiles[0], percentiles[-1]
+        if lo_q in pts and hi_q in pts and len(percentiles) == 2:
+            return [float(z) for z in np.linspace(pts[lo_q], pts[hi_q], 8)]
+        if all(q in pts for q in percentiles):
+            return [pts[q] for q in percentiles]
+        z = self.z_real[np.isfinite(self.z_real)]
+        if len(percentiles) == 2:
+            return [float(v) for v in np.linspace(*np.percentile(z, percentiles), 8)]
+        return [float(v) for v in np.percentile(z, percentiles)]
 
     def model_facts(self) -> dict[str, Any]:
         """What the verdict needs to give advice that was not already followed."""

@@ -130,7 +130,9 @@ def generation(run: Run) -> dict[str, Any]:
 
     def grid(redshift: float | None) -> Any:
         g = torch.Generator().manual_seed(cfg.seed + 1)  # the same base noise in every grid
-        return m.sample(n_grid, redshift=redshift, generator=g, prior=run.prior).float().cpu()
+        return (
+            m.sample(n_grid, redshift=redshift, generator=g, prior=run.prior, extrapolate=True).float().cpu()
+        )
 
     note = f"prior {run.prior}, seed {cfg.seed + 1}"
     out: dict[str, Any] = {"n_per_grid": n_grid, "prior": run.prior, "seed": cfg.seed + 1,
@@ -138,7 +140,7 @@ def generation(run: Run) -> dict[str, Any]:
                            else "flow prior: the same base noise in every grid, mapped through the flow",
                            "grids": {}}  # fmt: skip
     with torch.no_grad():
-        for zval in cfg.grid_redshifts if run.conditional else (None,):
+        for zval in run.redshifts(cfg.grid_redshifts, (10, 50, 90)) if run.conditional else (None,):
             title = f"generated at z = {zval:g}" if zval is not None else "generated"
             name = f"generations_z{zval:g}.png" if zval is not None else "generations.png"
             fig = plots.plot_generation_grid(grid(zval), title=f"{title} ({note})", nrow=cfg.grid_size,
@@ -155,19 +157,21 @@ def redshift_sweep(run: Run) -> dict[str, Any]:
     if not run.conditional:
         run.notes.append("redshift sweep skipped: the model does not take a redshift")
         return {"skipped": f"{m.config.get('arch')} is unconditional: no redshift to sweep"}
-    zs = torch.as_tensor(cfg.sweep_redshifts, dtype=torch.float32)
+    zlist = run.redshifts(cfg.sweep_redshifts, (5, 95))
+    zs = torch.as_tensor(zlist, dtype=torch.float32)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     lat = m.sample_latent(cfg.sweep_rows, generator=g, prior=run.prior).float().cpu()  # flow if fitted
     ncol, dtype = len(zs), next(m.parameters()).dtype
+    zz = lat.repeat_interleave(ncol, 0).to(run.dev, dtype)
+    cond = m._redshift(zs.repeat(cfg.sweep_rows).numpy(), len(zz), run.dev, "sweep", extrapolate=True)
     with torch.no_grad():
-        imgs = m.decode(
-            lat.repeat_interleave(ncol, 0).to(run.dev, dtype), zs.repeat(cfg.sweep_rows).to(run.dev)
-        )
+        imgs = m.decode(zz, cond)
     imgs = imgs.float().cpu().reshape(cfg.sweep_rows, ncol, m.image_size, m.image_size)
     flux = run.transform.inverse(imgs).numpy().reshape(cfg.sweep_rows, ncol, -1).sum(-1)
-    return {"redshifts": list(cfg.sweep_redshifts), "rows": cfg.sweep_rows, "prior": run.prior,
+    return {"redshifts": zlist, "rows": cfg.sweep_rows, "prior": run.prior,
+            "other_conditions": "their training medians" if m.multi_condition else None,
             "mean_pixel_sum_flux_per_column": flux.mean(0),
-            "figure": run.save(plots.plot_redshift_sweep(imgs, cfg.sweep_redshifts), "redshift_sweep.png")}  # fmt: skip
+            "figure": run.save(plots.plot_redshift_sweep(imgs, zlist), "redshift_sweep.png")}  # fmt: skip
 
 
 def latent(run: Run) -> dict[str, Any]:

@@ -552,9 +552,13 @@ def _rgc_rows(cat: RGCCatalog, cfg: ShardConfig) -> tuple[list[Row], list[dict[s
         problems = [(table, condition_problem(name, float(v[i]), redshift=name == cat.redshift_column))
                     for name, (v, table) in cat.conditions.items()]  # fmt: skip
         if r.pixel_scale is not None and not r.pixel_scale > 0:
-            problems.append((cat.path, f"PIXEL_SCALE is {r.pixel_scale:g}; it must be > 0 (arcsec per pixel)"))
+            problems.append(
+                (cat.path, f"PIXEL_SCALE is {r.pixel_scale:g}; it must be > 0 (arcsec per pixel)")
+            )
         if r.noise_variance is not None and r.noise_variance < 0:
-            problems.append((cat.path, f"NOISE_VARIANCE is {r.noise_variance:g}; a variance cannot be negative"))
+            problems.append(
+                (cat.path, f"NOISE_VARIANCE is {r.noise_variance:g}; a variance cannot be negative")
+            )
         bad = next(((t, pr) for t, pr in problems if pr), None)
         if bad is None and r.zphot is not None and not math.isfinite(r.zphot):
             bad = (cat.fits_catalog or cat.path, f"redshift {cat.redshift_column} is {r.zphot} (not finite)")
