@@ -2,8 +2,9 @@
 
 * Every ``metrics.jsonl`` line is valid JSON: NaN and infinity are written as ``null``
   (JSON has no such numbers; Python's ``json`` would write bare ``NaN``).
-* TensorBoard events written after the step a resumed run starts from are purged
-  (``purge_step``), so a curve never shows the replayed steps twice.
+* Records written after the step a resumed run starts from are dropped, from TensorBoard
+  (``purge_step``) and from ``metrics.jsonl`` (the file is cut back), so a curve never shows
+  the replayed steps twice; each record carries its UTC ``time``.
 * On a terminal the progress is a tqdm bar; anywhere else (a SLURM log file) it is one status
   line every ``status_every`` steps, since a bar redrawn there floods the file.
 """
@@ -69,6 +70,8 @@ class Metrics:
         if not self.enabled:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
+        if purge_step is not None:
+            truncate_after(self.folder / "metrics.jsonl", purge_step)
         self._jsonl = open(self.folder / "metrics.jsonl", "a")
         if self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -91,6 +94,7 @@ class Metrics:
         """One line of metrics.jsonl and, for its numbers, TensorBoard scalars under ``kind/name``."""
         if self._jsonl is None:
             return
+        rec = {**rec, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self._jsonl.write(json_line(rec) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -98,6 +102,16 @@ class Metrics:
             for k, v in rec.items():
                 if k not in ("kind", "step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{kind}/{k}", v, rec.get("step", 0))
+
+    def text(self, tag: str, body: str, step: int = 0) -> None:
+        """A text panel in TensorBoard (the run's config, its hyper-parameters)."""
+        if self._tb is not None:
+            self._tb.add_text(tag, body, step)
+
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """A grayscale image (H, W) in [0, 1] in TensorBoard (a grid of samples at each validation)."""
+        if self._tb is not None:
+            self._tb.add_image(tag, np.asarray(image, dtype=np.float32)[None], step)
 
     # -- progress -----------------------------------------------------------------------------
     def epoch(self, text: str, total: int, done: int = 0) -> None:
@@ -120,3 +134,28 @@ class Metrics:
         if self._bar is not None:
             self._bar.set_postfix(refresh=False, **values)
         self._postfix = "".join(f", {k} {v}" for k, v in values.items())
+
+
+def truncate_after(path: Path, step: int) -> int:
+    """Drop the records of ``path`` past ``step`` (a killed run wrote them; its resume replays them).
+
+    Rewritten atomically; torn lines are dropped too.  Returns the number of records dropped.
+    """
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(path)
+    return dropped

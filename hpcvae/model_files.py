@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -161,9 +162,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: 
     from hpcvae.models import build_model
 
     if not Path(path).exists():
-        raise CheckpointError(
-            f"{path}: no such file or folder (expected a run folder, {MODEL_FILE} or {MODEL_JSON})"
-        )
+        path = from_hub(path)
     weights, meta_path = _paths(path)
     meta = read_model_json(meta_path)
     if not weights.is_file():
@@ -209,6 +208,38 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: 
     model.eval()
     model.model_info = meta
     return model
+
+
+HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def from_hub(path: str | Path) -> Path:
+    """A Hugging Face Hub repo id (``org/name``, ``hf://org/name@revision``) as a local folder, via its cache.
+
+    Needs ``huggingface_hub``; with ``HF_HUB_OFFLINE=1`` only the local cache is used.  A path that is
+    neither a file nor a repo id is the usual one-line error.
+    """
+    text = str(path)
+    if not HUB_ID.match(text) or text.startswith(("./", "../")):
+        raise CheckpointError(
+            f"{path}: no such file or folder (expected a run folder, {MODEL_FILE} or {MODEL_JSON})"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: no such file or folder (a Hub repo id needs: pip install huggingface_hub)"
+        ) from None
+    repo, _, rev = text.removeprefix("hf://").partition("@")
+    try:
+        local = snapshot_download(
+            repo, revision=rev or None, allow_patterns=[MODEL_FILE, MODEL_JSON, "README.md"]
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a local path, and the Hub repo could not be fetched "
+                              f"({str(exc).splitlines()[0][:160]})") from None  # fmt: skip
+    return Path(local)
 
 
 def check_shapes(model_config: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str) -> None:

@@ -244,7 +244,7 @@ class PriorTrainer(Loop):
         loop = LoopConfig(epochs=cfg.epochs, every_steps=c.every_steps, keep_last=c.keep_last,
                           sync_every=cfg.sync_every, log_every=cfg.log_every)  # fmt: skip
         Loop.__init__(self, loop=loop, dist=dist, engine=engine, checkpoint_dir=self.work,
-                      metrics=Metrics(self.work, enabled=dist.is_main, tensorboard=False, prog="hpcvae.train_prior"))  # fmt: skip
+                      metrics=Metrics(self.work, enabled=dist.is_main, prog="hpcvae.train_prior"))  # fmt: skip
         self.sched_cfg = SchedulerConfig(kind=cfg.schedule)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.scheduler = lr_scheduler(self.engine.optimizer, self.sched_cfg, total_steps=self.total_steps,
@@ -513,6 +513,11 @@ class PriorTrainer(Loop):
                 f"diagonal Gaussian: {val['nll_diag_gaussian']:.4g}) on {val['count']} galaxies; "
                 f"wrote the flow into {self.out / 'model.safetensors'}"
             )
+            from hpcvae.evaluate.plots import write_samples
+            from hpcvae.model_card import write_model_card
+
+            write_samples(self.out)  # now from the flow: the prior sample() will use
+            write_model_card(self.out)
         barrier()
         return block
 

@@ -63,6 +63,16 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def portable(x: Any) -> Any:
+    """A copy without the training machine's absolute paths: files are named by their name (and sha256)."""
+    if isinstance(x, dict):
+        return {k: portable(v) if k not in ("catalog", "fits_catalog", "table", "h5") or not isinstance(v, str)
+                else Path(v).name for k, v in x.items()}  # fmt: skip
+    if isinstance(x, list):
+        return [portable(v) for v in x]
+    return x
+
+
 def _rank_seed(seed: int, rank: int) -> int:
     """Independent per-rank streams that do not overlap another seed's rank 0."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
@@ -374,6 +384,7 @@ class Trainer(Loop):
             f"{self.dist.world_size}x{cfg.data.batch_size}, {self.data.dropped_per_epoch} of "
             f"{self.manifest.count('train')} train samples dropped per epoch"
         )
+        self.metrics.text("config", "```toml\n" + self.checkpoint_config() + "\n```", self.global_step)
         status = self.run()
         return self._result(status, self.out / MODEL_FILE if status == "completed" else None)
 
@@ -517,10 +528,28 @@ class Trainer(Loop):
         self._write_metrics(
             {"kind": "val", "epoch": self.epoch, "step": self.global_step, "beta": beta, **res}
         )
+        self._sample_image()
         print0(
             f"epoch {self.epoch + 1}: val loss {res['loss']:.6g} (recon {res['recon']:.6g}, kl {res['kl']:.6g}) on {int(n)} images"
         )
         return res
+
+    def _sample_image(self) -> None:
+        """16 samples at the training median conditions into TensorBoard (rank 0; not under ZeRO-3)."""
+        if not self.dist.is_main or (
+            self.cfg.train.engine == "deepspeed" and self.cfg.deepspeed.zero_stage == 3
+        ):
+            return
+        from hpcvae.evaluate.plots import mosaic
+
+        m = self.engine.module
+        g = torch.Generator(device=self.dist.device).manual_seed(self.cfg.train.seed)
+        imgs = (
+            m.sample(16, generator=g, normalized=True, prior="normal", extrapolate=True).float().cpu().numpy()
+        )
+        self.metrics.image(
+            "samples/normal_prior", mosaic(imgs.reshape(4, 4, *imgs.shape[-2:])), self.global_step
+        )
 
     def _log_train(self, beta: float) -> None:
         """One host sync: turn the accumulated device metrics into numbers and write them."""
@@ -583,11 +612,11 @@ class Trainer(Loop):
         Computed once: every checkpoint's meta carries it, and it reads the set's PSF file.
         """
         m = self.manifest
-        data = {"source": m.data.get("source"), "counts": {s: m.count(s) for s in m.splits},
+        data = {"source": portable(m.data.get("source")), "counts": {s: m.count(s) for s in m.splits},
                 "val_fraction": m.data.get("val_fraction"), "n_skipped": m.data.get("n_skipped"),
                 "image_size": m.image_size, "synthetic": m.synthetic}  # fmt: skip
         return {"physics": {**m.physics(), "psf_free": self.model.spec.psf_forward}, "data": data,
-                "conditions": self.model.conditioning.records if self.model.conditional else [],
+                "conditions": portable(self.model.conditioning.records) if self.model.conditional else [],
                 "config_sha256": hashlib.sha256(dump_toml(self.cfg).encode()).hexdigest()}  # fmt: skip
 
     def checkpoint_components(self) -> dict[str, Any]:

@@ -405,3 +405,36 @@ def test_a_stop_lands_within_seconds_even_when_steps_are_slow(tiny_shards: Path,
     took = time.time() - t0
     assert rcs == [3, 3], logs(log_dir)[-3000:]
     assert took < 15, f"the stop checkpoint took {took:.1f} s"
+
+
+def test_a_killed_run_resumed_logs_each_step_once(tiny_shards: Path, tmp_path: Path):
+    """SIGKILL after a checkpoint: the resume replays steps past it and cuts their first records away."""
+    out = tmp_path / "r"
+    args = [*train_args(tiny_shards, out, epochs=4, batch=4), "--set", "checkpoint.every_steps=4"]
+    proc = subprocess.Popen([sys.executable, "-m", "hpcvae.train", *args], cwd=REPO, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+
+    def train_steps() -> list[int]:
+        if not metrics.exists():
+            return []
+        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.endswith("}")]
+        return [r["step"] for r in lines if r.get("kind") == "train"]
+
+    while time.time() < deadline and not any(s > 10 and s % 4 for s in train_steps()):
+        time.sleep(0.05)
+    proc.kill()  # no handler runs: records past the last checkpoint stay in the file
+    proc.communicate(timeout=60)
+    before = train_steps()
+    from hpcvae.checkpoint import list_checkpoints, read_meta
+
+    last = max(read_meta(c)["global_step"] for c in list_checkpoints(out))
+    assert max(before) > last, (before, last)
+    resumed = subprocess.run([sys.executable, "-m", "hpcvae.train", *args], cwd=REPO, env=child_env(),
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in records if r.get("kind") == "train"]
+    assert steps == sorted(set(steps)), "a step logged twice or out of order"
+    assert all(isinstance(r.get("time"), str) and r["time"].endswith("Z") for r in records)

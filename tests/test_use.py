@@ -238,15 +238,84 @@ def test_simulate_field_example_conserves_flux(run, tmp_path):
 
 
 def test_model_card_from_model_json_and_the_report(run, shards, tmp_path):
-    card = (run / "MODEL_CARD.md").read_text()
-    assert card.startswith("---\nlicense: mit\n") and "tags:" in card and "datasets:" in card
-    assert "`cvae2`" in card and "Not evaluated yet" in card and "PSF-convolved" in card
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "MODEL_CARD.md")
+    assert card.data.license == "mit" and card.data.library_name == "hpcvae"
+    assert "cvae2" in card.data.tags and card.data.datasets and not card.data.eval_results
+    assert "`cvae2`" in card.text and "Not evaluated yet" in card.text and "PSF-convolved" in card.text
     from hpcvae.evaluate import EvalConfig, evaluate
 
-    evaluate(run, shards, tmp_path / "report", config=EvalConfig(n=16, device="cpu"))
-    card = (run / "MODEL_CARD.md").read_text()
-    assert "## Evaluation" in card and "| mean \\|g\\| |" in card and "0.248" in card
-    assert "Not evaluated yet" not in card and "synthetic" in card
+    evaluate(run, shards, tmp_path / "report", config=EvalConfig(n=16, device="cpu", n_boot=20))
+    card = ModelCard.load(run / "MODEL_CARD.md")
+    assert "## Evaluation" in card.text and "| mean \\|g\\| |" in card.text and "0.248" in card.text
+    assert "Not evaluated yet" not in card.text and "synthetic" in card.text
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["delta_mean_g"] == pytest.approx(report["population"]["stats"]["g"]["mean_diff"])
+    assert str(run.parent) not in card.content  # no path of the training machine
+
+
+def test_export_writes_a_shareable_model_folder(run, shards, tmp_path):
+    import stat
+
+    from huggingface_hub import ModelCard
+
+    import hpcvae
+    from hpcvae.evaluate import EvalConfig, evaluate
+
+    report = tmp_path / "report"
+    evaluate(run, shards, report, config=EvalConfig(n=16, device="cpu", n_boot=20))
+    out = tmp_path / "share" / "hpcvae-cvae2"
+    done = _cli("-m", "hpcvae.export", str(run), str(out), "--report", str(report))
+    assert done.returncode == 0, done.stderr
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"README.md", "model.safetensors", "model.json", "report.json"} <= names
+    assert any(n.startswith("figures/") and n.endswith(".png") for n in names)
+    for p in out.rglob("*"):
+        mode = p.stat().st_mode
+        assert mode & stat.S_IRGRP and mode & stat.S_IROTH, p  # a group can read what it is given
+        assert not mode & stat.S_IWOTH, p
+    for name in ("README.md", "model.json", "report.json"):
+        assert str(tmp_path) not in (out / name).read_text() and "/tmp/" not in (out / name).read_text(), name
+    assert ModelCard.load(out / "README.md").data.eval_results
+    a = hpcvae.load_model(run).sample(3, seed=5)
+    b = hpcvae.load_model(out).sample(3, seed=5)
+    assert torch_equal(a, b)
+    again = _cli("-m", "hpcvae.export", str(run), str(out))
+    assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_a_hub_repo_id_loads_from_the_local_cache_offline(run, tmp_path):
+    """``load_model("org/name")`` resolves through huggingface_hub's cache (the layout it downloads into)."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--astro--hpcvae-cvae2" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for name in ("model.safetensors", "model.json", "MODEL_CARD.md"):
+        shutil.copyfile(run / name, snap / (name if name != "MODEL_CARD.md" else "README.md"))
+    (cache / "models--astro--hpcvae-cvae2" / "refs").mkdir()
+    (cache / "models--astro--hpcvae-cvae2" / "refs" / "main").write_text("0123abcd")
+    code = "import hpcvae, sys; m = hpcvae.load_model(sys.argv[1]); print(tuple(m.sample(2, seed=1).shape))"
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("HPCVAE_TRACEBACK", None)
+    ok = subprocess.run([sys.executable, "-c", code, "astro/hpcvae-cvae2"], capture_output=True, text=True,
+                        env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "(2, 1, 32, 32)" in ok.stdout
+    missing = subprocess.run([sys.executable, "-m", "hpcvae.generate", "astro/not-there", "--n", "2", "--out",
+                              str(tmp_path / "x.npy")], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert (
+        missing.returncode == 2 and "astro/not-there" in missing.stderr and "Traceback" not in missing.stderr
+    )
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 def test_wids_and_webdataset_open_a_split(shards):

@@ -7,7 +7,6 @@ and the report code decides once how to run the model.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,14 @@ from matplotlib.figure import Figure
 from hpcvae.evaluate.moments import STAT_LABELS, STATS
 
 CMAP = "inferno"
+
+
+def density_hist(ax: Any, x: np.ndarray, edges: np.ndarray, **kw: Any) -> None:
+    """``ax.hist(x, density=True)`` that draws nothing (instead of warning) when no value is in ``edges``."""
+    x = np.asarray(x, float)
+    inside = x[(x >= edges[0]) & (x <= edges[-1])]
+    if inside.size:
+        ax.hist(inside, bins=edges, density=True, **kw)
 
 
 def _np(a: Any) -> np.ndarray:
@@ -285,9 +292,9 @@ def plot_latent_corner(mu: Any, *, dims: int = 6, bins: int = 40, prior_draws: A
                 ax.axis("off")
                 continue
             if i == j:
-                ax.hist(mu[:, i], bins=edges, density=True, color="C0", alpha=0.8)
+                density_hist(ax, mu[:, i], edges, color="C0", alpha=0.8)
                 if pd is not None:
-                    ax.hist(pd[:, i], bins=edges, density=True, histtype="step", color="k", lw=0.8)
+                    density_hist(ax, pd[:, i], edges, histtype="step", color="k", lw=0.8)
                 else:
                     ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), "k--", lw=0.8)
                 ax.set_yticks([])
@@ -330,9 +337,9 @@ def plot_population(
             lo, hi = lo - 0.5, hi + 0.5
         edges = np.linspace(lo, hi, bins + 1)
         if r.size:
-            ax.hist(r, bins=edges, density=True, histtype="stepfilled", alpha=0.4, label=f"real ({r.size})")
+            density_hist(ax, r, edges, histtype="stepfilled", alpha=0.4, label=f"real ({r.size})")
         if g.size:
-            ax.hist(g, bins=edges, density=True, histtype="step", lw=1.5, label=f"generated ({g.size})")
+            density_hist(ax, g, edges, histtype="step", lw=1.5, label=f"generated ({g.size})")
         ax.set_xlabel(STAT_LABELS[key])
         ax.set_ylabel("probability density")
         if comparison and key in comparison and comparison[key].get("w1") is not None:
@@ -406,24 +413,30 @@ def plot_redshift_trends(
     return fig
 
 
-def write_samples(run_dir: Path, n: int = 64, redshift: float = 0.7, seed: int = 0) -> Path:
-    """An 8x8 grid of generated galaxies from the consolidated model (fixed redshift for conditional models)."""
+def write_samples(run_dir: Path, n: int = 64, seed: int = 0) -> Path:
+    """An 8x8 grid of galaxies from the model files, drawn from the prior ``sample()`` uses (the flow once fitted),
+    at the training median conditions; the title states the prior, seed and stretch."""
     import torch
 
     from hpcvae.model_files import load_model
 
     model = load_model(run_dir)
     g = torch.Generator().manual_seed(seed)
-    imgs = model.sample(n, redshift=redshift if model.conditional else None, generator=g, normalized=True)
-    imgs = imgs[:, 0].float().numpy()
-    side = int(math.ceil(math.sqrt(n)))
-    fig, axes = plt.subplots(side, side, figsize=(side, side))
-    for i, ax in enumerate(np.asarray(axes).ravel()):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(imgs[i], cmap="gray", origin="lower", vmin=0, vmax=1)
-    title = f"{model.config['arch']} samples" + (f" at z = {redshift}" if model.conditional else "")
-    fig.suptitle(title, fontsize=8)
+    known = not model.conditional or all(
+        model.conditioning.median(c) is not None for c in model.conditioning.names
+    )
+    imgs = model.sample(n, generator=g, redshift=None if known else 0.7, extrapolate=True).float().numpy()
+    phys = (getattr(model, "model_info", None) or {}).get("physics") or {}
+    where = ""
+    if model.conditional:
+        c = model.conditioning
+        where = (
+            " at the training medians ("
+            + ", ".join(f"{k} {c.median(k):.3g}" for k in c.names if c.median(k))
+            + ")"
+        )
+    fig = plot_generation_grid(imgs, title=f"{model.config['arch']}{where}, {model.default_prior} prior, seed {seed}",
+                               noise_sigma=phys.get("noise_std"), pixel_scale=phys.get("pixel_scale_arcsec"))  # fmt: skip
     path = Path(run_dir) / "samples.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)

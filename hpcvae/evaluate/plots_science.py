@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from hpcvae.evaluate.morphology import MORPH_LABELS, MORPH_STATS
+from hpcvae.evaluate.plots import density_hist
 
 
 def plot_morphology(
@@ -38,8 +39,8 @@ def plot_morphology(
             continue
         lo, hi = np.percentile(both, [1, 99])
         edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
-        ax.hist(r, bins=edges, density=True, histtype="stepfilled", alpha=0.4, label=f"real ({r.size})")
-        ax.hist(g, bins=edges, density=True, histtype="step", lw=1.5, label=f"generated ({g.size})")
+        density_hist(ax, r, edges, histtype="stepfilled", alpha=0.4, label=f"real ({r.size})")
+        density_hist(ax, g, edges, histtype="step", lw=1.5, label=f"generated ({g.size})")
         c = stats.get(key, {})
         if c.get("w1") is not None:
             ci = c.get("mean_diff_ci")

@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.status:
         info = status(_resolve_run_arg(args.status))
         for k, v in info.items():
-            print(f"{k}: {v}")
+            print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
         return 0
     profile = None if args.profile else os.environ.get("HPCVAE_SLURM_PROFILE")
     opts = options_from_args(LaunchOptions, args, args._table, profile=profile, train_args=list(train_args))

@@ -255,6 +255,8 @@ class GalaxyVAE(nn.Module):
             redshift = conditions.get(self.conditioning.redshift_name or "zphot")
         elif redshift is None and conditions is not None:  # the one condition, as an array
             redshift = conditions
+        if redshift is None and what in ("sample", "interpolate"):  # the training median, when recorded
+            redshift = self.conditioning.median(self.conditioning.redshift_name or "")
         if redshift is None:
             raise ModelError(f"{self.arch} is conditional: {what} needs a redshift (one value per image)")
         r = torch.as_tensor(redshift, dtype=torch.float32, device=device)
