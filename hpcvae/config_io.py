@@ -303,13 +303,13 @@ def add_options(
     for name, key in table.items():
         owner, f = _leaf(cls, key)
         tp = typing.get_type_hints(owner)[f.name]
-        doc = field_docs(owner).get(f.name, "")
+        doc = field_docs(owner).get(f.name, "").replace("%", "%%")  # argparse %-formats help texts
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = "--" + name.replace("_", "-")
         if tp is bool:
             if default is True:
                 parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                                    default=None, help=doc)  # fmt: skip
+                                    default=None, help=f"Turns off (on by default): {doc}".strip())  # fmt: skip
             else:
                 parser.add_argument(flag, dest=name, action="store_true", default=None, help=doc)
             continue

@@ -493,6 +493,7 @@ class Trainer(Loop):
         lockstep = self.cfg.train.engine == "deepspeed" and self.cfg.deepspeed.zero_stage == 3
         it = iter(self.data.val_loader())
         size = self.model.image_size
+        shown = None  # the first real val conditions: the samples below are drawn at them
         filler = {"image": torch.zeros(1, 1, size, size), "redshift": torch.full((1,), 0.5),
                   "cond": torch.full((1, max(1, len(self._condition_index()))), 0.5),
                   "noise_var": torch.ones(1), "psf": torch.ones(1, 1, 1, 1)}  # fmt: skip
@@ -510,6 +511,8 @@ class Trainer(Loop):
             losses = module.compute_loss(out, x, r, beta, noise_var=nv, psf=psf)
             if not real:
                 continue
+            if shown is None and r is not None:
+                shown = r[:16]
             w = 1.0 if self.model.spec.recon_reduction == "sum" else float(x.shape[0])
             zero = losses["total"].new_zeros(())
             vals = [losses["total"], losses["recon"], losses["kl"], losses.get("redshift", zero)]
@@ -528,28 +531,34 @@ class Trainer(Loop):
         self._write_metrics(
             {"kind": "val", "epoch": self.epoch, "step": self.global_step, "beta": beta, **res}
         )
-        self._sample_image()
+        self._sample_image(shown)
         print0(
             f"epoch {self.epoch + 1}: val loss {res['loss']:.6g} (recon {res['recon']:.6g}, kl {res['kl']:.6g}) on {int(n)} images"
         )
         return res
 
-    def _sample_image(self) -> None:
-        """16 samples at the training median conditions into TensorBoard (rank 0; not under ZeRO-3)."""
+    def _sample_image(self, cond: torch.Tensor | None) -> None:
+        """Up to 16 samples at the first val galaxies' conditions into TensorBoard (rank 0; not ZeRO-3).
+
+        The val conditions, not the training medians: a shard set from before conditions were
+        recorded has no medians, and sampling must not be what fails a run.
+        """
         if not self.dist.is_main or (
             self.cfg.train.engine == "deepspeed" and self.cfg.deepspeed.zero_stage == 3
         ):
             return
+        m = self.engine.module
+        if m.conditional and cond is None:
+            return  # an empty val split: nothing to condition on
+        n = 16 if cond is None else int(cond.shape[0])
         from hpcvae.evaluate.plots import mosaic
 
-        m = self.engine.module
         g = torch.Generator(device=self.dist.device).manual_seed(self.cfg.train.seed)
-        imgs = (
-            m.sample(16, generator=g, normalized=True, prior="normal", extrapolate=True).float().cpu().numpy()
-        )
-        self.metrics.image(
-            "samples/normal_prior", mosaic(imgs.reshape(4, 4, *imgs.shape[-2:])), self.global_step
-        )
+        imgs = m.sample(n, cond, generator=g, normalized=True, prior="normal", extrapolate=True)
+        imgs = imgs.float().cpu().numpy()[:, 0]
+        cols = 4 if n % 4 == 0 else 1
+        self.metrics.image("samples/normal_prior", mosaic(imgs.reshape(n // cols, cols, *imgs.shape[-2:])),
+                           self.global_step)  # fmt: skip
 
     def _log_train(self, beta: float) -> None:
         """One host sync: turn the accumulated device metrics into numbers and write them."""

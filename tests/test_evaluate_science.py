@@ -29,13 +29,46 @@ def test_white_noise_has_a_flat_spectrum_at_its_variance_and_the_corners_find_it
     assert ps["p"].mean() == pytest.approx(sigma**2, rel=0.02)
     assert np.ptp(ps["p"][2:]) / sigma**2 < 0.15  # flat
     stamps = np.stack([_galaxy(1.0, 0.2) for _ in range(50)]) + rng.normal(0, sigma, (50, SIZE, SIZE))
-    est = spectra.noise_spectrum(stamps, ps["k"])
+    est = spectra.noise_spectrum(stamps, sigma, ps["k"])
     assert est is not None and est["n_patches"] >= 100
     assert est["p"].mean() == pytest.approx(sigma**2, rel=0.1)
     # residuals that are exactly the noise sit at 1 in every band
     ratios = spectra.band_ratios(ps["k"], spectra.power_spectrum(stamps - np.stack([_galaxy(1.0, 0.2)] * 50))["p"],
                                  est["p"])  # fmt: skip
     assert all(v == pytest.approx(1.0, abs=0.15) for v in ratios.values())
+
+
+def test_the_noise_model_learns_cosmos_correlated_noise_around_galaxies_and_redraws_it():
+    """Corner patches of real stamps give the noise's correlation; draws have its variance and correlation."""
+    import galsim
+
+    from hpcvae.evaluate.noise import NoiseModel, correlation
+
+    cn = galsim.getCOSMOSNoise(variance=1.0)
+    big = galsim.ImageF(512, 512, scale=SCALE)
+    big.addNoise(cn.copy(rng=galsim.BaseDeviate(3)))
+    a = big.array - big.array.mean()
+    truth = np.fft.ifft2(np.abs(np.fft.fft2(a)) ** 2).real / a.size
+    truth = truth / truth[0, 0]
+    sigma = np.full(120, 0.01)
+    stamps = []
+    for i in range(120):
+        im = galsim.ImageF(SIZE, SIZE, scale=SCALE)
+        im.addNoise(cn.withVariance(1e-4).copy(rng=galsim.BaseDeviate(10 + i)))
+        stamps.append(im.array + _galaxy(1.0, 0.1 + 0.002 * i, flux=5.0))
+    acf = correlation(np.stack(stamps), sigma)
+    assert acf is not None
+    c = acf.shape[0] // 2
+    assert acf[c, c + 1] == pytest.approx(truth[0, 1], abs=0.05) and truth[0, 1] > 0.3  # really correlated
+    assert acf[c + 1, c + 1] == pytest.approx(truth[1, 1], abs=0.05)
+    model = NoiseModel(acf)
+    draws = model.draw(200, SIZE, np.full(200, 0.5), np.random.default_rng(0))
+    assert draws.std() == pytest.approx(0.5, rel=0.03)
+    again = correlation(draws, np.full(200, 0.5))
+    assert again[c, c + 1] == pytest.approx(acf[c, c + 1], abs=0.03)
+    white = NoiseModel.from_stamps(np.random.default_rng(1).normal(0, 1, (50, SIZE, SIZE)), 1.0)
+    assert abs(white.describe()["rho_1px_x"]) < 0.03
+    assert NoiseModel(None).describe()["kind"] == "white"
 
 
 def test_reduced_chi2_is_one_for_noise_and_grows_with_a_model_error():

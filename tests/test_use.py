@@ -111,19 +111,27 @@ def test_generate_writes_fits_with_a_celestial_wcs(run, tmp_path):
     p = _cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3",
              "--out", str(tmp_path / "gen.fits"))  # fmt: skip
     assert p.returncode == 0, p.stderr
-    with fits.open(tmp_path / "gen.fits") as hdul:
-        assert len(hdul) == 6 and hdul[0].header["ARCH"] == "cvae2" and hdul[0].header["NGAL"] == 5
-        assert len(hdul[0].header["CFGHASH"]) == 16
-        h = hdul[1].header
-        w = WCS(h)
+    with fits.open(tmp_path / "gen.fits", checksum=True) as hdul:  # the default: cube + table + PSF
+        assert [h.name for h in hdul] == ["GALAXIES_IMG", "GALAXIES", "PSF"]
+        h = hdul[0].header
+        assert h["ARCH"] == "cvae2" and h["NGAL"] == 5 and len(h["CFGHASH"]) == 16
+        assert h["SEED"] == 3 and h["PRIOR"] == "normal" and h["BUNIT"]
+        assert hdul[0].data.shape == (5, SIZE, SIZE)
+        w = WCS(h).celestial
         assert w.has_celestial and w.wcs.ctype[0] == "RA---TAN"
         assert np.allclose(w.proj_plane_pixel_scales()[0].to_value("arcsec"), 0.03)
-        assert h["BUNIT"] and h["REDSHIFT"] == 0.7 and h["SEED"] == 3 and h["PRIOR"] == "normal"
-        first = hdul[1].data.copy()
+        table = hdul["GALAXIES"].data
+        assert len(table) == 5 and np.allclose(table["zphot"], 0.7)
+        first = hdul[0].data[0].copy()
     import fitsio
 
-    same = fitsio.read(str(tmp_path / "gen.fits"), ext=1)
-    assert same.shape == (SIZE, SIZE) and np.array_equal(same, first)
+    assert np.array_equal(fitsio.read(str(tmp_path / "gen.fits"), ext=0)[0], first)
+    # one HDU per galaxy, each with its own 2-D WCS: the same pixels
+    assert _cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3", "--layout",
+                "hdus", "--out", str(tmp_path / "hdus.fits")).returncode == 0  # fmt: skip
+    with fits.open(tmp_path / "hdus.fits") as hdul:
+        assert len(hdul) == 7 and hdul[-1].name == "GALAXIES"
+        assert WCS(hdul[1].header).has_celestial and np.array_equal(hdul[1].data, first)
     # the same seed gives the same galaxies; another seed others
     assert _cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3",
                 "--out", str(tmp_path / "again.npy")).returncode == 0  # fmt: skip
@@ -136,9 +144,9 @@ def test_generate_writes_fits_with_a_celestial_wcs(run, tmp_path):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--n", "2"], "conditioned on redshift; pass --redshift"),
+        (["--n", "2", "--redshift", "40"], "outside the training range"),
         (["--n", "2", "--redshift", "0.5", "--format", "tiff"], "'tiff' is not one of"),
-        (["--n", "0", "--redshift", "0.5"], "n must be >= 1"),
+        (["--n", "0", "--redshift", "0.5"], "n must be in [1, 1000000000], got 0"),
     ],
 )
 def test_generate_bad_input_is_one_line(run, tmp_path, args, words):

@@ -201,6 +201,20 @@ def _morphology(r: dict[str, Any], md: list[str]) -> None:
               f"suspect (flag 1): {f['real']['suspect_flag1']} and {f['generated']['suspect_flag1']}. "
               f"Method: {mo['method']}.\n")  # fmt: skip
     md += _cmp_table(mo["stats"], "statistic")
+    base = mo.get("baseline")
+    if base:
+        md.append(f"\nSingle-Sérsic baseline ({base['what']}):\n")
+        md.append("| statistic | W1 generated [95%] | W1 baseline [95%] | generated closer |")
+        md.append("|---|---|---|---|")
+        for k, c in base["stats"].items():
+            g = mo["stats"][k]
+            md.append(f"| {k} | {_fmt(g.get('w1'))}{_ci(g, 'w1')} | {_fmt(c.get('w1'))}{_ci(c, 'w1')} | "
+                      f"{'yes' if base['generated_beats_baseline'].get(k) else 'no'} |")  # fmt: skip
+    nm = mo.get("noise_model") or {}
+    if nm:
+        md.append(f"\nNoise added to generated stamps: {nm['kind']}"
+                  + (f" (neighbour correlation x {nm['rho_1px_x']:.2f}, y {nm['rho_1px_y']:.2f})" if nm["kind"] == "correlated"
+                     else f" ({nm.get('why')})") + ".")  # fmt: skip
     md.append("")
 
 

@@ -22,9 +22,11 @@ def plot_morphology(
     generated: Mapping[str, np.ndarray],
     stats: Mapping[str, Any],
     *,
+    baseline: Mapping[str, np.ndarray] | None = None,
     bins: int = 30,
 ) -> Figure:
-    """Histograms of statmorph's statistics, real against generated, with W1 and the mean difference."""
+    """Histograms of statmorph's statistics, real against generated (and the single-Sérsic baseline),
+    with W1 and the mean difference."""
     fig, axes = plt.subplots(
         1, len(MORPH_STATS), figsize=(3.3 * len(MORPH_STATS), 3.2), constrained_layout=True
     )
@@ -41,6 +43,11 @@ def plot_morphology(
         edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
         density_hist(ax, r, edges, histtype="stepfilled", alpha=0.4, label=f"real ({r.size})")
         density_hist(ax, g, edges, histtype="step", lw=1.5, label=f"generated ({g.size})")
+        if baseline is not None:
+            b = np.asarray(baseline[key], float)
+            b = b[np.isfinite(b)]
+            density_hist(ax, b, edges, histtype="step", lw=1.0, ls="--", color="0.3",
+                         label=f"single Sérsic ({b.size})")  # fmt: skip
         c = stats.get(key, {})
         if c.get("w1") is not None:
             ci = c.get("mean_diff_ci")

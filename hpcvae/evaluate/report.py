@@ -23,6 +23,7 @@ from hpcvae.errors import ConfigError, ModelError, ShardError
 from hpcvae.evaluate.bootstrap import Resampler
 from hpcvae.evaluate.collect import StampSet
 from hpcvae.evaluate.markdown import render_markdown
+from hpcvae.evaluate.noise import NoiseModel
 from hpcvae.metrics import json_safe
 from hpcvae.shards.format import iter_samples
 from hpcvae.shards.manifest import Manifest
@@ -368,6 +369,7 @@ class Run:
         self.recon = StampSet(name="reconstructed", keep=keep)
         self.resid = StampSet(name="residual", hsm=False)
         self.truth = StampSet(name="real, noise-free", keep=keep)
+        self.baseline_parts: list[np.ndarray] | None = []
         truth_ok = True
         pixel_scales: set[float] = set()
         with torch.no_grad():
@@ -430,6 +432,11 @@ class Run:
         self.RC = self.recon.finish(self.pixel_scale)
         self.RS = self.resid.finish(self.pixel_scale)
         self.T = self.truth.finish(self.pixel_scale) if truth_ok and self.truth.n == self.n_real else None
+        self.B = np.concatenate(self.baseline_parts) if self.T is not None and self.baseline_parts else None
+        """The first ``morph_n`` real galaxies' best-fit single Sérsic profiles, noise-free (synthetic sets)."""
+        kept = len(self.R["kept"])
+        self.noise = NoiseModel.from_stamps(self.R["kept"], self.R["sigma"][:kept])
+        """The real stamps' sky noise, added to noise-free stamps before statistics that noise biases."""
         self.real_stats, self.recon_stats = self.R["hsm"], self.RC["hsm"]
         self.rs = (
             Resampler(self.groups, self.n_real, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
@@ -453,6 +460,13 @@ class Run:
         if clean is None:
             return False
         self.truth.add(clean, self.noise_sigma(metas))
+        need = self.cfg.morph_n - sum(len(b) for b in self.baseline_parts)
+        if need > 0 and self.baseline_parts is not None:
+            base = noiseless_stamps(self.manifest, metas[:need], baseline=True)
+            if base is None:
+                self.baseline_parts = None  # this family has no single-Sérsic fits
+            else:
+                self.baseline_parts.append(base)
         return True
 
     def observed(self, phys: Any) -> Any:
@@ -480,7 +494,6 @@ class Run:
 
         cfg = self.cfg
         self.gen = StampSet(name="generated", keep=cfg.morph_n)
-        sigma = float(np.nanmedian(self.R["sigma"])) if self.R["sigma"].size else float("nan")
         gen = torch.Generator().manual_seed(cfg.seed)  # through model.sample: its flow prior if fitted
         with torch.no_grad():
             for start in range(0, self.n_real, cfg.batch_size):
@@ -490,6 +503,8 @@ class Run:
                 imgs = self.m.sample(
                     b, conditions=r, generator=gen, normalized=True, prior=self.prior, extrapolate=True
                 )
+                # generated galaxy i has real galaxy i's conditions, and its noise level
+                sigma = self.R["sigma"][start : start + b]
                 self.gen.add(self.observed(self.transform.inverse(imgs.float().cpu())).numpy()[:, 0], sigma)
         self.G = self.gen.finish(self.pixel_scale)
         self.gen_stats = self.G["hsm"]

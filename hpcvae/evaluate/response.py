@@ -11,6 +11,7 @@ several redshifts) means nothing.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,13 @@ from hpcvae.evaluate.moments import moments
 
 GRID = (10, 30, 50, 70, 90)
 """Percentiles of each condition's training range the sweep visits."""
+
+
+def _nanmedian(a: Any, axis: int | None = None) -> Any:
+    """np.nanmedian, quietly NaN where every value failed HSM (an untrained model's stamps)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=axis)
 
 
 def _log10(a: np.ndarray) -> np.ndarray:
@@ -49,10 +57,10 @@ def sweep(
         imgs = decode(latents, conds)
         st = moments(imgs, pixel_scale)
         sigma[i], flux[i] = st["sigma_arcsec"], imgs.reshape(n, -1).sum(axis=1)
-    return {"values": [float(v) for v in values], "median_sigma_arcsec": np.nanmedian(sigma, axis=1).tolist(),
-            "median_flux": np.nanmedian(flux, axis=1).tolist(),
-            "dlog10_sigma": float(np.nanmedian(_log10(sigma[-1]) - _log10(sigma[0]))),
-            "dlog10_flux": float(np.nanmedian(_log10(flux[-1]) - _log10(flux[0])))}  # fmt: skip
+    return {"values": [float(v) for v in values], "median_sigma_arcsec": _nanmedian(sigma, axis=1).tolist(),
+            "median_flux": _nanmedian(flux, axis=1).tolist(),
+            "dlog10_sigma": float(_nanmedian(_log10(sigma[-1]) - _log10(sigma[0]))),
+            "dlog10_flux": float(_nanmedian(_log10(flux[-1]) - _log10(flux[0])))}  # fmt: skip
 
 
 def real_change(cond: np.ndarray, sigma: np.ndarray, flux: np.ndarray, values: np.ndarray) -> dict[str, Any]:
@@ -62,8 +70,8 @@ def real_change(cond: np.ndarray, sigma: np.ndarray, flux: np.ndarray, values: n
     for lo, hi in zip(edges[:-1], edges[1:]):
         sel = (cond >= lo) & (cond < hi)
         counts.append(int(sel.sum()))
-        med_s.append(float(np.nanmedian(sigma[sel])) if sel.sum() >= 3 else None)
-        med_f.append(float(np.nanmedian(flux[sel])) if sel.sum() >= 3 else None)
+        med_s.append(float(_nanmedian(sigma[sel])) if sel.sum() >= 3 else None)
+        med_f.append(float(_nanmedian(flux[sel])) if sel.sum() >= 3 else None)
 
     def change(meds: list[float | None]) -> float | None:
         a, b = meds[0], meds[-1]

@@ -5,9 +5,9 @@ flat spectrum at s^2), in bins of spatial frequency k [cycles/pixel, 0 to 0.5]. 
 reconstruction residuals (real - reconstruction) are pure noise leaves a residual spectrum equal to
 the noise spectrum at every k; excess power at low k is structure the decoder missed.
 
-The noise spectrum is measured on the real stamps themselves, from corner patches of side S/4
-away from the galaxy (a segmentation mask is not needed: a patch that holds more than 1% of the
-stamp's flux is dropped), so correlated noise (COSMOS's) is handled like white noise.
+The noise spectrum is measured on the real stamps themselves, from corner patches of side S/4 that
+no pixel of the galaxy's source mask reaches (:func:`hpcvae.evaluate.noise.blank_patches`), so
+correlated noise (COSMOS's) is handled like white noise.
 
 Artefacts: a decoder that upsamples badly prints streaks along rows or columns and a cross-hatch.
 Two measures, both in units of the sky-noise sigma or as ratios:
@@ -63,25 +63,16 @@ def power_spectrum(images: Any) -> dict[str, Any]:
     return {"k": k, "p": p, "n": a.shape[0], "p2d": p2d}
 
 
-def noise_spectrum(images: Any, k: np.ndarray) -> dict[str, Any] | None:
-    """The sky-noise power spectrum from corner patches, interpolated onto ``k``; None if no clean patch."""
-    a = _stack(images)
-    size = a.shape[-1]
-    s = max(8, size // 4)
-    total = np.abs(a).sum(axis=(1, 2)) + 1e-30
-    patches = []
-    for sl in ((slice(0, s), slice(0, s)), (slice(0, s), slice(-s, None)), (slice(-s, None), slice(0, s)),
-               (slice(-s, None), slice(-s, None))):  # fmt: skip
-        c = a[:, sl[0], sl[1]]
-        clean = c.sum(axis=(1, 2)) < 0.01 * total
-        patches.append(c[clean])
-    pool = np.concatenate(patches)
+def noise_spectrum(images: Any, sigma: Any, k: np.ndarray) -> dict[str, Any] | None:
+    """The sky-noise power spectrum from blank corner patches, interpolated onto ``k``; None if none."""
+    from hpcvae.evaluate.noise import blank_patches
+
+    pool = blank_patches(images, sigma, normalise=False)
     if pool.shape[0] < 4:
         return None
-    pool = pool - pool.mean(axis=(1, 2), keepdims=True)
-    ps = power_spectrum(pool)
+    ps = power_spectrum(pool - pool.mean())
     p = np.interp(k, ps["k"], ps["p"])
-    return {"k": k, "p": p, "n_patches": int(pool.shape[0]), "patch_side": s}
+    return {"k": k, "p": p, "n_patches": int(pool.shape[0]), "patch_side": int(pool.shape[-1])}
 
 
 def band_ratios(k: np.ndarray, num: np.ndarray, den: np.ndarray) -> dict[str, float | None]:

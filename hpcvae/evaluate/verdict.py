@@ -199,5 +199,16 @@ def verdict(report: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
                                "differ": worst, "line": "W1 " + ", ".join(f"{k} {c['w1']:.3g}" for k, c in mo.items()
                                                                           if c.get("w1") is not None)
                                + (f"; means differ (95%) in {', '.join(worst)}" if worst else "; no mean differs (95%)")}  # fmt: skip
+        beats = ((report.get("morphology") or {}).get("baseline") or {}).get("generated_beats_baseline")
+        if beats:
+            lost = [k for k, v in beats.items() if not v]
+            lines["morphology"]["beats_single_sersic"] = not lost
+            lines["morphology"]["line"] += (
+                "; closer than the single-Sérsic baseline in every statistic"
+                if not lost
+                else f"; the single-Sérsic baseline is closer in {', '.join(lost)}"
+            )
+            if lost and lines["morphology"]["verdict"] == "ok":
+                lines["morphology"]["verdict"] = "close"
     lines["thresholds"] = {k: {"ok": v[0], "close": v[1]} for k, v in TOLERANCE.items()}
     return lines

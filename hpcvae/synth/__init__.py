@@ -335,11 +335,14 @@ def make_synthetic(
     return run(cfg).catalog
 
 
-def noiseless_stamps(manifest: Any, metas: Sequence[dict[str, Any]]) -> np.ndarray | None:
+def noiseless_stamps(
+    manifest: Any, metas: Sequence[dict[str, Any]], baseline: bool = False
+) -> np.ndarray | None:
     """The shards' galaxies without noise, redrawn from their synthetic catalog and cut as the shards were.
 
     ``metas`` are the samples' meta.json; returns (N, S, S) float32 in the shards' pixels, or None
     when the set is not a readable ``hpcvae.synth`` set (its catalog moved, another generator).
+    ``baseline``: each galaxy's best-fit single Sérsic profile instead (families with such fits: cosmos).
     """
     import fitsio
 
@@ -353,8 +356,11 @@ def noiseless_stamps(manifest: Any, metas: Sequence[dict[str, Any]]) -> np.ndarr
     family = FAMILIES.get(str(header.get("FAMILY", "simple")).strip())
     if family is None or "SEED" not in header or "NOMSIZE" not in header:
         return None
+    draw = getattr(family, "baseline" if baseline else "noiseless", None)
+    if draw is None:
+        return None
     size = manifest.image_size
-    return np.stack([fit_to_size(family.noiseless(header, int(m["ident"])), size) for m in metas])
+    return np.stack([fit_to_size(draw(header, int(m["ident"])), size) for m in metas])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from hpcvae.synth.simple import flux_radius
+
 NAME = "cosmos"
 PIXEL_SCALE = 0.03
 BAND = "F814W"
@@ -228,20 +230,6 @@ def _hsm(img: np.ndarray) -> tuple[float, float, float]:
     return res.moments_sigma * PIXEL_SCALE, res.observed_shape.g1, res.observed_shape.g2
 
 
-def _flux_radius(img: np.ndarray) -> float:
-    """Radius (pixels) of the circle about the light-weighted centre that holds half the stamp's flux."""
-    yy, xx = np.indices(img.shape, dtype=np.float64)
-    w = np.clip(img, 0, None)
-    tot = w.sum()
-    if tot <= 0:
-        return math.nan
-    cy, cx = (w * yy).sum() / tot, (w * xx).sum() / tot
-    r = np.hypot(yy - cy, xx - cx).ravel()
-    order = np.argsort(r)
-    cum = np.cumsum(w.ravel()[order])
-    return float(r[order][np.searchsorted(cum, 0.5 * tot)])
-
-
 def render_range(
     seed: int, start: int, stop: int, size: int, psf_blur: float = 0.0
 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
@@ -256,7 +244,7 @@ def render_range(
         profile(p).drawImage(image=intrinsic, method="no_pixel", offset=(float(p["dx"]), float(p["dy"])))
         p["hsm_sigma_intrinsic"], p["hsm_g1_intrinsic"], p["hsm_g2_intrinsic"] = _hsm(intrinsic.array)
         p["hsm_sigma_observed"], p["hsm_g1_observed"], p["hsm_g2_observed"] = _hsm(clean)
-        p["flux_radius"] = _flux_radius(clean)
+        p["flux_radius"] = flux_radius(clean)
         noisy = galsim.ImageF(clean.copy(), scale=PIXEL_SCALE)
         noise = _unit_noise().copy(rng=galsim.BaseDeviate(int(p["noise_seed"]) % (1 << 31)))
         noisy.addNoise(noise.withVariance(float(p["noise_variance"])))
@@ -270,6 +258,12 @@ def noiseless(header: dict[str, Any], ident: int) -> np.ndarray:
     """Galaxy ``ident`` of a set written with ``header`` (its _fits.fits header), without noise."""
     p = draw_params(int(header["SEED"]), ident, ident + 1, int(header["NOMSIZE"]))[0]
     return draw_noiseless(p, float(header.get("PSFBLUR", 0.0)))
+
+
+def baseline(header: dict[str, Any], ident: int) -> np.ndarray:
+    """Galaxy ``ident``'s best-fit single Sérsic profile (the real fit's), as observed, without noise."""
+    p = draw_params(int(header["SEED"]), ident, ident + 1, int(header["NOMSIZE"]))[0]
+    return draw_noiseless(p, float(header.get("PSFBLUR", 0.0)), sersic_only=True)
 
 
 def header_items(cfg: Any) -> list[tuple[str, Any, str]]:

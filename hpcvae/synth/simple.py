@@ -83,6 +83,8 @@ TRUTH_DTYPE = [
     ("psf_jitter", ">f8"),
     ("dx", ">f8"),
     ("dy", ">f8"),
+    ("mag_auto", ">f8"),
+    ("flux_radius", ">f8"),
 ]
 _TRUTH_NAMES = [name for name, _ in TRUTH_DTYPE]
 
@@ -293,6 +295,20 @@ def draw_noiseless(p: np.void, psf_blur: float = 0.0) -> np.ndarray:
     return img.array
 
 
+def flux_radius(img: np.ndarray) -> float:
+    """Radius (pixels) of the circle about the light-weighted centre that holds half the stamp's flux."""
+    yy, xx = np.indices(img.shape, dtype=np.float64)
+    w = np.clip(img, 0, None)
+    tot = w.sum()
+    if tot <= 0:
+        return math.nan
+    cy, cx = (w * yy).sum() / tot, (w * xx).sum() / tot
+    r = np.hypot(yy - cy, xx - cx).ravel()
+    order = np.argsort(r)
+    cum = np.cumsum(w.ravel()[order])
+    return float(r[order][np.searchsorted(cum, 0.5 * tot)])
+
+
 def render_range(
     seed: int, start: int, stop: int, size: int, psf_blur: float = 0.0
 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
@@ -302,6 +318,9 @@ def render_range(
     for j, p in enumerate(params):
         _, noise_rng = _galaxy_rngs(seed, start + j)
         clean = draw_noiseless(p, psf_blur)
+        # What a catalog measures (SExtractor-like, on the noise-free stamp): conditions a model can be given.
+        p["mag_auto"] = float(cosmo.flux_to_mag(max(float(clean.sum()), 1e-30)))
+        p["flux_radius"] = flux_radius(clean)
         # numpy, not galsim.GaussianNoise: GalSim's deviate costs ~4 µs a pixel, more than the FFTs.
         noise = noise_rng.standard_normal(clean.shape, dtype=np.float32)
         stamps.append(clean + np.float32(math.sqrt(p["noise_variance"])) * noise)
