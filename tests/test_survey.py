@@ -356,3 +356,18 @@ def test_evaluation_on_cosmos_like_galaxies_has_the_single_sersic_baseline(run: 
         assert "single-Sérsic" in rep["verdict"]["morphology"]["line"]
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Single-Sérsic baseline" in md and "Noise added to generated stamps: correlated" in md
+
+
+def test_a_flow_prior_on_several_conditions_is_evaluated(run: Path, shards: Path, tmp_path) -> None:
+    """The latent section drew the flow's samples with the redshift alone: a (n,) context for a 3-condition flow."""
+    from hpcvae.evaluate import EvalConfig, evaluate
+    from hpcvae.train_prior import main as prior_main
+
+    out = tmp_path / "flow"
+    assert prior_main([str(run), "--data", str(shards), "--out", str(out), "--epochs", "1", "--batch-size", "16",
+                       "--encode-batch-size", "8", "--transforms", "2", "--hidden", "16,16"]) == 0  # fmt: skip
+    rep = evaluate(
+        out, shards, tmp_path / "rep", config=EvalConfig(n=24, morph_n=0, n_boot=10, response_latents=2)
+    )
+    assert rep["latent"]["prior_drawn"] == "flow" and rep["population"]["prior"] == "flow"
+    assert (tmp_path / "rep" / "latent_corner.png").is_file()

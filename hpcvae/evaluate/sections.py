@@ -182,12 +182,11 @@ def latent(run: Run) -> dict[str, Any]:
         import torch
 
         g = torch.Generator().manual_seed(run.cfg.seed + 3)
-        r = (
-            torch.as_tensor(run.z_real[: min(len(run.z_real), 2000)], device=run.dev)
-            if run.conditional
-            else None
-        )
-        n = len(r) if r is not None else min(run.n_real, 2000)
+        n = min(run.n_real, 2000)
+        r = None
+        if run.conditional:  # all the model's conditions (not only the redshift), checked as sample() does
+            c = torch.as_tensor(run.cond_real[:n], dtype=torch.float32)
+            r = m._redshift(None, n, run.dev, "sample", conditions=c, extrapolate=True)
         prior_draws = m._prior_sample(n, r, g, "flow").float().cpu().numpy()
     run.save(
         plots.plot_latent_corner(mu, dims=run.cfg.latent_dims, prior_draws=prior_draws), "latent_corner.png"
