@@ -105,7 +105,7 @@ def yaml_field(run: Path, cat_path: Path, n: int, prior: str, batched: bool, out
 
     import hpcvae.galsim  # noqa: F401  (registers the types)
 
-    side = int(np.ceil(np.sqrt(n)))
+    # one row of n tiles: exactly one stamp per catalog row (GalSim's Tiled image has no object count)
     if batched:
         gal: dict[str, Any] = {"type": "HpcvaeGalaxy", "prior": prior}
         inp = {"hpcvae_model": {"file_name": str(run), "catalog": str(cat_path), "batch": 256, "seed": 1,
@@ -115,8 +115,8 @@ def yaml_field(run: Path, cat_path: Path, n: int, prior: str, batched: bool, out
                "redshift": {"type": "Catalog", "col": "zphot"}}  # fmt: skip
         inp = {"catalog": {"file_name": str(cat_path)}}
     config = {"input": inp, "gal": gal, "psf": {"type": "Moffat", "beta": 3.0, "fwhm": 0.7},
-              "image": {"type": "Tiled", "nx_tiles": side, "ny_tiles": side, "stamp_size": STAMP, "pixel_scale": 0.2,
-                        "random_seed": 7, "nobjects": n},
+              "image": {"type": "Tiled", "nx_tiles": n, "ny_tiles": 1, "stamp_size": STAMP, "pixel_scale": 0.2,
+                        "random_seed": 7},
               "output": {"file_name": str(out)}}  # fmt: skip
     return _timed(lambda: galsim.config.Process({k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()},
                                                 logger=None))  # fmt: skip
@@ -133,6 +133,57 @@ def flow_vs_normal(model: Any) -> dict[str, Any]:
     out["flow_over_normal_1024"] = out["flow"]["sample_1024_s"] / out["normal"]["sample_1024_s"]
     out["per_galaxy_1024_over_64"] = None
     return out
+
+
+def fidelity(model: Any, truth: Path, n: int = 1000) -> dict[str, Any]:
+    """Do generated galaxies follow the catalog they were asked for? (the survey issue's bar)
+
+    The catalog is the first ``n`` rows of a synthetic set's truth table (``hpcvae.synth``'s ``_fits.fits``):
+    zphot, mag_auto, flux_radius requested, and each row's noise-free stamp flux and observed HSM size as the
+    real galaxy at those conditions.  Spearman rank correlations of requested against measured, and the
+    medians of measured generated against real in quintiles of the requested value.
+    """
+    import fitsio
+    from scipy.stats import spearmanr
+
+    from hpcvae.evaluate.moments import moments
+
+    t = fitsio.read(str(truth))[:n]
+    names = list(model.conditioning.names)
+    missing = [c for c in names if c not in t.dtype.names]
+    if missing:
+        raise ConfigError(f"{truth}: no column {missing[0]!r}, which the model is conditioned on")
+    cat = {c: np.asarray(t[c], dtype=np.float64) for c in names}
+    imgs = model.sample(cat, seed=0, prior="flow").float().numpy()[:, 0]
+    phys = (getattr(model, "model_info", None) or {}).get("physics") or {}
+    scale, zp = float(phys.get("pixel_scale_arcsec") or 0.03), phys.get("zeropoint")
+    flux = imgs.reshape(len(imgs), -1).sum(1)
+    sigma = moments(imgs, scale)["sigma_arcsec"]
+    real_flux = 10 ** (-0.4 * (t["mag_auto"] - zp)) if zp is not None else np.asarray(t["flux"], dtype=float)
+    real_sigma = np.asarray(t["hsm_sigma_observed"], dtype=float)
+
+    def binned(req: np.ndarray, gen: np.ndarray, real: np.ndarray) -> list[dict[str, Any]]:
+        edges = np.nanquantile(req, np.linspace(0, 1, 6))
+        out = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = (req >= lo) & (req <= hi) & np.isfinite(gen) & np.isfinite(real)
+            g, r = float(np.median(gen[sel])), float(np.median(real[sel]))
+            out.append({"range": [float(lo), float(hi)], "n": int(sel.sum()), "generated": g, "real": r,
+                        "rel_diff": g / r - 1})  # fmt: skip
+        return out
+
+    ok = np.isfinite(sigma)
+    res = {
+        "n": len(t), "catalog": truth.name, "hsm_failures": int((~ok).sum()),
+        "spearman_flux": float(spearmanr(-t["mag_auto"], flux).statistic),
+        "spearman_size": float(spearmanr(t["flux_radius"][ok], sigma[ok]).statistic),
+        "flux_bins_by_mag_auto": binned(np.asarray(t["mag_auto"], float), flux, real_flux),
+        "size_bins_by_flux_radius": binned(np.asarray(t["flux_radius"], float), sigma, real_sigma),
+    }  # fmt: skip
+    worst = max(abs(b["rel_diff"]) for b in res["flux_bins_by_mag_auto"] + res["size_bins_by_flux_radius"])
+    res["worst_bin_rel_diff"] = worst
+    res["meets"] = bool(res["spearman_flux"] >= 0.8 and res["spearman_size"] >= 0.6 and worst <= 0.10)
+    return res
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,8 +233,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          by[("GalSim YAML, batched input", prior)],
                          "yaml_batched_over_python_batched": by[("GalSim YAML, batched input", prior)] / py,
                          "cli_over_python_batched": by[("CLI to FITS (hpcvae.generate --catalog)", prior)] / py}  # fmt: skip
+    fid = fidelity(model, Path(args.truth), min(args.n_fidelity, 100_000)) if args.truth else None
     env["loadavg_end"] = common.loadavg()
-    payload = {"benchmark": "generate", "environment": env, "n": args.n, "model": str(model_path.name),
+    payload = {"fidelity": fid, "benchmark": "generate", "environment": env, "n": args.n, "model": str(model_path.name),
                "model_arch": model.arch, "build_model_s": build_s, "results": rows, "ratios": ratios,
                "flow_vs_normal": flows}  # fmt: skip
     stem = common.result_stem("generate", device) + (f"-{args.tag}" if args.tag else "")
@@ -211,6 +263,23 @@ def render_md(p: dict[str, Any]) -> str:
         f"flow / normal: {f['flow_over_normal_1']:.2f}x for sample(1), {f['flow_over_normal_1024']:.2f}x for "
         f"sample(1024); per galaxy, sample(1024) / sample(64) with N(0, I): {f['per_galaxy_1024_over_64']:.2f}",
     ]  # fmt: skip
+    fid = p.get("fidelity")
+    if fid:
+        lines += ["", f"## Does a galaxy follow its catalog row? ({fid['n']} rows of {fid['catalog']})", "",
+                  f"Spearman, requested against measured: flux {fid['spearman_flux']:.3f} (bar 0.8), HSM size "
+                  f"{fid['spearman_size']:.3f} (bar 0.6); {fid['hsm_failures']} HSM failures. Medians of the generated "
+                  "against the real galaxies (noise-free stamp flux, observed HSM size) in quintiles of the "
+                  "requested value (bar: within 10%):", "",
+                  "| quantity | requested range | n | generated | real | rel. diff |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for key, what in (
+            ("flux_bins_by_mag_auto", "flux by mag_auto"),
+            ("size_bins_by_flux_radius", "σ″ by flux_radius"),
+        ):
+            for b in fid[key]:
+                lines.append(f"| {what} | {b['range'][0]:.2f}–{b['range'][1]:.2f} | {b['n']} | {b['generated']:.4g} | "
+                             f"{b['real']:.4g} | {100 * b['rel_diff']:+.1f}% |")  # fmt: skip
+        lines += ["", f"Worst bin {100 * fid['worst_bin_rel_diff']:.1f}%: {'meets' if fid['meets'] else 'misses'} "
+                  "the bars."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="results folder (e.g. benchmarks/results)")
     ap.add_argument("--workdir", help="scratch folder (default: the system temp dir)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names")
+    ap.add_argument(
+        "--truth", help="a synthetic set's truth table (_fits.fits): check the catalog fidelity on it"
+    )
+    ap.add_argument("--n-fidelity", type=int, default=1000, help="catalog rows for the fidelity check")
     args = ap.parse_args(argv)
     if not 1 <= args.n <= 100_000:
         raise ConfigError(f"--n must be in [1, 100000], got {args.n}")

@@ -11,7 +11,10 @@
 # (b) times cvae2 at 158² (the seed's sizes) at batch 64 and 256: the seed's loop, Lightning, ours
 #     fp32, bf16 + channels_last, + compile, + GPU-resident; s/epoch for 81,499 galaxies, img/s, MFU
 #     against 989 TFLOP/s and against a matmul measured in the same run;
-# (c) writes benchmarks/results/epoch_time-<device>-<date>-b64/-b256.{md,json} and the test log.
+# (c) writes benchmarks/results/epoch_time-<device>-<date>-b64/-b256.{md,json} and the test log;
+# (d) the science at a size no CPU run reaches: the recommended recipe (galaxy_film, default width) on
+#     20,000 COSMOS-like galaxies at 128² (about 5 minutes), judged like benchmarks.generalize on CPU;
+# (e) catalog-to-stamp generation speed and fidelity (benchmarks.generate) with that model.
 # The rehearsal runs in CI (tests/test_benchmarks.py), so the script is known to work before a GPU is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,4 +72,18 @@ else
     # tiny: debug widths at 158² so the seed's fixed modules run beside ours; no compile (minutes on CPU)
     python3 -m benchmarks.epoch_time --smoke --extra cvae2:ddp:bf16:channels_last+resident --tag rehearsal --out "$OUT"
 fi
+echo "[gpu_check] (d) science: galaxy_film on COSMOS-like galaxies"
+SCI=$(mktemp -d "${TMPDIR:-/tmp}/hpcvae-gpu-science.XXXXXX")
+if [ "$MODE" = gpu ]; then
+    python3 -m benchmarks.generalize --sets cosmos --recipes galaxy_film --n 20000 --size 128 --epochs 12 \
+        --batch-size 64 --flavour default --device cuda --prior-epochs 30 --jobs 1 --work "$SCI" --out "$OUT"
+else
+    python3 -m benchmarks.generalize --sets cosmos --recipes galaxy_film --n 48 --size 32 --epochs 1 \
+        --prior-epochs 2 --jobs 1 --work "$SCI" --tag rehearsal --out "$OUT" \
+        --eval-extra "--morph-n 4 --n-boot 20 --response-latents 2 --grid-size 2 --sweep-rows 1"
+fi
+echo "[gpu_check] (e) generation from a catalog"
+python3 -m benchmarks.generate --model "$SCI/runs/cosmos-galaxy_film" --n $([ "$MODE" = gpu ] && echo 1000 || echo 8) \
+    --truth "$SCI/cosmos$([ "$MODE" = gpu ] && echo 128 || echo 32)/real_galaxy_catalog_synth_fits.fits" \
+    --n-fidelity $([ "$MODE" = gpu ] && echo 1000 || echo 16) --tag "$MODE" --out "$OUT"
 echo "[gpu_check] done in $(( $(date +%s) - T0 )) s; results in $OUT"
