@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,16 +269,6 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e12
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of whatever ``fn`` runs (forward and backward), from torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def summarise(times: Sequence[float]) -> dict[str, float]:

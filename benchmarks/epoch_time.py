@@ -33,16 +33,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from benchmarks import common
 from benchmarks import epoch_peers as peers
+from benchmarks.epoch_ours import time_ours
 from benchmarks.epoch_peers import seed_flops_per_batch  # noqa: F401  (re-exported for the tests)
+from benchmarks.epoch_results import (
+    PEER_ARCH,
+    SEED_REF,
+    derive,
+    fastest_precision,
+    flop_check,
+    merge_runs,
+    pair_ratios,
+    print_row,
+)
 from hpcvae.cli import run_cli
 from hpcvae.config import ArchName, Engine, Flavour, Precision
 from hpcvae.errors import ConfigError
@@ -51,10 +61,6 @@ ARCHS: tuple[str, ...] = ("vae128", "vae158", "cvae", "cvae2", "fancy_cvae")
 OPTIONS = ("none", "channels_last", "auto", "compile", "channels_last+compile", "channels_last+compile+resident",
            "channels_last+resident")  # fmt: skip
 Option = Literal["none", "channels_last", "auto", "compile", "channels_last+compile"]
-SEED_REF = {"vae158": "vae158", "vae128": "vae158", "cvae2": "cvae2", "cvae": "cvae2", "fancy_cvae": "cvae2"}
-"""The seed model each architecture's ratio is taken against (the baseline copies only the seed's cvae2 and vae158)."""
-PEER_ARCH = "cvae2"
-"""The bare loop and Lightning run the seed's pick, the model every ratio of the issue is about."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -156,18 +162,6 @@ class EpochTimeConfig:
             raise ConfigError(f"--peer-precisions: unknown precision {bad[0]!r} (choices: fp32, bf16, fp16)")
 
 
-@dataclass(kw_only=True)
-class StepTimes:
-    first_s: list[float] = field(default_factory=list)
-    """Warm-up step times (compile happens here)."""
-    step_s: list[float] = field(default_factory=list)
-    wait_s: list[float] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------------------
-# The data both sides train on
-
-
 def prepare_data(cfg: EpochTimeConfig, workdir: Path, size: int) -> tuple[Path, Path, dict[str, Any]]:
     """A shard set for our loader and an h5 file in the seed's layout holding the same train images."""
     from benchmarks.seed_baseline import write_seed_h5
@@ -206,162 +200,6 @@ def prepare_data(cfg: EpochTimeConfig, workdir: Path, size: int) -> tuple[Path, 
 # Our step, as the trainer runs it
 
 
-def time_ours(variant: Variant, job: dict[str, Any]) -> dict[str, Any]:
-    """Run inside the variant's subprocess: build the product's Trainer, warm up, time, measure memory."""
-    device = common.pick_device(job.get("device"))
-    step = ProductStep(variant, job, device)
-    model = step.trainer.model
-    n_params = sum(p.numel() for p in model.parameters())
-    flops = peers.flops_per_batch(variant.arch, job, step.trainer.manifest.image_size)
-    mm = peers.matmul_now(device, step.precision)
-    common.reset_peak_memory(device)
-    peers.reset_rss_peak()
-    warmup = job["warmup"] + (1 if variant.compile else 0)
-    times = _run_steps(step, step.trainer.data, device, warmup, job["steps"])
-    peak, peak_kind = peers.peak_memory(device)
-    mm_after = peers.matmul_now(device, step.precision)
-    profile = _profile_step(step, step.trainer.data, device) if job.get("profile") else None
-    step.close()
-    return {
-        "variant": asdict(variant),
-        "n_params": n_params,
-        "flops_per_batch": flops,
-        "steps_per_epoch_in_set": step.trainer.steps_per_epoch,
-        "warmup_times_s": times.first_s,
-        "step_times_s": times.step_s,
-        "wait_times_s": times.wait_s,
-        "matmul_tflops": mm,
-        "matmul_tflops_after": mm_after,
-        "peak_memory_mb": peak,
-        "peak_memory_kind": peak_kind,
-        "engine_info": step.info,
-        "resolved": step.resolved,
-        "profile": profile,
-    }
-
-
-class ProductStep:
-    """The product's own training step: ``hpcvae.trainer.Trainer.train_step`` on its own loader.
-
-    The Trainer is built from a ``JobConfig`` exactly as ``python -m hpcvae.train`` builds
-    it (model from the registry, engine with fused Adam, autocast, channels_last,
-    torch.compile, LR scheduler), so nothing here can be faster than a real run.  The only
-    thing left out is the metric logging every ``train.log_every`` steps (one host sync).
-    """
-
-    def __init__(self, variant: Variant, job: dict[str, Any], device: torch.device) -> None:
-        from hpcvae.config import CheckpointConfig, DataConfig, JobConfig, ModelConfig, TrainConfig
-        from hpcvae.dist import DistInfo
-        from hpcvae.trainer import Trainer
-
-        run_dir = Path(job["result"]).with_suffix(".run")
-        cfg = JobConfig(
-            name=f"bench-{variant.arch}",
-            out=str(run_dir),
-            data=DataConfig(
-                path=job["shards"],
-                batch_size=job["batch_size"],
-                num_workers=job["num_workers"],
-                gpu_resident=variant.resident,
-            ),  # fmt: skip
-            model=ModelConfig(
-                arch=variant.arch, flavour=job["flavour"], nf=job.get("nf"), z_dim=job.get("z_dim")
-            ),
-            train=TrainConfig(
-                engine=variant.engine,
-                precision=variant.precision,
-                channels_last=variant.channels_last,
-                compile=variant.compile,
-                sample_grid=False,
-            ),
-            checkpoint=CheckpointConfig(every_steps=0, resume="none"),
-        )
-        dist = DistInfo(device=device, backend="nccl" if device.type == "cuda" else "gloo")
-        self.trainer = Trainer(cfg, dist)
-        h = self.trainer.hardware
-        self.precision = h["precision"]
-        self.resolved = {"precision": h["precision"], "channels_last": h["channels_last"],
-                         "reason": f"{h['precision_reason']}; {h['channels_last_reason']}"}  # fmt: skip
-        self.beta = float(self.trainer.beta(0))
-        opt = self.trainer.engine.optimizer
-        self.info = {
-            "engine": type(self.trainer.engine).__name__,
-            "optimizer": type(opt).__name__,
-            "fused": bool(opt.defaults.get("fused")),
-        }
-
-    def __call__(self, batch: dict[str, Any]) -> None:
-        self.trainer.train_step(batch, self.beta)
-
-    def close(self) -> None:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-
-
-def _run_steps(step, data, device: torch.device, warmup: int, steps: int) -> StepTimes:
-    """Iterate real loader epochs; time each step from asking for the batch to the step's end.
-
-    On a GPU the step ends with a synchronize so a step's time is its own (the trainer
-    syncs only every ``log_every`` steps; the extra sync costs microseconds against
-    steps of milliseconds).
-    """
-    out = StepTimes()
-    done, epoch = 0, 0
-    total = warmup + steps
-    while done < total:
-        it = iter(data.train_loader(epoch))
-        while done < total:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)  # EpochLoader keeps the global RNG untouched, as in training
-            except StopIteration:
-                break
-            t1 = time.perf_counter()
-            step(batch)
-            common.sync(device)
-            t2 = time.perf_counter()
-            if done < warmup:
-                out.first_s.append(t2 - t0)
-            else:
-                out.step_s.append(t2 - t0)
-                out.wait_s.append(t1 - t0)
-            done += 1
-        epoch += 1
-    return out
-
-
-def _profile_step(step, data, device: torch.device, top: int = 12) -> list[dict[str, Any]]:
-    """torch.profiler over one more step: the ops that take the time, with their input shapes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    it = iter(data.train_loader(1))
-    batch = next(it)
-    with profile(activities=acts, record_shapes=True) as prof:
-        step(batch)
-        common.sync(device)
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = prof.key_averages(group_by_input_shape=True)
-    total = sum(getattr(e, attr) for e in events) or 1.0
-    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
-    return [
-        {
-            "op": e.key,
-            "shapes": str(e.input_shapes)[:120],
-            "calls": e.count,
-            "self_ms": getattr(e, attr) / 1e3,
-            "share": getattr(e, attr) / total,
-        }
-        for e in ranked
-    ]
-
-
-# ----------------------------------------------------------------------------------------
-# Orchestration
-
-
 def _spawn(kind: str, what: str, job: dict[str, Any], workdir: Path, timeout_s: float) -> dict[str, Any]:
     """Run one variant in a fresh interpreter; its failure is recorded, not fatal."""
     jobfile = workdir / f"job-{kind}-{re.sub(r'[^A-Za-z0-9.-]+', '_', what)}.json"
@@ -388,43 +226,6 @@ def _spawn(kind: str, what: str, job: dict[str, Any], workdir: Path, timeout_s: 
     res = json.loads(resfile.read_text())
     res["wall_s"] = wall
     return res
-
-
-def _derive(res: dict[str, Any], batch: int, env: dict[str, Any], precision: str) -> dict[str, Any]:
-    """Per-step times -> images/s, epoch seconds, MFU, data-wait share."""
-    steps = np.asarray(res.get("step_times_s") or [], dtype=np.float64)
-    waits = np.asarray(res.get("wait_times_s") or [], dtype=np.float64)
-    if steps.size == 0:
-        return {}
-    mean = float(steps.mean())
-    flops = res.get("flops_per_batch") or 0
-    start_mm = env["matmul_tflops"]["bf16" if precision in ("bf16", "fp16") else "fp32"]
-    mm = res.get("matmul_tflops") or start_mm
-    rates = [r for r in (res.get("matmul_tflops"), res.get("matmul_tflops_after")) if r]
-    peak = env.get("bf16_peak_tflops")
-    first = res.get("warmup_times_s") or []
-    d = {
-        "step_s": mean,
-        "step_s_median": float(np.median(steps)),
-        "step_s_min": float(steps.min()),
-        "step_s_max": float(steps.max()),
-        "images_per_s": batch / mean,
-        "epoch_s_81k": (common.COSMOS_EPOCH // batch) * mean,
-        "epoch_s_314k": (common.BIG_EPOCH // batch) * mean,
-        "data_wait_share": float(waits.sum() / steps.sum()) if waits.size else None,
-        "compute_step_s": float((steps - waits).mean()) if waits.size else mean,
-        "gflop_per_image": flops / batch / 1e9,
-        "achieved_tflops": flops / mean / 1e12,
-        "mfu_vs_matmul": flops / mean / 1e12 / mm if mm else None,
-        "mfu_vs_bf16_peak": flops / mean / 1e12 / peak if peak else None,
-        "cpu_share": min(rates) / start_mm if rates and start_mm else None,
-        "warmup_overhead_s": max(0.0, first[0] - mean) if first else None,
-        "compile_s": max(0.0, first[0] - mean)
-        if first and res.get("variant", {}).get("option", "").endswith("compile")
-        else None,
-        "first_step_s": first[0] if first else None,
-    }
-    return d
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -525,9 +326,9 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
                     job["variant"] = asdict(row.variant)
                 res = _spawn(row.kind, f"{row.label}-r{k}", job, workdir, cfg.variant_timeout_s)
                 resolved = (res.get("resolved") or {}).get("precision", row.precision)
-                res.update(_derive(res, cfg.batch_size, env, resolved))
+                res.update(derive(res, cfg.batch_size, env, resolved))
                 runs[row.label].append(res)
-                _print_row(f"{row.label} [round {k + 1}]", res)
+                print_row(f"{row.label} [round {k + 1}]", res)
     env["loadavg_end"] = common.loadavg()
     results = [merge_runs(row, runs[row.label], cfg.batch_size, env) for row in rows]
     pair_ratios(results)
@@ -536,7 +337,7 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
         "environment": env,
         "config": {**asdict(cfg), "variants": [v.name for v in cfg.variants]},
         "data": data,
-        "flop_check": _flop_check(results),
+        "flop_check": flop_check(results),
         "results": results,
         "fastest": fastest_precision(results),
     }
@@ -546,92 +347,6 @@ def run(cfg: EpochTimeConfig, out: Path) -> dict[str, Any]:
         common.update_index(out)
     print(f"epoch_time: wrote {Path(out) / stem}.json and .md")
     return payload
-
-
-def merge_runs(row: Row, runs: list[dict[str, Any]], batch: int, env: dict[str, Any]) -> dict[str, Any]:
-    """One row from its rounds: the timed steps pooled, each round's mean kept for pairing."""
-    ok = [r for r in runs if "error" not in r]
-    head = {"name": row.label, "kind": row.kind, "arch": row.arch, "engine": row.kind if row.kind != "ours"
-            else row.variant.engine, "option": row.variant.option if row.variant else
-            ("channels_last" if row.channels_last else "none")}  # fmt: skip
-    if not ok:
-        return {**head, "precision": row.precision, "error": runs[0].get("error") if runs else "not run"}
-    merged = dict(ok[0])
-    for key in ("step_times_s", "wait_times_s"):
-        merged[key] = [t for r in ok for t in r.get(key, [])]
-    merged["matmul_tflops"] = float(np.mean([r["matmul_tflops"] for r in ok]))
-    merged["matmul_tflops_after"] = min(r.get("matmul_tflops_after") or r["matmul_tflops"] for r in ok)
-    merged["peak_memory_mb"] = max(r["peak_memory_mb"] for r in ok)
-    merged["round_means_s"] = {int(r["round"]) if "round" in r else i: float(np.mean(r["step_times_s"]))
-                               for i, r in enumerate(runs) if "error" not in r}  # fmt: skip
-    resolved = merged.get("resolved") or {}
-    precision = resolved.get("precision", row.precision)
-    merged.update(_derive(merged, batch, env, precision))
-    means = list(merged["round_means_s"].values())
-    merged.update(head, precision=precision, requested_precision=row.precision,
-                  channels_last=resolved.get("channels_last", row.channels_last), rounds=len(means),
-                  spread=(max(means) - min(means)) / float(np.mean(means)) if len(means) > 1 else None)  # fmt: skip
-    return merged
-
-
-def pair_ratios(results: list[dict[str, Any]]) -> None:
-    """Each of our rows against the seed, the bare loop (same precision and layout) and Lightning (same precision).
-
-    ``x_<peer>`` is the peer's step time over ours (> 1: ours is faster), from the pooled means;
-    ``x_<peer>_rounds`` the same ratio in each round both ran (paired: the same moment's load).
-    """
-
-    def find(kind: str, **want: Any) -> dict[str, Any] | None:
-        return next((r for r in results if r["kind"] == kind and "error" not in r
-                     and all(r.get(k) == v for k, v in want.items())), None)  # fmt: skip
-
-    for r in results:
-        if r["kind"] != "ours" or "error" in r:
-            continue
-        peers_of = {"seed": find("seed", arch=SEED_REF[r["arch"]]),
-                    "bare": find("bare", precision=r["precision"], channels_last=bool(r["channels_last"])),
-                    "lightning": find("lightning", precision=r["precision"])}  # fmt: skip
-        for name, peer in peers_of.items():
-            if peer is None:
-                continue
-            r[f"x_{name}"] = peer["step_s"] / r["step_s"]
-            both = sorted(set(peer["round_means_s"]) & set(r["round_means_s"]))
-            r[f"x_{name}_rounds"] = [peer["round_means_s"][k] / r["round_means_s"][k] for k in both]
-        if peers_of["seed"] is not None:
-            r["speedup_vs_seed"] = r["images_per_s"] / peers_of["seed"]["images_per_s"]
-
-
-def fastest_precision(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Which precision the bare loop (and ours) ran fastest in on this machine."""
-    out: dict[str, Any] = {}
-    for kind in ("bare", "ours", "lightning"):
-        rows = [r for r in results if r["kind"] == kind and "error" not in r and r.get("arch") == PEER_ARCH]
-        if rows:
-            best = min(rows, key=lambda r: r["step_s"])
-            out[kind] = {"name": best["name"], "precision": best["precision"], "step_s": best["step_s"]}
-    return out
-
-
-def _flop_check(results: list[dict[str, Any]]) -> dict[str, Any]:
-    def gflop(kind: str) -> float | None:
-        return next((r.get("gflop_per_image") for r in results
-                     if r["kind"] == kind and r.get("arch") == "cvae2" and r.get("gflop_per_image")), None)  # fmt: skip
-
-    return {"stated_gflop_per_image": common.SEED_CVAE2_GFLOP_PER_IMAGE,
-            "flopcounter_seed_cvae2_gflop_per_image": gflop("seed"),
-            "flopcounter_ours_cvae2_gflop_per_image": gflop("ours")}  # fmt: skip
-
-
-def _print_row(name: str, r: dict[str, Any]) -> None:
-    if "error" in r:
-        print(f"  {name:60s} FAILED: {r['error']}")
-        return
-    print(f"  {name:60s} {r['step_s']:.3f} s/step  {r['images_per_s']:8.1f} img/s  "
-          f"wait {100 * (r['data_wait_share'] or 0):4.1f}%", flush=True)  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------
-# CLI
 
 
 def _csv(text: str) -> list[str]:

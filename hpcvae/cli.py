@@ -7,6 +7,11 @@ from collections.abc import Callable, Sequence
 
 from hpcvae.errors import HpcvaeError
 
+EXIT_COMPLETED = 0
+EXIT_PREEMPTED = 3
+"""A run stopped at a control point with its checkpoint written: the launcher requeues on this code."""
+EXIT_BAD_INPUT = 2
+
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], prog: str) -> None:
     """Run ``main`` and turn expected failures into one-line errors.
@@ -25,7 +30,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], prog: str) -> No
         # An error every rank raised alike is printed once, by rank 0, not once per rank.
         if not (getattr(exc, "collective", False) and _rank() != 0):
             print(f"{prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

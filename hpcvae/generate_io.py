@@ -67,7 +67,7 @@ def wcs_cards(
     from astropy.wcs import WCS
 
     from hpcvae.errors import ConfigError
-    from hpcvae.shards.ingest import fits_unit
+    from hpcvae.shards.physics import fits_unit
 
     phys = _physics(model)
     scale = phys.get("pixel_scale_arcsec")

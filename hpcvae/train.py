@@ -13,14 +13,11 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from hpcvae.cli import run_cli
+from hpcvae.cli import EXIT_COMPLETED, EXIT_PREEMPTED, run_cli
 from hpcvae.config import JobConfig, add_options, options_from_args
 from hpcvae.dist import cleanup, init_distributed, read_env
 from hpcvae.errors import ConfigError
 from hpcvae.trainer import RunResult, Trainer
-
-EXIT_COMPLETED = 0
-EXIT_PREEMPTED = 3
 
 _FLAGS = {  # CLI flag -> config key; every other option is --set section.key=value
     "arch": "model.arch",

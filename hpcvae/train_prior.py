@@ -33,7 +33,7 @@ import torch
 import torch.distributed as tdist
 
 from hpcvae.checkpoint import CHECKPOINT_DIR, resolve_resume, resume_position
-from hpcvae.cli import run_cli
+from hpcvae.cli import EXIT_COMPLETED, EXIT_PREEMPTED, run_cli
 from hpcvae.config import (
     CheckpointConfig,
     DataConfig,
@@ -52,8 +52,6 @@ from hpcvae.models.conditions import from_batch
 from hpcvae.prior import PREFIX, FlowKind, FlowSpec, build_flow, flow_meta, gaussian_nll, vae_digest
 from hpcvae.runlock import RunLock
 
-EXIT_COMPLETED = 0
-EXIT_PREEMPTED = 3
 WORK_DIR = "prior"
 
 

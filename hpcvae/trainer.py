@@ -37,7 +37,7 @@ from hpcvae.checkpoint import read_meta, resolve_resume
 from hpcvae.config import EngineConfig, JobConfig, dump_toml, to_dict
 from hpcvae.dist import DistInfo, barrier, on_rank0, print0
 from hpcvae.engines import Engine, build_engine
-from hpcvae.errors import CheckpointError, ConfigError, HpcvaeError
+from hpcvae.errors import ConfigError, HpcvaeError
 from hpcvae.loop import Loop, LoopConfig
 from hpcvae.metrics import Metrics
 from hpcvae.model_files import MODEL_FILE
@@ -238,47 +238,9 @@ class Trainer(Loop):
         return self.cfg
 
     def _check_changed_options(self) -> None:
-        """The resume rule: options that define what is trained cannot change mid-run; the others apply.
+        from hpcvae.resume_rules import check_changed_options
 
-        The checkpoint's config.toml is the run's record; a refused change leaves everything as it was,
-        an applied one is printed and recorded (config.toml, model.json say what ran).
-        """
-        import tomllib
-
-        from hpcvae.config import resume_changes
-
-        folder = self.resume_from
-        if folder is None or not (Path(folder) / "config.toml").is_file():
-            return
-        try:
-            old = tomllib.loads((Path(folder) / "config.toml").read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise CheckpointError(f"{folder}/config.toml: unreadable ({exc})", collective=True) from None
-        refused, applied = resume_changes(old, to_dict(self.cfg))
-        refused = [r for r in refused if r[0] != "data.path"]
-        if refused:
-            key, a, b = refused[0]
-            more = (
-                f" (and {len(refused) - 1} more: {', '.join(r[0] for r in refused[1:4])})"
-                if len(refused) > 1
-                else ""
-            )
-            raise ConfigError(
-                f"{folder}: {key} was {a!r} when this run started and is {b!r} now{more}; a resume cannot change "
-                "what is being trained. Use the run's value, or start a new run (--resume none or another --out)",
-                key=key, collective=True,
-            )  # fmt: skip
-        done = int((self.resume_meta or {}).get("epoch", 0))
-        if self.cfg.train.epochs < done:
-            raise ConfigError(
-                f"{folder}: train.epochs = {self.cfg.train.epochs} but the checkpoint has already trained {done} "
-                "epochs; ask for at least that many", key="train.epochs", collective=True,
-            )  # fmt: skip
-        shown = [r for r in applied if not r[0].startswith(("data.path", "out", "checkpoint.resume"))]
-        if shown:
-            print0(
-                "resume: applying changed options: " + "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in shown)
-            )
+        check_changed_options(self.resume_from, self.cfg, self.resume_meta)
 
     def _apply_determinism(self) -> None:
         if self.cfg.train.deterministic:
@@ -296,42 +258,11 @@ class Trainer(Loop):
         }
 
     def _choose_transform(self) -> Any:
-        """The normalisation: from the manifest, or the checkpoint's when resuming.
+        from hpcvae.resume_rules import choose_transform
 
-        A resume on another shard set, or with another ``data.transform``, would feed the model
-        differently normalised pixels mid-training; it is refused unless
-        ``checkpoint.allow_new_data``, and then the checkpoint's normalisation is kept.
-        """
-        from hpcvae.transforms import get_transform, transform_from_dict
-
-        fresh = get_transform(self.cfg.data.transform, self.manifest.stats("train"))
-        meta = self.resume_meta
-        if meta is None:
-            return fresh
-        for key, want in self._expect().items():  # cheap checks first: nothing built yet
-            if meta.get(key) != want:
-                raise CheckpointError(
-                    f"{self.resume_from}: checkpoint has {key} = {meta.get(key)!r} but this run has {key} = {want!r}; "
-                    "resume with the same setting or start fresh with --resume none",
-                    collective=True,
-                )
-        changed = []
-        if meta.get("manifest_digest") not in (None, self.manifest.digest):
-            changed.append(f"--data {self.manifest.root} is another shard set (manifest digest differs)")
-        saved = meta.get("transform")
-        if saved is not None and saved != fresh.to_dict():
-            changed.append(f"the normalisation differs ({saved['name']} {saved.get('params')} in the checkpoint, "
-                           f"{fresh.name} {fresh.to_dict()['params']} now)")  # fmt: skip
-        if not changed:
-            return fresh
-        if not self.cfg.checkpoint.allow_new_data:
-            raise CheckpointError(
-                f"{self.resume_from}: {'; '.join(changed)}; resuming would continue on other data. "
-                "Pass --set checkpoint.allow_new_data=true to do it anyway, or --resume none to start fresh",
-                collective=True,
-            )
-        self._new_data_note = "; ".join(changed)
-        return transform_from_dict(saved) if saved is not None else fresh
+        t, self._new_data_note = choose_transform(self.cfg, self.manifest, self.resume_meta, self.resume_from,
+                                                  self._expect())  # fmt: skip
+        return t
 
     def _resume(self) -> None:
         from hpcvae.data import DataPosition, resume_plan

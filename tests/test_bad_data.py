@@ -14,13 +14,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from train_helpers import REPO, child_env, make_shards, train_args
+from train_helpers import cli, make_shards, train_args
 
 from hpcvae.checkpoint import list_checkpoints
 from hpcvae.errors import CheckpointError, ConfigError
@@ -32,11 +31,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shards(tmp_path_factory.mktemp("bad-data"))
-
-
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
 def _error_line(r: subprocess.CompletedProcess, prog: str) -> str:
@@ -68,7 +62,7 @@ def _broken_copy(shards: Path, tmp: Path, *, value: float) -> tuple[Path, Path, 
 def test_changed_shard_is_refused_before_training(shards: Path, tmp_path: Path, value: float) -> None:
     bad, victim, _ = _broken_copy(shards, tmp_path, value=value)
     out = tmp_path / "run"
-    line = _error_line(_cli("hpcvae.train", *train_args(bad, out, epochs=1)), "hpcvae.train")
+    line = _error_line(cli("-m", "hpcvae.train", *train_args(bad, out, epochs=1)), "hpcvae.train")
     assert str(victim) in line and "sha256" in line and "data.verify=false" in line, line
     assert not (out / "model.safetensors").exists() and not list_checkpoints(out)
 
@@ -77,7 +71,7 @@ def test_verification_is_cached_by_size_and_mtime(shards: Path, tmp_path: Path) 
     data = tmp_path / "shards"
     shutil.copytree(shards, data)
     out = tmp_path / "run"
-    r = _cli("hpcvae.train", *train_args(data, out, epochs=1))
+    r = cli("-m", "hpcvae.train", *train_args(data, out, epochs=1))
     assert r.returncode == 0, r.stderr[-3000:]
     cache = json.loads((out / "shards_verified.json").read_text())
     names = {s["name"] for sp in ("train", "val") for s in json.loads((data / "manifest.json").read_text())["splits"][sp]["shards"]}  # fmt: skip
@@ -87,11 +81,11 @@ def test_verification_is_cached_by_size_and_mtime(shards: Path, tmp_path: Path) 
     st = victim.stat()
     _poison(victim, value=0.5)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    r = _cli("hpcvae.train", *train_args(data, out, epochs=2))
+    r = cli("-m", "hpcvae.train", *train_args(data, out, epochs=2))
     assert r.returncode == 0, r.stderr[-3000:]
     # ... a new mtime, as any rewrite of the file gives, is hashed again and caught.
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    line = _error_line(_cli("hpcvae.train", *train_args(data, out, epochs=3)), "hpcvae.train")
+    line = _error_line(cli("-m", "hpcvae.train", *train_args(data, out, epochs=3)), "hpcvae.train")
     assert victim.name in line and "sha256" in line
 
 
@@ -99,7 +93,7 @@ def test_nan_pixels_with_verification_off_stop_with_the_batch_named(shards: Path
     bad, _, key = _broken_copy(shards, tmp_path, value=float("nan"))
     out = tmp_path / "run"
     args = train_args(bad, out, "--set", "data.verify=false", "--set", "checkpoint.every_steps=2", epochs=2)
-    line = _error_line(_cli("hpcvae.train", *args), "hpcvae.train")
+    line = _error_line(cli("-m", "hpcvae.train", *args), "hpcvae.train")
     assert "non-finite" in line and "epoch 1" in line and key in line, line
     assert "step" in line and "last good checkpoint" in line
     assert not (out / "model.safetensors").exists()
@@ -114,7 +108,7 @@ def test_nan_pixels_with_verification_off_stop_with_the_batch_named(shards: Path
     "flag", [["--lr", "inf"], ["--set", "beta.value=nan"], ["--set", "optim.grad_clip=-inf"]]
 )
 def test_non_finite_config_values_are_config_errors(shards: Path, tmp_path: Path, flag: list[str]) -> None:
-    line = _error_line(_cli("hpcvae.train", *train_args(shards, tmp_path / "r", *flag)), "hpcvae.train")
+    line = _error_line(cli("-m", "hpcvae.train", *train_args(shards, tmp_path / "r", *flag)), "hpcvae.train")
     assert "finite" in line, line
 
 
@@ -123,7 +117,7 @@ def test_a_long_run_of_fp16_overflows_is_an_error(shards: Path, tmp_path: Path) 
     args = train_args(shards, out, "--precision", "fp16", "--set", "deepspeed.initial_scale_power=120",
                       "--set", "train.max_skipped_in_a_row=8", epochs=1)  # fmt: skip
     args.remove("--deterministic")
-    line = _error_line(_cli("hpcvae.train", *args), "hpcvae.train")
+    line = _error_line(cli("-m", "hpcvae.train", *args), "hpcvae.train")
     assert "8 optimizer steps in a row" in line and "fp16" in line, line
     assert not (out / "model.safetensors").exists()
 
@@ -144,7 +138,7 @@ def _write_nan_model(src_run: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def trained(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "run"
-    r = _cli("hpcvae.train", *train_args(shards, out, epochs=1))
+    r = cli("-m", "hpcvae.train", *train_args(shards, out, epochs=1))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -158,7 +152,17 @@ def test_load_model_and_evaluate_refuse_non_finite_weights(
     with pytest.raises(CheckpointError, match="non-finite"):
         load_model(bad)
     line = _error_line(
-        _cli("hpcvae.evaluate", str(bad), "--data", str(shards), "--out", str(tmp_path / "rep"), "--n", "8"),
+        cli(
+            "-m",
+            "hpcvae.evaluate",
+            str(bad),
+            "--data",
+            str(shards),
+            "--out",
+            str(tmp_path / "rep"),
+            "--n",
+            "8",
+        ),
         "hpcvae.evaluate",
     )
     assert "non-finite" in line and "model.safetensors" in line

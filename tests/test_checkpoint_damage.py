@@ -8,12 +8,10 @@ explicit ``--resume PATH`` and ``hpcvae.consolidate`` refuse it with one line.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, assert_same_weights, child_env, load_weights, make_shards, train_args
+from train_helpers import assert_same_weights, cli, load_weights, make_shards, train_args
 
 from hpcvae.checkpoint import list_checkpoints
 
@@ -23,11 +21,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shards(tmp_path_factory.mktemp("damage"))
-
-
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
 def _args(shards: Path, out: Path, epochs: int, *extra: str) -> list[str]:
@@ -50,13 +43,13 @@ def _flip(path: Path) -> None:
 def reference(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run of 2 epochs, uninterrupted."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    r = _cli("hpcvae.train", *_args(shards, out, 2))
+    r = cli("-m", "hpcvae.train", *_args(shards, out, 2))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 
 def _one_epoch(shards: Path, out: Path, *extra: str) -> list[Path]:
-    r = _cli("hpcvae.train", *_args(shards, out, 1, *extra))
+    r = cli("-m", "hpcvae.train", *_args(shards, out, 1, *extra))
     assert r.returncode == 0, r.stderr[-3000:]
     return list_checkpoints(out)
 
@@ -78,7 +71,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(
     cks = _one_epoch(shards, out)
     newest = cks[-1]
     damage(newest / victim)
-    r = _cli("hpcvae.train", *_args(shards, out, 2))
+    r = cli("-m", "hpcvae.train", *_args(shards, out, 2))
     assert r.returncode == 0, r.stderr[-3000:]
     text = r.stdout + r.stderr
     assert "Traceback" not in text
@@ -95,7 +88,7 @@ def test_every_checkpoint_damaged_is_a_clear_error(shards: Path, tmp_path: Path)
     out = tmp_path / "run"
     for ck in _one_epoch(shards, out):
         _truncate(ck / "model.safetensors")
-    r = _cli("hpcvae.train", *_args(shards, out, 2))
+    r = cli("-m", "hpcvae.train", *_args(shards, out, 2))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     err = [s for s in r.stderr.splitlines() if s.startswith("hpcvae.train: error:")]
     assert len(err) == 1 and "no intact checkpoint" in err[0] and "--resume none" in err[0], r.stderr
@@ -105,7 +98,7 @@ def test_explicit_resume_of_a_damaged_checkpoint_is_refused(shards: Path, tmp_pa
     out = tmp_path / "run"
     newest = _one_epoch(shards, out)[-1]
     _truncate(newest / "optimizer.pt")
-    r = _cli("hpcvae.train", *_args(shards, tmp_path / "other", 2, "--resume", str(newest)))
+    r = cli("-m", "hpcvae.train", *_args(shards, tmp_path / "other", 2, "--resume", str(newest)))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "optimizer.pt" in r.stderr and newest.name in r.stderr, r.stderr
 
@@ -114,7 +107,7 @@ def test_consolidate_refuses_a_damaged_checkpoint(shards: Path, tmp_path: Path) 
     out = tmp_path / "run"
     newest = _one_epoch(shards, out)[-1]
     _flip(newest / "model.safetensors")
-    r = _cli("hpcvae.consolidate", str(newest), str(tmp_path / "model"))
+    r = cli("-m", "hpcvae.consolidate", str(newest), str(tmp_path / "model"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("hpcvae.consolidate: error:") and "model.safetensors" in r.stderr, r.stderr
     assert not (tmp_path / "model" / "model.safetensors").exists()
@@ -127,7 +120,7 @@ def test_damaged_deepspeed_partition_falls_back(shards: Path, tmp_path: Path) ->
     cks = _one_epoch(shards, out, "--engine", "deepspeed", "--zero-stage", "2")
     victim = next((cks[-1] / "deepspeed").glob("*optim_states.pt"))
     _truncate(victim)
-    r = _cli("hpcvae.train", *_args(shards, out, 2, "--engine", "deepspeed", "--zero-stage", "2"))
+    r = cli("-m", "hpcvae.train", *_args(shards, out, 2, "--engine", "deepspeed", "--zero-stage", "2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {cks[-2]}" in r.stdout + r.stderr
     assert victim.name in (r.stdout + r.stderr)

@@ -18,14 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import REPO, child_env, train_args
+from train_helpers import REPO, child_env, cli, train_args
 
 pytestmark = pytest.mark.slow
-
-
-def _run(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env or child_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
 
 
 def one_line(p: subprocess.CompletedProcess, prog: str, *needles: str) -> str:
@@ -44,7 +39,7 @@ def one_line(p: subprocess.CompletedProcess, prog: str, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tiny_shards: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hostile") / "run"
-    p = _run("-m", "hpcvae.train", *train_args(tiny_shards, out, epochs=1))
+    p = cli("-m", "hpcvae.train", *train_args(tiny_shards, out, epochs=1))
     assert p.returncode == 0, p.stderr[-2000:]
     return out
 
@@ -64,7 +59,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(tiny_shards: Path, tmp_path: 
     shutil.copytree(tiny_shards, shards)
     m = json.loads((shards / "manifest.json").read_text())
     (shards / "manifest.json").write_text(json.dumps(edit(m)))
-    p = _run("-m", "hpcvae.train", *train_args(shards, tmp_path / "r", epochs=1))
+    p = cli("-m", "hpcvae.train", *train_args(shards, tmp_path / "r", epochs=1))
     one_line(p, "hpcvae.train", "manifest.json", needle)
     assert not (tmp_path / "r").exists()
 
@@ -83,7 +78,7 @@ def test_a_model_json_of_the_wrong_shape_is_one_line(trained: Path, tmp_path: Pa
     meta = json.loads((trained / "model.json").read_text())
     (model / "model.json").write_text(json.dumps(edit(meta)))
     t0 = time.perf_counter()
-    p = _run("-m", "hpcvae.generate", str(model), "--redshift", "0.5", "--out", str(tmp_path / "g.npy"))
+    p = cli("-m", "hpcvae.generate", str(model), "--redshift", "0.5", "--out", str(tmp_path / "g.npy"))
     one_line(p, "hpcvae.generate", "model.json", needle)
     assert time.perf_counter() - t0 < 120  # refused before allocating anything large
 
@@ -95,10 +90,10 @@ def test_a_checkpoint_files_json_and_launch_json_of_the_wrong_shape(trained: Pat
     shutil.copytree(trained, run)
     ck = list_checkpoints(run)[-1]
     (ck / "files.json").write_text(json.dumps({"files": []}))
-    p = _run("-m", "hpcvae.consolidate", str(ck), str(tmp_path / "out"))
+    p = cli("-m", "hpcvae.consolidate", str(ck), str(tmp_path / "out"))
     one_line(p, "hpcvae.consolidate", "files.json", "expected an object")
     (run / "launch.json").write_text(json.dumps({"jobs": 5, "events": []}))
-    p = _run("-m", "hpcvae.launch", "--status", str(run))
+    p = cli("-m", "hpcvae.launch", "--status", str(run))
     one_line(p, "hpcvae.launch", "launch.json", "jobs: expected a list")
 
 
@@ -119,7 +114,7 @@ def test_a_crafted_pickle_in_train_state_is_refused_without_unsafe_advice(
 
     torch.save({"scheduler": Evil()}, ck / "train_state.pt")
     (ck / FILES).write_text(json.dumps({"files": file_list(ck)}))  # consistent, as an attacker would make it
-    p = _run("-m", "hpcvae.train", *train_args(tiny_shards, run, epochs=2), "--resume", str(ck))
+    p = cli("-m", "hpcvae.train", *train_args(tiny_shards, run, epochs=2), "--resume", str(ck))
     err = one_line(p, "hpcvae.train", "train_state.pt", "never unpickled")
     assert "weights_only=False" not in err
     assert not (tmp_path / "PWNED").exists()
@@ -137,12 +132,12 @@ def test_a_crafted_pickle_in_train_state_is_refused_without_unsafe_advice(
 def test_bad_training_options_are_one_line(
     tiny_shards: Path, tmp_path: Path, args: list[str], needle: str
 ) -> None:
-    p = _run("-m", "hpcvae.train", *train_args(tiny_shards, tmp_path / "r", epochs=1), *args)
+    p = cli("-m", "hpcvae.train", *train_args(tiny_shards, tmp_path / "r", epochs=1), *args)
     one_line(p, "hpcvae.train", needle)
 
 
 def test_config_that_is_a_folder_and_out_that_is_a_file(tiny_shards: Path, tmp_path: Path) -> None:
-    p = _run(
+    p = cli(
         "-m",
         "hpcvae.train",
         "--config",
@@ -155,10 +150,10 @@ def test_config_that_is_a_folder_and_out_that_is_a_file(tiny_shards: Path, tmp_p
     one_line(p, "hpcvae.train", "is a folder, not a TOML file")
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    p = _run("-m", "hpcvae.train", *train_args(tiny_shards, blocker, epochs=1))
+    p = cli("-m", "hpcvae.train", *train_args(tiny_shards, blocker, epochs=1))
     one_line(p, "hpcvae.train", "is a file, not a folder")
     long = tmp_path / ("x" * 5000)
-    p = _run("-m", "hpcvae.train", *train_args(tiny_shards, long, epochs=1))
+    p = cli("-m", "hpcvae.train", *train_args(tiny_shards, long, epochs=1))
     one_line(p, "hpcvae.train", "longer than a file system allows")
 
 
@@ -170,7 +165,7 @@ def test_config_that_is_a_folder_and_out_that_is_a_file(tiny_shards: Path, tmp_p
 ])  # fmt: skip
 def test_bad_shard_options_are_one_line(make_rgc, tmp_path: Path, args: list[str], needle: str) -> None:
     cat = make_rgc(tmp_path / "cat", 10)
-    p = _run("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "s"), *(["--size", "32"] if
+    p = cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "s"), *(["--size", "32"] if
              "--size" not in args else []), *args)  # fmt: skip
     one_line(p, "hpcvae.shard", needle)
 
@@ -182,7 +177,7 @@ def test_negative_pixel_scale_and_a_blank_stamp_are_row_errors(make_rgc, tmp_pat
     rows = fitsio.read(str(cat))
     rows["PIXEL_SCALE"][3] = -0.03
     fitsio.write(str(cat), rows, clobber=True)
-    p = _run("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "a"), "--size", "32")
+    p = cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "a"), "--size", "32")
     one_line(p, "hpcvae.shard", "row 3", "PIXEL_SCALE is -0.03")
     rows["PIXEL_SCALE"][3] = 0.03
     fitsio.write(str(cat), rows, clobber=True)
@@ -190,9 +185,9 @@ def test_negative_pixel_scale_and_a_blank_stamp_are_row_errors(make_rgc, tmp_pat
     with fitsio.FITS(str(gal), "rw") as f:
         hdu = int(rows["GAL_HDU"][5])
         f[hdu].write(np.zeros_like(f[hdu].read()))
-    p = _run("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "b"), "--size", "32")
+    p = cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "b"), "--size", "32")
     one_line(p, "hpcvae.shard", "row 5", "all zeros")
-    p = _run(
+    p = cli(
         "-m",
         "hpcvae.shard",
         "--catalog",
@@ -212,7 +207,7 @@ def test_h5_redshifts_as_strings_are_one_line(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "g.h5", "w") as f:
         f["images"] = np.random.default_rng(0).random((6, 32, 32)).astype("f4")
         f["redshifts"] = np.array([b"0.1"] * 6)
-    p = _run("-m", "hpcvae.shard", "--from-h5", str(tmp_path / "g.h5"), "--out", str(tmp_path / "s"), "--size", "32",
+    p = cli("-m", "hpcvae.shard", "--from-h5", str(tmp_path / "g.h5"), "--out", str(tmp_path / "s"), "--size", "32",
              "--h5-redshifts", "redshifts")  # fmt: skip
     one_line(p, "hpcvae.shard", "g.h5", "holds", "not numbers")
 
@@ -223,7 +218,7 @@ def test_a_manifest_that_undercounts_a_shard_is_refused(tiny_shards: Path, tmp_p
     m = json.loads((shards / "manifest.json").read_text())
     m["splits"]["train"]["shards"][0]["count"] -= 2  # the rest of that shard would be dropped quietly
     (shards / "manifest.json").write_text(json.dumps(m))
-    p = _run("-m", "hpcvae.train", *train_args(shards, tmp_path / "r", epochs=1))
+    p = cli("-m", "hpcvae.train", *train_args(shards, tmp_path / "r", epochs=1))
     one_line(p, "hpcvae.train", "train-000000.tar", "samples but", "says")
 
 
@@ -245,7 +240,7 @@ def test_a_zero_length_pax_record_is_damage_not_a_hang(tiny_shards: Path, tmp_pa
     shards = tmp_path / "s"
     shutil.copytree(tiny_shards, shards)
     (shards / "train-000000.tar").write_bytes(bytes(data))
-    p = _run("-m", "hpcvae.train", *train_args(shards, tmp_path / "r", epochs=1), "--set", "data.verify=false",
+    p = cli("-m", "hpcvae.train", *train_args(shards, tmp_path / "r", epochs=1), "--set", "data.verify=false",
              timeout=240)  # fmt: skip
     one_line(p, "hpcvae.train", "train-000000.tar")
 
@@ -256,7 +251,7 @@ def test_a_profile_cannot_inject_into_the_batch_script(tmp_path: Path) -> None:
                          ('[sbatch]\nmail-type = "END --bogus=1"', "must be one word")):  # fmt: skip
         prof = tmp_path / "site.toml"
         prof.write_text(body + "\n")
-        p = _run("-m", "hpcvae.launch", "--cluster", "slurm", "--profile", str(prof), "--dry-run", "--data",
+        p = cli("-m", "hpcvae.launch", "--cluster", "slurm", "--profile", str(prof), "--dry-run", "--data",
                  str(tmp_path), "--out", str(tmp_path / "r"))  # fmt: skip
         one_line(p, "hpcvae.launch", needle)
     assert not (REPO / "X").exists()
@@ -269,14 +264,14 @@ def test_a_resume_refuses_what_would_change_the_model_and_applies_more_epochs(
     tiny_shards: Path, tmp_path: Path
 ):
     run = tmp_path / "r"
-    assert _run("-m", "hpcvae.train", *train_args(tiny_shards, run, epochs=1)).returncode == 0
+    assert cli("-m", "hpcvae.train", *train_args(tiny_shards, run, epochs=1)).returncode == 0
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    p = _run("-m", "hpcvae.train", *train_args(tiny_shards, run, epochs=1), "--lr", "0.01")
+    p = cli("-m", "hpcvae.train", *train_args(tiny_shards, run, epochs=1), "--lr", "0.01")
     one_line(p, "hpcvae.train", "optim.lr was 0.001", "is 0.01 now")
     assert {
         p.name: p.read_bytes() for p in run.iterdir() if p.is_file()
     } == before  # the records still tell the truth
-    p = _run("-m", "hpcvae.train", *train_args(tiny_shards, run, epochs=2))
+    p = cli("-m", "hpcvae.train", *train_args(tiny_shards, run, epochs=2))
     assert p.returncode == 0 and "applying changed options: train.epochs 1 -> 2" in p.stdout
     info = json.loads((run / "model.json").read_text())
     assert info["training"]["epochs"] == 2 and "epochs = 2" in (run / "config.toml").read_text()
@@ -292,7 +287,7 @@ def test_consolidate_refuses_a_checkpoint_whose_meta_says_another_architecture(t
     meta["model_config"]["z_dim"] += 4
     (ck / "meta.json").write_text(json.dumps(meta))
     (ck / FILES).write_text(json.dumps({"files": file_list(ck)}))
-    p = _run("-m", "hpcvae.consolidate", str(ck), str(tmp_path / "out"))
+    p = cli("-m", "hpcvae.consolidate", str(ck), str(tmp_path / "out"))
     one_line(p, "hpcvae.consolidate", "refusing to write it", "do not fit the architecture")
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -336,7 +331,7 @@ def test_sigterm_to_a_parallel_shard_build_stops_its_workers_and_leaves_nothing(
     alive = [w for w in workers if _running(w)]
     assert not alive, f"a pool worker outlived the build: {alive}"
     assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
-    p = _run("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(out), "--size", "64")
+    p = cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(out), "--size", "64")
     assert p.returncode == 0, p.stderr  # the next build is not refused
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from train_helpers import cli
 
 from hpcvae.checkpoint import latest_checkpoint
 from hpcvae.errors import ConfigError, ShardError
@@ -52,19 +53,6 @@ def _normalise(script: str, run: Path) -> str:
 def _opts(data: Path, out: Path, **kw) -> LaunchOptions:
     train = ["--config", str(DEBUG_TOML), "--data", str(data), "--out", str(out)]
     return LaunchOptions(train_args=train + list(kw.pop("extra", [])), **kw)
-
-
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("HPCVAE_TRACEBACK", None)
-    return subprocess.run(
-        [sys.executable, "-m", "hpcvae.launch", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env,
-    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,8 +191,17 @@ def test_awkward_names_and_paths_are_quoted(tiny_shards: Path, tmp_path: Path) -
 
 
 def test_cli_nodes_zero_is_a_one_line_error(tiny_shards: Path, tmp_path: Path) -> None:
-    r = _cli(
-        "--nodes", "0", "--data", str(tiny_shards), "--out", str(tmp_path / "r"), "--dry-run", timeout=60
+    r = cli(
+        "-m",
+        "hpcvae.launch",
+        "--nodes",
+        "0",
+        "--data",
+        str(tiny_shards),
+        "--out",
+        str(tmp_path / "r"),
+        "--dry-run",
+        timeout=60,
     )
     assert r.returncode == 2
     assert r.stderr.strip() == "hpcvae.launch: error: --nodes must be >= 1, got 0"
@@ -212,8 +209,18 @@ def test_cli_nodes_zero_is_a_one_line_error(tiny_shards: Path, tmp_path: Path) -
 
 def test_cli_missing_data_folder_is_a_one_line_error(tmp_path: Path) -> None:
     missing = tmp_path / "no such shards"
-    r = _cli(
-        "--nodes", "2", "--data", str(missing), "--out", str(tmp_path / "r"), "--cluster", "slurm", timeout=60
+    r = cli(
+        "-m",
+        "hpcvae.launch",
+        "--nodes",
+        "2",
+        "--data",
+        str(missing),
+        "--out",
+        str(tmp_path / "r"),
+        "--cluster",
+        "slurm",
+        timeout=60,
     )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -304,7 +311,7 @@ def test_debug_cluster_trains_in_process_and_status_reads_it(
 def test_local_cluster_runs_two_tasks_through_submitit(tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "local run"
     t0 = time.monotonic()
-    r = _cli(
+    r = cli("-m", "hpcvae.launch",
         "--cluster", "local", "--gpus-per-node", "2", "--time", "00:20:00", "--follow", "--follow-timeout", "150",
         "--config", str(DEBUG_TOML), "--data", str(tiny_shards), "--out", str(run), "--epochs", "1",
         "--batch-size", "8", "--device", "cpu", "--set", "train.sample_grid=false",
@@ -342,7 +349,7 @@ def test_control_characters_never_reach_the_script(
         args += [k, v]
     if where in ("--partition", "--account"):
         args += flags
-    r = _cli(*args, timeout=60)
+    r = cli("-m", "hpcvae.launch", *args, timeout=60)
     assert r.returncode == 2, r.stdout
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert where in r.stderr and "control character" in r.stderr, r.stderr
@@ -360,7 +367,7 @@ def test_control_characters_in_a_profile_are_refused(tmp_path: Path) -> None:
 
 def test_dry_run_without_the_data_folder_warns_and_prints_the_script(tmp_path: Path) -> None:
     """A fresh checkout has no shards/ yet: the dry run still shows what would be submitted."""
-    r = _cli("--nodes", "4", "--dry-run", "--profile", str(EXAMPLE_PROFILE), "--data", str(tmp_path / "none"),
+    r = cli("-m", "hpcvae.launch", "--nodes", "4", "--dry-run", "--profile", str(EXAMPLE_PROFILE), "--data", str(tmp_path / "none"),
              "--out", str(tmp_path / "r"), timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --nodes=4" in r.stdout

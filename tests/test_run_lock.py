@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, STOP_CHILD, child_env, launch, logs, make_shards, train_args, wait
+from train_helpers import STOP_CHILD, child_env, cli, launch, logs, make_shards, train_args, wait
 
 from hpcvae.errors import ConfigError, RunFolderBusy
 from hpcvae.runlock import LOCK_NAME, RunLock
@@ -24,11 +24,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shards(tmp_path_factory.mktemp("lock"))
-
-
-def _cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def _parked(args: list[str], tmp: Path, name: str = "a") -> subprocess.Popen:
@@ -49,7 +44,7 @@ def test_second_run_on_the_same_folder_is_refused_at_once(shards: Path, tmp_path
     first = _parked(train_args(shards, out, epochs=2), tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     t0 = time.monotonic()
-    r = _cli("hpcvae.train", *train_args(shards, out, "--seed", "7", "--lr", "0.01", epochs=2))
+    r = cli("-m", "hpcvae.train", *train_args(shards, out, "--seed", "7", "--lr", "0.01", epochs=2))
     assert time.monotonic() - t0 < 30
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]
@@ -65,10 +60,10 @@ def test_second_run_on_the_same_folder_is_refused_at_once(shards: Path, tmp_path
 
 def test_train_prior_is_refused_while_the_run_trains(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    done = _cli("hpcvae.train", *train_args(shards, out, epochs=1))
+    done = cli("-m", "hpcvae.train", *train_args(shards, out, epochs=1))
     assert done.returncode == 0, done.stderr[-2000:]
     first = _parked(train_args(shards, out, "--resume", "none", epochs=2), tmp_path)
-    r = _cli("hpcvae.train_prior", str(out), "--data", str(shards), "--epochs", "1", "--device", "cpu")
+    r = cli("-m", "hpcvae.train_prior", str(out), "--data", str(shards), "--epochs", "1", "--device", "cpu")
     assert r.returncode == 2 and "is in use by hpcvae.train" in r.stderr, r.stderr[-2000:]
     os.kill(first.pid, signal.SIGUSR2)
     assert wait([first], tmp_path / "logs-a") == [3]
@@ -80,15 +75,15 @@ def test_a_killed_run_leaves_no_stale_lock(shards: Path, tmp_path: Path) -> None
     first.kill()  # SIGKILL: no handler runs, the kernel drops the flock
     first.wait(timeout=30)
     assert (out / LOCK_NAME).exists()
-    r = _cli("hpcvae.train", *train_args(shards, out, epochs=1))
+    r = cli("-m", "hpcvae.train", *train_args(shards, out, epochs=1))
     assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_a_refused_resume_writes_nothing(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert _cli("hpcvae.train", *train_args(shards, out, epochs=1)).returncode == 0
+    assert cli("-m", "hpcvae.train", *train_args(shards, out, epochs=1)).returncode == 0
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"") for p in out.iterdir()}
-    r = _cli("hpcvae.train", *train_args(shards, out, "--arch", "vae158", epochs=2))
+    r = cli("-m", "hpcvae.train", *train_args(shards, out, "--arch", "vae158", epochs=2))
     assert r.returncode == 2 and "arch = 'cvae2' but this run has arch = 'vae158'" in r.stderr
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"") for p in out.iterdir()}
     assert after == before  # config.toml was rewritten before this was fixed
@@ -96,7 +91,7 @@ def test_a_refused_resume_writes_nothing(shards: Path, tmp_path: Path) -> None:
 
 def test_a_refused_fresh_run_leaves_no_folder(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
-    r = _cli("hpcvae.train", *train_args(shards, out, "--resume", str(tmp_path / "nope")))
+    r = cli("-m", "hpcvae.train", *train_args(shards, out, "--resume", str(tmp_path / "nope")))
     assert r.returncode == 2
     assert not out.exists()
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from train_helpers import cli
 
 from hpcvae.errors import CatalogError, FitsReadError, HpcvaeError, ShardError
 from hpcvae.shards import build_shards, build_shards_from_h5, find_h5_datasets
@@ -349,18 +348,17 @@ def test_tiny_shards_fixture(tiny_shards: Path) -> None:
     assert all(s.count <= 8 for sp in m.splits for s in m.shards(sp))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hpcvae.shard", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_cli_errors_are_one_line(shared_data: Path, aegis_copy: Path, tmp_path: Path) -> None:
-    p = _cli("--catalog", str(shared_data / COSMOS), "--size", "64", "--out", str(tmp_path / "c"))
+    p = cli(
+        "-m",
+        "hpcvae.shard",
+        "--catalog",
+        str(shared_data / COSMOS),
+        "--size",
+        "64",
+        "--out",
+        str(tmp_path / "c"),
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0
     assert "real_galaxy_images.fits, HDU 0 (catalog row 0): image file not found" in p.stderr
@@ -374,14 +372,14 @@ def test_cli_errors_are_one_line(shared_data: Path, aegis_copy: Path, tmp_path: 
         "--out",
         str(tmp_path / "a"),
     ]
-    p = _cli(*args)
+    p = cli("-m", "hpcvae.shard", *args)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "HDU 11 (catalog row 1): HDU index out of range" in p.stderr
-    p = _cli(*args, "--skip-bad", "--workers", "2", "--shard-size", "1")
+    p = cli("-m", "hpcvae.shard", *args, "--skip-bad", "--workers", "2", "--shard-size", "1")
     assert p.returncode == 0, p.stderr
     assert "1 skipped of 5 rows" in p.stdout and "skipped row 1" in p.stderr
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["skipped"][0]["row"] == 1
-    p = _cli(*args, "--skip-bad")
+    p = cli("-m", "hpcvae.shard", *args, "--skip-bad")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--overwrite" in p.stderr
 
 
@@ -404,11 +402,30 @@ def test_duplicate_catalog_rows_are_an_error_or_skipped_and_counted(aegis_copy: 
 
     t = fitsio.read(str(cat), ext=1)
     fitsio.write(str(cat), duplicate_row_0(t), clobber=True)
-    p = _cli("--catalog", str(cat), "--size", "32", "--out", str(tmp_path / "a"), "--no-redshift")
+    p = cli(
+        "-m",
+        "hpcvae.shard",
+        "--catalog",
+        str(cat),
+        "--size",
+        "32",
+        "--out",
+        str(tmp_path / "a"),
+        "--no-redshift",
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "row 5: duplicate of row 0" in p.stderr and "--skip-bad" in p.stderr, p.stderr
-    p = _cli(
-        "--catalog", str(cat), "--size", "32", "--out", str(tmp_path / "a"), "--no-redshift", "--skip-bad"
+    p = cli(
+        "-m",
+        "hpcvae.shard",
+        "--catalog",
+        str(cat),
+        "--size",
+        "32",
+        "--out",
+        str(tmp_path / "a"),
+        "--no-redshift",
+        "--skip-bad",
     )
     assert p.returncode == 0, p.stderr
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())

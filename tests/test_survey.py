@@ -11,19 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_helpers import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 CONDITIONS = "zphot,mag_auto,flux_radius"
 
 pytestmark = pytest.mark.slow
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HPCVAE_TRACEBACK"}
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
-    )
 
 
 def _one_line_error(p: subprocess.CompletedProcess, prog: str) -> str:
@@ -109,17 +103,17 @@ def test_bad_condition_values_are_row_errors_or_recorded_skips(
     fitsio.write(str(fits), t)
     args = ["-m", "hpcvae.shard", "--catalog", str(folder / cosmos_cat.name), "--size", str(SIZE),
             "--conditions", CONDITIONS]  # fmt: skip
-    err = _one_line_error(_cli(*args, "--out", str(tmp_path / "a")), "hpcvae.shard")
+    err = _one_line_error(cli(*args, "--out", str(tmp_path / "a")), "hpcvae.shard")
     assert f"{fits}, row 7" in err and column in err and why in err and "--skip-bad" in err
     assert not (tmp_path / "a").exists()
-    p = _cli(*args, "--out", str(tmp_path / "b"), "--skip-bad")
+    p = cli(*args, "--out", str(tmp_path / "b"), "--skip-bad")
     assert p.returncode == 0, p.stderr
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["n_skipped"] == 1 and m["skipped"][0]["row"] == 7 and why in m["skipped"][0]["reason"]
 
 
 def test_an_unknown_condition_column_is_one_line(cosmos_cat, tmp_path) -> None:
-    p = _cli("-m", "hpcvae.shard", "--catalog", str(cosmos_cat), "--size", str(SIZE), "--out", str(tmp_path / "x"),
+    p = cli("-m", "hpcvae.shard", "--catalog", str(cosmos_cat), "--size", str(SIZE), "--out", str(tmp_path / "x"),
              "--conditions", "zphot,nope")  # fmt: skip
     assert "no column 'nope' for --conditions" in _one_line_error(p, "hpcvae.shard")
 
@@ -188,9 +182,7 @@ def test_generate_from_a_catalog_writes_cube_table_and_psf(run: Path, tmp_path: 
 
     cat = _catalog_file(tmp_path)
     out = tmp_path / "gen.fits"
-    p = _cli(
-        "-m", "hpcvae.generate", str(run), "--catalog", str(cat), "--out", str(out), "--batch-size", "16"
-    )
+    p = cli("-m", "hpcvae.generate", str(run), "--catalog", str(cat), "--out", str(out), "--batch-size", "16")
     assert p.returncode == 0, p.stderr
     cube = fits.getdata(out)
     assert cube.shape == (40, SIZE, SIZE) and np.isfinite(cube).all()
@@ -214,7 +206,7 @@ def test_generate_from_a_catalog_writes_cube_table_and_psf(run: Path, tmp_path: 
         psf = hdul["PSF"].data
         assert psf.ndim == 2 and min(psf.shape) >= 30 and psf.sum() == pytest.approx(1.0, abs=1e-4)
     again = tmp_path / "gen2.fits"
-    p = _cli(
+    p = cli(
         "-m", "hpcvae.generate", str(run), "--catalog", str(cat), "--out", str(again), "--batch-size", "40"
     )
     assert p.returncode == 0 and np.array_equal(
@@ -231,7 +223,7 @@ def test_generate_rgc_round_trips_through_galsim_and_hpcvae_shard(run: Path, tmp
 
     cat = _catalog_file(tmp_path, n=24)
     out = tmp_path / "gen-rgc"
-    p = _cli("-m", "hpcvae.generate", str(run), "--catalog", str(cat), "--out", str(out), "--format", "rgc")
+    p = cli("-m", "hpcvae.generate", str(run), "--catalog", str(cat), "--out", str(out), "--format", "rgc")
     assert p.returncode == 0, p.stderr
     rgc = galsim.RealGalaxyCatalog(str(out / RGC_CATALOG))
     assert rgc.nobjects == 24
@@ -244,7 +236,7 @@ def test_generate_rgc_round_trips_through_galsim_and_hpcvae_shard(run: Path, tmp
 
 def _generate_cube(run: Path, cat: Path, tmp_path: Path) -> Path:
     out = tmp_path / "cube.fits"
-    assert _cli("-m", "hpcvae.generate", str(run), "--catalog", str(cat), "--out", str(out)).returncode == 0
+    assert cli("-m", "hpcvae.generate", str(run), "--catalog", str(cat), "--out", str(out)).returncode == 0
     return out
 
 
@@ -257,7 +249,7 @@ def _generate_cube(run: Path, cat: Path, tmp_path: Path) -> Path:
     (["--redshift", "nan"], "redshift: nan is not a finite number"),
 ])  # fmt: skip
 def test_generate_bad_options_are_one_line(run: Path, tmp_path: Path, args: list[str], message: str) -> None:
-    p = _cli("-m", "hpcvae.generate", str(run), "--out", str(tmp_path / "g.fits"), *args)
+    p = cli("-m", "hpcvae.generate", str(run), "--out", str(tmp_path / "g.fits"), *args)
     assert message in _one_line_error(p, "hpcvae.generate")
     assert not list(tmp_path.iterdir())
 
@@ -267,7 +259,7 @@ def test_generate_out_of_range_catalog_row_is_one_line(run: Path, tmp_path: Path
 
     path = tmp_path / "far.csv"
     Table({"zphot": [0.5, 50.0], "mag_auto": [21.0, 21.0], "flux_radius": [8.0, 8.0]}).write(path)
-    p = _cli("-m", "hpcvae.generate", str(run), "--catalog", str(path), "--out", str(tmp_path / "g.fits"))
+    p = cli("-m", "hpcvae.generate", str(run), "--catalog", str(path), "--out", str(tmp_path / "g.fits"))
     err = _one_line_error(p, "hpcvae.generate")
     assert "row 1, condition 'zphot' = 50 is outside the training range" in err and "extrapolate" in err
     assert not (tmp_path / "g.fits").exists()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, child_env, make_h5, make_shards, train_args
+from train_helpers import cli, make_h5, make_shards, train_args
 
 from hpcvae.config import load_config
 from hpcvae.errors import CheckpointError, ConfigError, ShardError
@@ -18,11 +17,6 @@ from hpcvae.train import _per_rank_batch, main
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shards(tmp_path_factory.mktemp("errors"))
-
-
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpcvae.train", *args], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
@@ -36,7 +30,10 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
 
 def test_cli_unknown_arch(shards: Path, tmp_path: Path) -> None:
     _one_line_error(
-        _cli(train_args(shards, tmp_path / "r", "--arch", "resnet")), "model.arch", "'resnet'", "cvae2"
+        cli("-m", "hpcvae.train", *train_args(shards, tmp_path / "r", "--arch", "resnet")),
+        "model.arch",
+        "'resnet'",
+        "cvae2",
     )
 
 
@@ -45,14 +42,15 @@ def test_cli_missing_shard(shards: Path, tmp_path: Path) -> None:
     shutil.copytree(shards, broken)
     victim = sorted(broken.glob("train-*.tar"))[0]
     victim.unlink()
-    _one_line_error(_cli(train_args(broken, tmp_path / "r")), victim.name, "missing")
+    _one_line_error(cli("-m", "hpcvae.train", *train_args(broken, tmp_path / "r")), victim.name, "missing")
 
 
 def test_cli_resume_path_without_checkpoint(shards: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     _one_line_error(
-        _cli(train_args(shards, tmp_path / "r", "--resume", str(empty))), "no complete checkpoint"
+        cli("-m", "hpcvae.train", *train_args(shards, tmp_path / "r", "--resume", str(empty))),
+        "no complete checkpoint",
     )
 
 
@@ -116,7 +114,9 @@ def test_an_error_every_rank_sees_is_printed_once(shards: Path, tmp_path: Path) 
 
 
 def test_progress_is_status_lines_when_stderr_is_not_a_terminal(shards: Path, tmp_path: Path) -> None:
-    r = _cli(train_args(shards, tmp_path / "r", "--set", "train.status_every=5", epochs=1))
+    r = cli(
+        "-m", "hpcvae.train", *train_args(shards, tmp_path / "r", "--set", "train.status_every=5", epochs=1)
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "\r" not in r.stderr  # no progress bar redrawn into a log file
     lines = [s for s in r.stderr.splitlines() if s.startswith("hpcvae.train: epoch 1/1, step ")]

@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, child_env, make_shards, train_args
+from train_helpers import cli, make_shards, train_args
 
 from hpcvae.checkpoint import FILES, file_list, list_checkpoints
 
@@ -32,18 +30,15 @@ class _Evil:
         return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def ds_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp("evil")
     shards = make_shards(root)
     out = root / "run"
-    r = _cli("hpcvae.train", *train_args(shards, out, "--engine", "deepspeed", "--zero-stage", "0", epochs=1))
+    r = cli(
+        "-m", "hpcvae.train", *train_args(shards, out, "--engine", "deepspeed", "--zero-stage", "0", epochs=1)
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return list_checkpoints(out)[-1]
 
@@ -65,7 +60,7 @@ def _crafted(ds_checkpoint: Path, tmp: Path, *, rehash: bool) -> tuple[Path, Pat
 @pytest.mark.parametrize("rehash", [True, False], ids=["consistent-files-json", "legacy"])
 def test_consolidate_refuses_a_malicious_pickle(ds_checkpoint: Path, tmp_path: Path, rehash: bool) -> None:
     ck, marker = _crafted(ds_checkpoint, tmp_path, rehash=rehash)
-    r = _cli("hpcvae.consolidate", str(ck), str(tmp_path / "model"))
+    r = cli("-m", "hpcvae.consolidate", str(ck), str(tmp_path / "model"))
     assert not marker.exists(), "the pickle's code ran"
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.startswith("hpcvae.consolidate: error:") and "mp_rank_00_model_states.pt" in r.stderr
@@ -77,7 +72,7 @@ def test_resume_refuses_a_malicious_pickle(ds_checkpoint: Path, tmp_path: Path) 
     shards = ds_checkpoint.parents[2] / "shards"
     args = train_args(shards, tmp_path / "victim", "--engine", "deepspeed", "--zero-stage", "0",
                       "--resume", str(ck), epochs=2)  # fmt: skip
-    r = _cli("hpcvae.train", *args)
+    r = cli("-m", "hpcvae.train", *args)
     assert not marker.exists(), "the pickle's code ran"
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     line = [s for s in r.stderr.splitlines() if s.startswith("hpcvae.train: error:")]
@@ -87,5 +82,5 @@ def test_resume_refuses_a_malicious_pickle(ds_checkpoint: Path, tmp_path: Path) 
 
 
 def test_real_deepspeed_checkpoints_still_load(ds_checkpoint: Path, tmp_path: Path) -> None:
-    r = _cli("hpcvae.consolidate", str(ds_checkpoint), str(tmp_path / "model"))
+    r = cli("-m", "hpcvae.consolidate", str(ds_checkpoint), str(tmp_path / "model"))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -10,18 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_helpers import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 pytestmark = pytest.mark.slow
-
-
-def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HPCVAE_TRACEBACK"}
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +72,17 @@ def test_a_damaged_psf_hdu_is_a_one_line_error_or_a_recorded_skip(tmp_path):
     bad_hdu = int(rows["PSF_HDU"][0])
     with fitsio.FITS(str(psf_file), "rw") as f:  # a real damage: the PSF becomes NaN on disk
         f[bad_hdu].write(np.full((37, 37), np.nan, dtype=np.float32))
-    p = _cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "s"), "--size", str(SIZE))
+    p = cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "s"), "--size", str(SIZE))
     err = p.stderr.strip()
     assert p.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert psf_file.name in err and f"HDU {bad_hdu}" in err and "PSF" in err
-    p = _cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "s"), "--size", str(SIZE),
+    p = cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "s"), "--size", str(SIZE),
              "--skip-bad")  # fmt: skip
     assert p.returncode == 0, p.stderr
     man = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert man["n_skipped"] == 1 and "PSF" in man["skipped"][0]["reason"]
     # --no-psfs ignores the PSF columns: nothing skipped, no PSF in the set
-    p = _cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "n"), "--size", str(SIZE),
+    p = cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "n"), "--size", str(SIZE),
              "--no-psfs")  # fmt: skip
     assert p.returncode == 0, p.stderr
     man = json.loads((tmp_path / "n" / "manifest.json").read_text())
@@ -108,7 +102,7 @@ def test_generate_writes_fits_with_a_celestial_wcs(run, tmp_path):
     from astropy.io import fits
     from astropy.wcs import WCS
 
-    p = _cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3",
+    p = cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3",
              "--out", str(tmp_path / "gen.fits"))  # fmt: skip
     assert p.returncode == 0, p.stderr
     with fits.open(tmp_path / "gen.fits", checksum=True) as hdul:  # the default: cube + table + PSF
@@ -127,16 +121,16 @@ def test_generate_writes_fits_with_a_celestial_wcs(run, tmp_path):
 
     assert np.array_equal(fitsio.read(str(tmp_path / "gen.fits"), ext=0)[0], first)
     # one HDU per galaxy, each with its own 2-D WCS: the same pixels
-    assert _cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3", "--layout",
+    assert cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3", "--layout",
                 "hdus", "--out", str(tmp_path / "hdus.fits")).returncode == 0  # fmt: skip
     with fits.open(tmp_path / "hdus.fits") as hdul:
         assert len(hdul) == 7 and hdul[-1].name == "GALAXIES"
         assert WCS(hdul[1].header).has_celestial and np.array_equal(hdul[1].data, first)
     # the same seed gives the same galaxies; another seed others
-    assert _cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3",
+    assert cli("-m", "hpcvae.generate", str(run), "--n", "5", "--redshift", "0.7", "--seed", "3",
                 "--out", str(tmp_path / "again.npy")).returncode == 0  # fmt: skip
     assert np.allclose(np.load(tmp_path / "again.npy")[0], first)
-    assert _cli("-m", "hpcvae.generate", str(run), "--n", "2", "--redshift", "0.7", "--out",
+    assert cli("-m", "hpcvae.generate", str(run), "--n", "2", "--redshift", "0.7", "--out",
                 str(tmp_path / "grid.png")).returncode == 0  # fmt: skip
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -150,14 +144,14 @@ def test_generate_writes_fits_with_a_celestial_wcs(run, tmp_path):
     ],
 )
 def test_generate_bad_input_is_one_line(run, tmp_path, args, words):
-    p = _cli("-m", "hpcvae.generate", str(run), *args, "--out", str(tmp_path / "g.fits"))
+    p = cli("-m", "hpcvae.generate", str(run), *args, "--out", str(tmp_path / "g.fits"))
     err = p.stderr.strip()
     assert p.returncode == 2 and len(err.splitlines()) == 1 and words in err, err
 
 
 def test_generate_refuses_to_overwrite(run, tmp_path):
     (tmp_path / "g.fits").write_text("keep me")
-    p = _cli(
+    p = cli(
         "-m", "hpcvae.generate", str(run), "--n", "1", "--redshift", "0.5", "--out", str(tmp_path / "g.fits")
     )
     assert p.returncode == 2 and "--overwrite" in p.stderr
@@ -231,7 +225,7 @@ output: {{dir: {tmp_path}, file_name: field.fits}}
 
 
 def test_simulate_field_example_conserves_flux(run, tmp_path):
-    p = _cli("examples/simulate_field.py", str(run), "--n", "20", "--out", str(tmp_path / "field.fits"),
+    p = cli("examples/simulate_field.py", str(run), "--n", "20", "--out", str(tmp_path / "field.fits"),
              "--noise", "0")  # fmt: skip
     assert p.returncode == 0, p.stderr
     import fitsio
@@ -240,7 +234,7 @@ def test_simulate_field_example_conserves_flux(run, tmp_path):
     hdr = fitsio.read_header(str(tmp_path / "field.fits"))
     assert abs(field.sum() / hdr["FLUXSUM"] - 1) < 0.01
     assert hdr["PIXSCALE"] == 0.2 and hdr["NGAL"] == 20
-    bad = _cli("examples/simulate_field.py", str(tmp_path / "nope"), "--out", str(tmp_path / "f2.fits"))
+    bad = cli("examples/simulate_field.py", str(tmp_path / "nope"), "--out", str(tmp_path / "f2.fits"))
     err = bad.stderr.strip()
     assert bad.returncode == 2 and len(err.splitlines()) == 1 and "nope" in err and "Traceback" not in err
 
@@ -275,7 +269,7 @@ def test_export_writes_a_shareable_model_folder(run, shards, tmp_path):
     report = tmp_path / "report"
     evaluate(run, shards, report, config=EvalConfig(n=16, device="cpu", n_boot=20))
     out = tmp_path / "share" / "hpcvae-cvae2"
-    done = _cli("-m", "hpcvae.export", str(run), str(out), "--report", str(report))
+    done = cli("-m", "hpcvae.export", str(run), str(out), "--report", str(report))
     assert done.returncode == 0, done.stderr
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"README.md", "model.safetensors", "model.json", "report.json"} <= names
@@ -290,7 +284,7 @@ def test_export_writes_a_shareable_model_folder(run, shards, tmp_path):
     a = hpcvae.load_model(run).sample(3, seed=5)
     b = hpcvae.load_model(out).sample(3, seed=5)
     assert torch_equal(a, b)
-    again = _cli("-m", "hpcvae.export", str(run), str(out))
+    again = cli("-m", "hpcvae.export", str(run), str(out))
     assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 

@@ -62,6 +62,15 @@ def train_args(data: Path, out: Path, *extra: str, epochs: int = 2, batch: int =
     ]  # fmt: skip
 
 
+def cli(*argv: str, timeout: float = 300, cwd: Path = REPO, env: dict[str, str] | None = None,
+        ) -> subprocess.CompletedProcess:  # fmt: skip
+    """``python ARGV`` as a user runs it (no HPCVAE_TRACEBACK): the tests' one command-line helper."""
+    e = {k: v for k, v in (child_env() if env is None else env).items() if k != "HPCVAE_TRACEBACK"}
+    return subprocess.run(
+        [sys.executable, *argv], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})

@@ -166,10 +166,6 @@ class EpochPlan:
     sequence: np.ndarray | None = None
     """Epoch indices of a pool, ascending (tar order); ``None``: position = epoch index."""
 
-    def step_owner(self, step: int) -> tuple[int, int]:
-        """(virtual worker, its local batch index) that produces global step ``step``."""
-        return step % self.num_workers, step // self.num_workers
-
     def first_local_batch(self, worker: int, start_step: int) -> int:
         """The first local batch of ``worker`` whose step is >= ``start_step``."""
         return max(0, -(-(start_step - worker) // self.num_workers))

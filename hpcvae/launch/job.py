@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcvae.checkpoint import latest_checkpoint
+from hpcvae.cli import EXIT_PREEMPTED
 from hpcvae.errors import ConfigError, LaunchError, ShardError
 from hpcvae.launch.history import record
 from hpcvae.launch.profile import check_script_text
@@ -47,8 +48,6 @@ DEFAULT_ENV: dict[str, str] = {
     "NCCL_ASYNC_ERROR_HANDLING": "1",
     "NCCL_DEBUG": "WARN",
 }
-
-EXIT_PREEMPTED = 3
 
 
 @dataclass(kw_only=True)

@@ -34,7 +34,7 @@ import numpy as np
 
 from hpcvae.errors import ConfigError, HpcvaeError, ShardError
 from hpcvae.safe_io import signals_as_interrupt
-from hpcvae.shards.format import PSF, PSF_MEAN, WIDS_SUFFIX, ShardWriter, sample_key
+from hpcvae.shards.format import PSF_MEAN, WIDS_SUFFIX, ShardWriter, sample_key
 from hpcvae.shards.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -44,6 +44,7 @@ from hpcvae.shards.manifest import (
     shard_name,
     write_manifest,
 )
+from hpcvae.shards.physics import physics_record, rounding
 
 MAX_STATS_PIXELS = 4_000_000
 MAX_SIZE = 4096
@@ -496,7 +497,7 @@ def _finish(
             shards.append({"name": name, "count": r.count, "sha256": r.sha256})
         splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
 
-    physics = _physics(src, cfg, results, stats.to_dict(), out)
+    physics = physics_record(src, cfg, results, stats.to_dict(), out)
     dropped = {sk["row"] for sk in skipped}
     train_rows = [r for r in src.rows if r.row not in dropped
                   and split_of(identity_digest(r.ident, r.file, r.hdu), cfg.val_fraction) == "train"]  # fmt: skip
@@ -509,93 +510,8 @@ def _finish(
         build_seconds=round(time.perf_counter() - t0, 3), physics=physics, dtype=cfg.dtype, conditions=conditions,
     )  # fmt: skip
     if cfg.dtype == "float16":
-        data["image"]["rounding"] = _rounding(results, physics.get("noise_std"))
+        data["image"]["rounding"] = rounding(results, physics.get("noise_std"))
     return write_manifest(out, data)
-
-
-def _rounding(results: list[JobResult], noise_std: float | None) -> dict[str, Any]:
-    """What storing float16 changed: the pixels' rounding error, absolute and against the sky noise."""
-    n = sum(r.round_n for r in results)
-    rms = math.sqrt(sum(r.round_sq for r in results) / n) if n else 0.0
-    mx = max((r.round_max for r in results), default=0.0)
-    return {"max_abs": mx, "rms": rms, "rms_over_noise_std": rms / noise_std if noise_std else None,
-            "max_over_noise_std": mx / noise_std if noise_std else None}  # fmt: skip
-
-
-def _physics(
-    src: Source, cfg: ShardConfig, results: list[JobResult], stats: dict[str, Any], out: Path
-) -> dict[str, Any]:
-    """The manifest's ``physics``: what a pixel means (scale, band, unit, noise, PSF); model.json copies it."""
-    header = next((r.header for r in results if r.header), {})
-    scales = [r.pixel_scale for r in src.rows if r.pixel_scale]
-    scale = cfg.pixel_scale or (float(np.median(scales)) if scales else None)
-    bands = sorted({r.band for r in src.rows if r.band})
-    band = cfg.band or ("+".join(bands) if bands else header.get("FILTER"))
-    instrument = cfg.instrument or (
-        "/".join(x for x in (header.get("TELESCOP"), header.get("INSTRUME")) if x) or None
-    )
-    psf_n = sum(r.psf_n for r in results)
-    psf: dict[str, Any] = {"in_images": True if src.kind == "rgc" else None, "per_galaxy": psf_n > 0}
-    if psf_n:
-        shape = next(r.psf_sum.shape for r in results if r.psf_sum is not None)
-        mean = sum(r.psf_sum for r in results if r.psf_sum is not None and r.psf_sum.shape == shape) / psf_n
-        mean = (mean / mean.sum()).astype(np.float32)
-        tmp = out / f".{PSF_MEAN}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, mean)
-        os.replace(tmp, out / PSF_MEAN)
-        psf |= {"member": PSF, "mean_file": PSF_MEAN, "n": psf_n, "shape": list(shape),
-                "fwhm_arcsec": _fwhm(mean, scale)}  # fmt: skip
-    zp = (cfg.zeropoint, "--zeropoint") if cfg.zeropoint is not None else src.zeropoint
-    return {
-        "pixel_scale_arcsec": scale,
-        "band": band,
-        "instrument": instrument,
-        "bunit": fits_unit(cfg.bunit or header.get("BUNIT")),
-        "bunit_original": cfg.bunit or header.get("BUNIT"),
-        "zeropoint": zp[0] if zp else None,
-        "zeropoint_source": zp[1] if zp else None,
-        "noise_std": stats.get("noise_std"),
-        "psf": psf,
-    }
-
-
-ELECTRON_UNITS = ("electrons", "electron", "e-", "e")
-"""How HST and other archives spell electrons; the FITS standard has no electron unit, so they become counts."""
-
-
-def fits_unit(bunit: str | None) -> str | None:
-    """BUNIT in the FITS standard's spelling, parseable by ``astropy.units.Unit(..., format="fits")``.
-
-    HST stamps say ``ELECTRONS/S``, which the standard does not define: a detected electron is one count,
-    so it becomes ``count s-1`` (the original spelling is kept in the manifest as ``bunit_original``).
-    A unit astropy cannot read is kept as written.
-    """
-    if not bunit:
-        return bunit
-    from astropy import units as u
-
-    text = str(bunit).strip()
-    low = text.lower()
-    for e in ELECTRON_UNITS:
-        low = re.sub(rf"(?<![a-z]){re.escape(e)}(?![a-z])", "count", low)
-    for candidate in (text, low):
-        try:
-            return u.Unit(candidate, format="fits").to_string("fits")
-        except ValueError:
-            continue
-    return text
-
-
-def _fwhm(psf: np.ndarray, scale: float | None) -> float | None:
-    if not scale:
-        return None
-    import galsim
-
-    try:
-        return float(galsim.ImageD(psf.astype(np.float64), scale=scale).calculateFWHM())
-    except galsim.GalSimError:
-        return None
 
 
 def _close_all_readers() -> None:
