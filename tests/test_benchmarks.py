@@ -244,7 +244,9 @@ def test_gpu_check_rehearsal_runs_end_to_end(tmp_path):
     assert {"cvae2/ddp/bf16/channels_last+resident", "lightning cvae2 bf16-mixed"} <= names
     (gp,) = tmp_path.glob("generalize-*-rehearsal.json")  # the science step: one recipe judged on COSMOS-like
     (row,) = json.loads(gp.read_text())["rows"]
-    assert row["set"] == "cosmos" and row["recipe"] == "galaxy_film" and "orientation >= 0.97" in row["checks"]
+    assert (
+        row["set"] == "cosmos" and row["recipe"] == "galaxy_film" and "orientation >= 0.97" in row["checks"]
+    )
     (fp,) = tmp_path.glob("generate-*-cpu.json")  # generation speed and catalog fidelity with that model
     fid = json.loads(fp.read_text())["fidelity"]
     assert fid["n"] == 16 and -1 <= fid["spearman_flux"] <= 1 and len(fid["flux_bins_by_mag_auto"]) == 5
