@@ -247,6 +247,24 @@ class TrainConfig:
         _check(self.val_every >= 1, "train.val_every must be >= 1")
 
 
+SinkName = Literal["jsonl", "tensorboard"]
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    sinks: list[SinkName] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Where the run's records go (``hpcvae.metrics.SINKS``): ``jsonl`` (metrics.jsonl) and ``tensorboard`` (tb/)."""
+
+    def __post_init__(self) -> None:
+        from hpcvae.metrics import SINKS
+
+        bad = [x for x in self.sinks if x not in SINKS]
+        _check(
+            not bad, f"metrics.sinks: unknown sink {bad[0]!r} (choices: {', '.join(SINKS)})" if bad else ""
+        )
+        _check(len(set(self.sinks)) == len(self.sinks), "metrics.sinks: a sink is named twice")
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     every_steps: int = 500
@@ -350,6 +368,7 @@ class JobConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
 
@@ -374,7 +393,7 @@ def load_config(
     return load_options(JobConfig, path, overrides)
 
 
-RESUME_APPLIES = ("name", "out", "data.", "checkpoint.", "ddp.", "train.epochs", "train.log_every",
+RESUME_APPLIES = ("name", "out", "data.", "checkpoint.", "metrics.", "ddp.", "train.epochs", "train.log_every",
                   "train.status_every", "train.sync_every", "train.sync_seconds", "train.val_every", "train.sample_grid",
                   "train.max_steps_per_epoch", "train.device", "train.precision", "train.channels_last",
                   "train.compile", "train.compile_mode", "train.deterministic", "train.max_skipped_in_a_row",

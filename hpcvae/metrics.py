@@ -1,5 +1,9 @@
 """A run's metric sinks, on rank 0: ``metrics.jsonl``, TensorBoard, and progress on stderr.
 
+A sink is one class with ``open/write/text/image/close`` and one line in :data:`SINKS`; a run picks
+them with ``[metrics] sinks = [...]`` (``--set metrics.sinks=...``).  A Weights & Biases sink would be
+one class here that calls ``wandb.init(resume=...)`` in ``open`` and ``wandb.log`` in ``write``.
+
 * Every ``metrics.jsonl`` line is valid JSON: NaN and infinity are written as ``null``
   (JSON has no such numbers; Python's ``json`` would write bare ``NaN``).
 * Records written after the step a resumed run starts from are dropped, from TensorBoard
@@ -15,6 +19,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,18 +50,90 @@ def json_line(rec: dict[str, Any]) -> str:
     return json.dumps(json_safe(rec), allow_nan=False)
 
 
+class Sink:
+    """Where records go.  ``purge_step``: the step a resumed run starts from (later records are dropped)."""
+
+    def open(self, folder: Path, purge_step: int | None) -> None: ...
+
+    def write(self, rec: dict[str, Any]) -> None: ...
+
+    def text(self, tag: str, body: str, step: int) -> None: ...
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink(Sink):
+    """``metrics.jsonl``: one strict-JSON line per record, cut back to ``purge_step`` on resume."""
+
+    def __init__(self) -> None:
+        self._f: TextIO | None = None
+
+    def open(self, folder: Path, purge_step: int | None) -> None:
+        if purge_step is not None:
+            truncate_after(folder / "metrics.jsonl", purge_step)
+        self._f = open(folder / "metrics.jsonl", "a")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self._f is not None:
+            self._f.write(json_line(rec) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        self._f = None
+
+
+class TensorBoardSink(Sink):
+    """TensorBoard events in ``tb/``: scalars under ``kind/name``, text panels, sample grids."""
+
+    def __init__(self) -> None:
+        self._tb: Any = None
+
+    def open(self, folder: Path, purge_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(folder / "tb"), purge_step=purge_step or None)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self._tb is None:
+            return
+        kind = rec.get("kind")
+        for k, v in rec.items():
+            if k not in ("kind", "step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
+                self._tb.add_scalar(f"{kind}/{k}", v, rec.get("step", 0))
+
+    def text(self, tag: str, body: str, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_text(tag, body, step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_image(tag, np.asarray(image, dtype=np.float32)[None], step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        self._tb = None
+
+
+SINKS: dict[str, type[Sink]] = {"jsonl": JsonlSink, "tensorboard": TensorBoardSink}
+"""Metric sinks by name: a new sink is one class above and one entry here (and its name in ``SinkName``)."""
+
+
 class Metrics:
     """Opened by the training loop on rank 0 only (``enabled=False`` elsewhere makes every call a no-op)."""
 
-    def __init__(self, folder: Path, *, enabled: bool, tensorboard: bool = True, status_every: int = 200,
-                 prog: str = "hpcvae.train", stream: TextIO | None = None) -> None:  # fmt: skip
+    def __init__(self, folder: Path, *, enabled: bool, sinks: Sequence[str] = ("jsonl", "tensorboard"),
+                 status_every: int = 200, prog: str = "hpcvae.train", stream: TextIO | None = None) -> None:  # fmt: skip
         self.folder, self.enabled, self.prog = Path(folder), enabled, prog
         self.status_every = max(1, status_every)
         self.stream = stream or sys.stderr
-        self._jsonl: TextIO | None = None
-        self._tb: Any = None
+        self._names = list(sinks)
+        self._sinks: list[Sink] = []
         self._bar: Any = None
-        self._tensorboard = tensorboard
         self._epoch_text, self._done, self._total, self._postfix = "", 0, 0, ""
         self._t0 = time.perf_counter()
 
@@ -70,13 +147,10 @@ class Metrics:
         if not self.enabled:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        if purge_step is not None:
-            truncate_after(self.folder / "metrics.jsonl", purge_step)
-        self._jsonl = open(self.folder / "metrics.jsonl", "a")
-        if self._tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.folder / "tb"), purge_step=purge_step or None)
+        for name in self._names:
+            sink = SINKS[name]()
+            sink.open(self.folder, purge_step)
+            self._sinks.append(sink)
         if self.interactive:
             from tqdm import tqdm
 
@@ -84,34 +158,30 @@ class Metrics:
         return self
 
     def close(self) -> None:
-        for obj in (self._bar, self._tb, self._jsonl):
-            if obj is not None:
-                obj.close()
-        self._bar = self._tb = self._jsonl = None
+        if self._bar is not None:
+            self._bar.close()
+        for sink in self._sinks:
+            sink.close()
+        self._bar, self._sinks = None, []
 
     # -- records ------------------------------------------------------------------------------
     def write(self, rec: dict[str, Any]) -> None:
-        """One line of metrics.jsonl and, for its numbers, TensorBoard scalars under ``kind/name``."""
-        if self._jsonl is None:
+        """One record (a line of metrics.jsonl; TensorBoard scalars under ``kind/name``), with its UTC time."""
+        if not self._sinks:
             return
         rec = {**rec, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self._jsonl.write(json_line(rec) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            kind = rec.get("kind")
-            for k, v in rec.items():
-                if k not in ("kind", "step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{kind}/{k}", v, rec.get("step", 0))
+        for sink in self._sinks:
+            sink.write(rec)
 
     def text(self, tag: str, body: str, step: int = 0) -> None:
-        """A text panel in TensorBoard (the run's config, its hyper-parameters)."""
-        if self._tb is not None:
-            self._tb.add_text(tag, body, step)
+        """A text panel (the run's config, its hyper-parameters)."""
+        for sink in self._sinks:
+            sink.text(tag, body, step)
 
     def image(self, tag: str, image: Any, step: int) -> None:
-        """A grayscale image (H, W) in [0, 1] in TensorBoard (a grid of samples at each validation)."""
-        if self._tb is not None:
-            self._tb.add_image(tag, np.asarray(image, dtype=np.float32)[None], step)
+        """A grayscale image (H, W) in [0, 1] (a grid of samples at each validation)."""
+        for sink in self._sinks:
+            sink.image(tag, image, step)
 
     # -- progress -----------------------------------------------------------------------------
     def epoch(self, text: str, total: int, done: int = 0) -> None:

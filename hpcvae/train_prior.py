@@ -96,6 +96,8 @@ class PriorConfig:
     """Cap steps per epoch (0 = none); for smoke runs."""
     log_every: int = 20
     """Steps between train-metric records."""
+    sinks: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Metric sinks (``hpcvae.metrics.SINKS``), as ``[metrics] sinks`` of training."""
     sync_every: int = 50
     """Steps between the ranks' agreement on stopping and on numerical health (as for VAE training)."""
     checkpoint: CheckpointConfig = field(
@@ -104,6 +106,13 @@ class PriorConfig:
     """every_steps / keep_last / resume, as for VAE training."""
 
     def __post_init__(self) -> None:
+        from hpcvae.metrics import SINKS
+
+        bad = [x for x in self.sinks if x not in SINKS]
+        if bad:
+            raise ConfigError(
+                f"train_prior: unknown metric sink {bad[0]!r} (choices: {', '.join(SINKS)})", key="sinks"
+            )
         for name in ("epochs", "batch_size", "encode_batch_size", "transforms", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train_prior: {name} must be >= 1, got {getattr(self, name)}")
@@ -242,7 +251,8 @@ class PriorTrainer(Loop):
         loop = LoopConfig(epochs=cfg.epochs, every_steps=c.every_steps, keep_last=c.keep_last,
                           sync_every=cfg.sync_every, log_every=cfg.log_every)  # fmt: skip
         Loop.__init__(self, loop=loop, dist=dist, engine=engine, checkpoint_dir=self.work,
-                      metrics=Metrics(self.work, enabled=dist.is_main, prog="hpcvae.train_prior"))  # fmt: skip
+                      metrics=Metrics(self.work, enabled=dist.is_main, prog="hpcvae.train_prior",
+                                      sinks=cfg.sinks))  # fmt: skip
         self.sched_cfg = SchedulerConfig(kind=cfg.schedule)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.scheduler = lr_scheduler(self.engine.optimizer, self.sched_cfg, total_steps=self.total_steps,

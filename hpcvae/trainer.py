@@ -184,7 +184,8 @@ class Trainer(Loop):
                           log_every=t.log_every, max_skipped_in_a_row=t.max_skipped_in_a_row,
                           sync_seconds=t.sync_seconds)  # fmt: skip
         Loop.__init__(self, loop=loop, dist=dist, engine=engine, checkpoint_dir=self.out,
-                      metrics=Metrics(self.out, enabled=dist.is_main, status_every=t.status_every))  # fmt: skip
+                      metrics=Metrics(self.out, enabled=dist.is_main, status_every=t.status_every,
+                                      sinks=cfg.metrics.sinks))  # fmt: skip
         self.engine: Engine = engine
         self.pool: np.ndarray | None = None
         """The current epoch's samples (manifest indices) when it finishes an interrupted one; else all."""

@@ -128,7 +128,7 @@ def test_metrics_jsonl_is_strict_json(tmp_path: Path) -> None:
 
     from hpcvae.metrics import Metrics
 
-    m = Metrics(tmp_path, enabled=True, tensorboard=False).open(total=1)
+    m = Metrics(tmp_path, enabled=True, sinks=["jsonl"]).open(total=1)
     m.write({"kind": "train", "step": 1, "loss": float("nan"), "kl": float("inf"), "lr": 1e-3})
     m.close()
 
@@ -145,3 +145,22 @@ def test_load_model_names_the_path_it_was_given(tmp_path: Path) -> None:
     missing = tmp_path / "runs" / "nope" / "model.safetensors"
     with pytest.raises(CheckpointError, match=f"^{missing}: no such file or folder"):
         load_model(missing)
+
+
+def test_metric_sinks_are_a_table_the_config_names(shards: Path, tmp_path: Path) -> None:
+    """A sink is a class plus its line in SINKS; ``[metrics] sinks`` picks them, and only those write."""
+    import typing
+
+    from hpcvae.config import SinkName
+    from hpcvae.metrics import SINKS
+
+    assert set(typing.get_args(SinkName)) == set(SINKS)
+    out = tmp_path / "jsonl-only"
+    r = cli("-m", "hpcvae.train", *train_args(shards, out, "--set", 'metrics.sinks=["jsonl"]', epochs=1))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "metrics.jsonl").stat().st_size > 0 and not (out / "tb").exists()
+    _one_line_error(
+        cli("-m", "hpcvae.train", *train_args(shards, tmp_path / "bad", "--set", 'metrics.sinks=["wandb"]')),
+        "metrics.sinks",
+        "'wandb'",
+    )
