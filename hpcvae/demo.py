@@ -79,8 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run([py, "-m", "hpcvae.train_prior", str(run), "--data", str(shards), *flow])
     _run([py, "-m", "hpcvae.evaluate", str(run), "--data", str(shards), "--out", str(report), "--n", "512"])
 
-    print(f"\nDone in {time.perf_counter() - t0:.0f} s.")
-    verdict = json.loads((report / "report.json").read_text()).get("verdict", {})
+    seconds = time.perf_counter() - t0
+    print(f"\nDone in {seconds:.0f} s.")
+    rep = json.loads((report / "report.json").read_text())
+    from hpcvae.evaluate.markdown import verdict_table
+
+    (report / "verdict_table.md").write_text(verdict_table(rep) + f"\n\n_Demo total: {seconds:.0f} s._\n")
+    verdict = rep.get("verdict", {})
     for k, v in verdict.items():
         if k != "thresholds":
             print(f"  {k:20s} {v['verdict']:5s} {v['line']}")

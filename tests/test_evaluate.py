@@ -391,6 +391,10 @@ def test_verdict_names_the_cause_and_never_repeats_advice():
     assert c["size"]["cause"] == "conditioning" and c["conditioning"]["verdict"] == "off"
     assert c["orientation"]["verdict"] == "close" and c["background"]["verdict"] == "off"
     assert c["size_redshift_slope"]["verdict"] == "ok"
+    # statmorph failed on every stamp: no "ok" for a morphology that was not measured
+    failed = {"stats": {"gini": {"n_real": 3, "n_generated": 0, "w1": None}}}
+    m = verdict({**_report(), "morphology": failed}, facts)["morphology"]
+    assert m["verdict"] == "n/a" and "measured no statistic" in m["line"]
 
 
 @pytest.mark.slow

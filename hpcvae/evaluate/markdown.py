@@ -68,6 +68,19 @@ def _verdict(r: dict[str, Any], md: list[str]) -> None:
     )
 
 
+def verdict_table(r: dict[str, Any]) -> str:
+    """The verdict as one table (the README's demo table is this, pasted by ``scripts/update_readme.py``)."""
+    po = r["population"]
+    rows = [f"| {k.replace('_', ' ')} | {x['verdict']} | {x['line']} |" for k, x in r.get("verdict", {}).items()
+            if k != "thresholds"]  # fmt: skip
+    return "\n".join([
+        f"{r['data']['n_used']} val stamps of {r['data'].get('n_galaxies', r['data']['n_used'])} galaxies against "
+        f"{po['n_generated']} generated ({po['prior']} prior, latent seed {po['latent_seed']}); intervals: "
+        f"{po.get('intervals', 'none')}.", "",
+        "| check | verdict | measured [95% interval] |", "|---|---|---|", *rows,
+    ])  # fmt: skip
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     """report.md: every figure with the numbers that belong to it."""
     md: list[str] = []

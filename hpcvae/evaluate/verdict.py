@@ -188,7 +188,16 @@ def verdict(report: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
                                  "line": f"with latents fixed, d log10 sigma across {zname} {resp['grid'][0]:.2f}-"
                                          f"{resp['grid'][-1]:.2f} is {resp['generated']['dlog10_sigma']:+.3f}, "
                                          f"the real galaxies' {resp['real']['dlog10_sigma']:+.3f} ({r:.0%})"}  # fmt: skip
-    mo = (report.get("morphology") or {}).get("stats") or {}
+    mo = {
+        k: c
+        for k, c in ((report.get("morphology") or {}).get("stats") or {}).items()
+        if c.get("w1") is not None
+    }
+    if (report.get("morphology") or {}).get(
+        "stats"
+    ) and not mo:  # statmorph measured nothing: say so, no "ok"
+        lines["morphology"] = {"verdict": "n/a", "differ": [],
+                               "line": "statmorph measured no statistic on enough stamps (see the morphology section)"}  # fmt: skip
     if mo:
         worst = [
             k
