@@ -70,7 +70,8 @@ if [ "$MODE" = gpu ]; then
     done
 else
     # tiny: debug widths at 158² so the seed's fixed modules run beside ours; no compile (minutes on CPU)
-    python3 -m benchmarks.epoch_time --smoke --extra cvae2:ddp:bf16:channels_last+resident --tag rehearsal --out "$OUT"
+    python3 -m benchmarks.epoch_time --smoke --profile --extra cvae2:ddp:fp32:none --extra cvae2:ddp:auto:auto \
+        --extra cvae2:ddp:bf16:channels_last+resident --tag rehearsal --out "$OUT"
 fi
 echo "[gpu_check] (d) science: galaxy_film on COSMOS-like galaxies"
 SCI=$(mktemp -d "${TMPDIR:-/tmp}/hpcvae-gpu-science.XXXXXX")

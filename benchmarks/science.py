@@ -120,6 +120,8 @@ class Plan:
     flow_epochs: int
     val_fraction: float
     flow_batch: int = 256
+    eval_extra: list[str] = field(default_factory=list)
+    """More ``hpcvae.evaluate`` options (the smoke run measures few stamps: statmorph is ~0.4 s each)."""
 
     @classmethod
     def full(cls) -> Plan:
@@ -128,7 +130,12 @@ class Plan:
     @classmethod
     def smoke(cls) -> Plan:
         return cls(
-            n={64: 160, 158: 80}, epochs={64: 1, 158: 1}, flow_epochs=2, val_fraction=0.25, flow_batch=16
+            n={64: 160, 158: 80},
+            epochs={64: 1, 158: 1},
+            flow_epochs=2,
+            val_fraction=0.25,
+            flow_batch=16,
+            eval_extra=["--morph-n", "8", "--n-boot", "50", "--response-latents", "4"],
         )
 
 
@@ -163,7 +170,7 @@ def run_variants(
                       "--resume", "none"],
                       logs / f"prior-{size}-{v.name}.log"))  # fmt: skip
         evaluate.append((f"eval {size} {v.name}", [py, "-m", "hpcvae.evaluate", str(out), "--data", str(shards),
-                         "--out", str(out / "report"), "--n", "100000", "--seed", "0"],
+                         "--out", str(out / "report"), "--n", "100000", "--seed", "0", *plan.eval_extra],
                          logs / f"eval-{size}-{v.name}.log"))  # fmt: skip
     times = run_jobs(train, jobs)
     times |= run_jobs(prior, jobs)

@@ -124,7 +124,8 @@ def test_compare_and_slope_follow_their_definitions():
 @pytest.mark.slow
 def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, capsys):
     out = tmp_path / "report"
-    rc = main([str(cvae2_run), "--data", str(synth_shards), "--n", "64", "--out", str(out), "--seed", "3"])
+    rc = main([str(cvae2_run), "--data", str(synth_shards), "--n", "64", "--out", str(out), "--seed", "3",
+               "--morph-n", "16", "--n-boot", "100"])  # fmt: skip
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
@@ -218,7 +219,7 @@ def test_unconditional_bare_model_skips_redshift_parts(vae_run, synth_shards, tm
     for name in ("model.safetensors", "model.json"):
         shutil.copy(vae_run / name, bare / name)
     out = tmp_path / "report"
-    cfg = EvalConfig(n=40, seed=0)
+    cfg = EvalConfig(n=40, seed=0, morph_n=8, n_boot=50)  # statmorph is ~0.4 s a stamp; not what this tests
     rep = evaluate(bare / "model.safetensors", synth_shards, out, config=cfg)
     pngs = {p.name for p in out.glob("*.png")}
     assert {"generations.png", "reconstructions.png", "latent_corner.png", "population.png"} <= pngs
@@ -244,7 +245,9 @@ def test_fancy_cvae_in_memory_model_reports_predicted_redshift(synth_shards, tmp
     torch.manual_seed(0)
     m = build_model("fancy_cvae", flavour="debug", image_size=SIZE)
     m.set_normalisation(get_transform("minmax", Manifest.load(synth_shards).stats("train")))
-    cfg = EvalConfig(n=24, grid_redshifts=(0.5,), sweep_redshifts=(0.3, 1.0, 2.0), sweep_rows=2)
+    cfg = EvalConfig(
+        n=24, grid_redshifts=(0.5,), sweep_redshifts=(0.3, 1.0, 2.0), sweep_rows=2, morph_n=4, n_boot=50
+    )
     rep = evaluate(m, synth_shards, tmp_path / "r", config=cfg)
     p = rep["reconstruction"]["redshift_prediction"]
     assert p["rmse"] >= 0 and p["bias"] is not None

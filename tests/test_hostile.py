@@ -420,14 +420,25 @@ def test_a_killed_run_resumed_logs_each_step_once(tiny_shards: Path, tmp_path: P
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.endswith("}")]
         return [r["step"] for r in lines if r.get("kind") == "train"]
 
-    while time.time() < deadline and not any(s > 10 and s % 4 for s in train_steps()):
+    from hpcvae.checkpoint import list_checkpoints, read_meta
+
+    def last_checkpoint() -> int:
+        return max((read_meta(c)["global_step"] for c in list_checkpoints(out)), default=-1)
+
+    # Freeze the run (SIGSTOP is immediate) once it has logged steps past its last checkpoint, and kill it
+    # only if that still holds when frozen: on a loaded machine it may have saved again in between.
+    while time.time() < deadline:
+        steps = train_steps()
+        if steps and max(steps) > 10 and max(steps) > last_checkpoint() >= 0:
+            proc.send_signal(signal.SIGSTOP)
+            if max(train_steps()) > last_checkpoint():
+                break
+            proc.send_signal(signal.SIGCONT)
         time.sleep(0.05)
     proc.kill()  # no handler runs: records past the last checkpoint stay in the file
     proc.communicate(timeout=60)
     before = train_steps()
-    from hpcvae.checkpoint import list_checkpoints, read_meta
-
-    last = max(read_meta(c)["global_step"] for c in list_checkpoints(out))
+    last = last_checkpoint()
     assert max(before) > last, (before, last)
     resumed = subprocess.run([sys.executable, "-m", "hpcvae.train", *args], cwd=REPO, env=child_env(),
                              capture_output=True, text=True, timeout=600)  # fmt: skip

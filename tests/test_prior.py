@@ -265,7 +265,9 @@ def test_evaluate_samples_through_the_flow_by_default(tiny_run, tmp_path):
     run, shards = tiny_run
     out = tmp_path / "m"
     assert main(_prior_args(run, shards, out, epochs=1)) == 0
-    cfg = dict(n=24, grid_size=2, sweep_rows=1, n_recon=2, latent_dims=2)
+    cfg = dict(
+        n=24, grid_size=2, sweep_rows=1, n_recon=2, latent_dims=2, morph_n=4, n_boot=50, response_latents=4
+    )
     flow = evaluate(out, shards, tmp_path / "rf", config=EvalConfig(**cfg))
     normal = evaluate(out, shards, tmp_path / "rn", config=EvalConfig(prior="normal", **cfg))
     assert flow["population"]["prior"] == "flow" and flow["generation"]["prior"] == "flow"
