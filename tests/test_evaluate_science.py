@@ -137,3 +137,35 @@ def test_bootstrap_intervals_cover_and_keep_copies_of_a_galaxy_together():
     assert w_group > 1.6 * w_naive
     b, se = bootstrap.slope(np.linspace(0, 1, 50), 2.0 * np.linspace(0, 1, 50) + rng.normal(0, 0.01, 50))
     assert b == pytest.approx(2.0, abs=5 * se)
+
+
+def test_the_response_to_one_of_several_conditions_walks_along_the_real_population():
+    """A decoder whose size follows flux_radius only, on galaxies whose flux_radius grows with zphot: at fixed
+    other conditions zphot changes nothing, along the real galaxies it gives their trend."""
+    from hpcvae.evaluate import response
+
+    rng = np.random.default_rng(0)
+    z = rng.uniform(0.2, 2.0, 400)
+    radius = 4.0 + 3.0 * z + rng.normal(0, 0.2, 400)  # pixels: bigger at higher zphot in this population
+    conds = {"zphot": z, "flux_radius": radius}
+    yy, xx = np.mgrid[:32, :32] - 15.5
+
+    def decode(lat: np.ndarray, c: dict[str, np.ndarray]) -> np.ndarray:
+        s = c["flux_radius"][:, None, None]
+        return np.exp(-(xx**2 + yy**2) / (2 * s**2)).astype(np.float32)
+
+    grid = np.percentile(z, [10, 50, 90])
+    lat = np.zeros((4, 2))
+    fixed = response.sweep(
+        decode, lat, "zphot", grid, {"zphot": 1.0, "flux_radius": float(np.median(radius))}, 0.03
+    )
+    walk = response.sweep(decode, lat, "zphot", grid, response.along_population(conds, "zphot", grid), 0.03)
+    from hpcvae.evaluate.moments import moments
+
+    real_imgs = decode(
+        np.zeros((len(z), 2)), conds
+    )  # the real galaxies: the same profiles at their own radii
+    st = moments(real_imgs, 0.03)
+    real = response.real_change(z, st["sigma_arcsec"], real_imgs.reshape(len(z), -1).sum(1), grid)
+    assert abs(fixed["dlog10_sigma"]) < 1e-3 and real["dlog10_sigma"] > 0.15
+    assert walk["dlog10_sigma"] == pytest.approx(real["dlog10_sigma"], rel=0.1)

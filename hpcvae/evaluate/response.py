@@ -40,19 +40,21 @@ def sweep(
     latents: np.ndarray,
     name: str,
     values: np.ndarray,
-    medians: dict[str, float],
+    medians: dict[str, float] | list[dict[str, float]],
     pixel_scale: float,
 ) -> dict[str, Any]:
     """Decode every latent at each of ``values`` of condition ``name``; sizes and fluxes per grid point.
 
     ``decode(z, conditions)`` returns physical (n, H, W) stamps for latents ``z`` (n, z_dim) and a
-    dict of per-row condition arrays.
+    dict of per-row condition arrays.  ``medians``: the other conditions' values, one dict for every grid
+    point or one per grid point (see :func:`along_population`).
     """
     n = latents.shape[0]
     sigma = np.full((len(values), n), np.nan)
     flux = np.full((len(values), n), np.nan)
     for i, v in enumerate(values):
-        conds = {k: np.full(n, m, dtype=np.float32) for k, m in medians.items()}
+        at = medians[i] if isinstance(medians, list) else medians
+        conds = {k: np.full(n, m, dtype=np.float32) for k, m in at.items()}
         conds[name] = np.full(n, v, dtype=np.float32)
         imgs = decode(latents, conds)
         st = moments(imgs, pixel_scale)
@@ -61,6 +63,24 @@ def sweep(
             "median_flux": _nanmedian(flux, axis=1).tolist(),
             "dlog10_sigma": float(_nanmedian(_log10(sigma[-1]) - _log10(sigma[0]))),
             "dlog10_flux": float(_nanmedian(_log10(flux[-1]) - _log10(flux[0])))}  # fmt: skip
+
+
+def along_population(conds: dict[str, np.ndarray], name: str, values: np.ndarray) -> list[dict[str, float]]:
+    """The other conditions where the real galaxies are: their medians in each bin of ``name`` around the grid.
+
+    Moving one condition with the others held at their global medians asks for galaxies the population does
+    not have (a faint galaxy of a bright galaxy's size), and its response need not match the real galaxies'
+    trend, which mixes all conditions.  Along the population it should.
+    """
+    edges = np.concatenate([[-np.inf], (values[1:] + values[:-1]) / 2, [np.inf]])
+    x = conds[name]
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (x >= lo) & (x < hi)
+        out.append(
+            {k: float(np.median(v[sel])) if sel.sum() >= 3 else float(np.median(v)) for k, v in conds.items()}
+        )
+    return out
 
 
 def real_change(cond: np.ndarray, sigma: np.ndarray, flux: np.ndarray, values: np.ndarray) -> dict[str, Any]:

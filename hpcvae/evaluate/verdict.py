@@ -185,7 +185,7 @@ def verdict(report: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
     if resp and resp.get("ratio_sigma") is not None:
         r = resp["ratio_sigma"]
         lines["conditioning"] = {"verdict": _higher(r, "response_ratio"), "ratio": r,
-                                 "line": f"with latents fixed, d log10 sigma across {zname} {resp['grid'][0]:.2f}-"
+                                 "line": f"with latents fixed{' (the other conditions following the real galaxies)' if resp.get('other_conditions') else ''}, d log10 sigma across {zname} {resp['grid'][0]:.2f}-"
                                          f"{resp['grid'][-1]:.2f} is {resp['generated']['dlog10_sigma']:+.3f}, "
                                          f"the real galaxies' {resp['real']['dlog10_sigma']:+.3f} ({r:.0%})"}  # fmt: skip
     mo = {
