@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared device check: every GPU figure in a single run, under 8 minutes on one H100/H200.
+# The one prepared device check: every GPU figure in a single run, sized for a 15-minute H100/H200 budget
+# (timing about 6 minutes, the science about 5: rendering 20,000 galaxies on the CPU cores dominates it).
 #
 #   bash benchmarks/gpu_check.sh [--out DIR]                  on the GPU machine, from a bare image
 #   bash benchmarks/gpu_check.sh --cpu-rehearsal [--out DIR]  the same steps on CPU at tiny sizes

@@ -2,11 +2,13 @@
 
     python scripts/update_readme.py [reports/demo/verdict_table.md]
 
-Replaces what stands between ``<!-- demo-verdict:start -->`` and ``<!-- demo-verdict:end -->``.
+Replaces what stands between ``<!-- demo-verdict:start -->`` and ``<!-- demo-verdict:end -->``, and copies
+the demo's middle generation grid and its redshift trends to ``docs/`` (the README shows them).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,6 +32,12 @@ def main(argv: list[str]) -> int:
     _, tail = rest.split(END)
     readme.write_text(f"{head}{START}\n{table.read_text().strip()}\n{END}{tail}")
     print(f"update_readme: pasted {table} into {readme}")
+    grids = sorted(table.parent.glob("generations_z*.png"), key=lambda p: float(p.stem.split("_z")[1]))
+    for src, dst in ((grids[len(grids) // 2] if grids else None, "demo-generations.png"),
+                     (table.parent / "redshift_trends.png", "demo-redshift-trends.png")):  # fmt: skip
+        if src is not None and src.is_file():
+            shutil.copyfile(src, REPO / "docs" / dst)
+            print(f"update_readme: copied {src} to docs/{dst}")
     return 0
 
 
