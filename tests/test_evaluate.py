@@ -124,8 +124,25 @@ def test_compare_and_slope_follow_their_definitions():
 @pytest.mark.slow
 def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, capsys):
     out = tmp_path / "report"
-    rc = main([str(cvae2_run), "--data", str(synth_shards), "--n", "64", "--out", str(out), "--seed", "3",
-               "--morph-n", "16", "--n-boot", "100"])  # fmt: skip
+    rc = main(
+        [
+            str(cvae2_run),
+            "--data",
+            str(synth_shards),
+            "--n",
+            "64",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--morph-n",
+            "16",
+            "--n-boot",
+            "100",
+            "--batch-size",
+            "16",
+        ]
+    )  # fmt: skip  (several batches)
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
@@ -201,7 +218,9 @@ def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, ca
     sl = rep["redshift_trends"]["slopes_vs_z"]["sigma_arcsec"]
     assert sl["real"]["slope_ci"] and sl["generated"]["slope_ci"] and sl["truth"]["slope"] < 0
     for key in ("flux", "residual_power", "artefacts", "conditioning", "morphology", "reconstruction_sizes"):
-        assert rep["verdict"][key]["verdict"] in ("ok", "close", "off"), key
+        v = rep["verdict"][key]["verdict"]
+        unmeasured = key == "morphology" and all(c["w1"] is None for c in mo["stats"].values())
+        assert v in ("ok", "close", "off") or (v == "n/a" and unmeasured), key  # a 2-step model's blobs
     for section in (
         "Morphology (statmorph)",
         "Power spectra",

@@ -460,8 +460,10 @@ class Run:
         if clean is None:
             return False
         self.truth.add(clean, self.noise_sigma(metas))
+        if self.baseline_parts is None:  # this family has no single-Sérsic fits (known from the first batch)
+            return True
         need = self.cfg.morph_n - sum(len(b) for b in self.baseline_parts)
-        if need > 0 and self.baseline_parts is not None:
+        if need > 0:
             base = noiseless_stamps(self.manifest, metas[:need], baseline=True)
             if base is None:
                 self.baseline_parts = None  # this family has no single-Sérsic fits
