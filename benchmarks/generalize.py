@@ -136,6 +136,10 @@ def row(work: Path, family: str, name: str) -> dict[str, Any] | None:
         "response": (ver.get("conditioning") or {}).get("ratio"),
         "kl": rc["kl_per_galaxy_mean"],
     }  # fmt: skip
+    bt = (val.get("flux") or {}).get("bright_tail") or {}
+    if bt.get("sigma_arcsec", {}).get("mean_real"):
+        r["bright_sigma_rel"] = bt["sigma_arcsec"]["mean_diff"] / bt["sigma_arcsec"]["mean_real"]
+        r["bright_g"] = bt["g"]["mean_diff"]
     if train is not None:
         ts = train["population"]["stats"]
         r |= {"g_train": ts["g"]["mean_diff"], "sigma_train": ts["sigma_arcsec"]["mean_rel_diff"]}
@@ -194,14 +198,15 @@ def markdown(p: dict[str, Any]) -> str:
     md = [f"# Generalization: one recipe on two populations ({p['plan']['size']}x{p['plan']['size']})\n", __doc__.split("\n\n")[1] + "\n",
           env_md(p["environment"]), ""]  # fmt: skip
     md.append("| set | recipe | Δ\\|g\\| val [95%] | Δσ val [95%] | Δflux val | Δ\\|g\\| train | Δσ train | "
-              "recon Δσ per bin | ⟨cos 2Δφ⟩ | streaks × | resid. power dev | response |")  # fmt: skip
-    md.append("|" + "---|" * 12)
+              "recon Δσ per bin | ⟨cos 2Δφ⟩ | streaks × | resid. power dev | zphot response ratio | brightest 5%: Δσ, Δ\\|g\\| |")  # fmt: skip
+    md.append("|" + "---|" * 13)
     for r in p["rows"]:
         bins = ", ".join(f"{k}: {100 * v:+.1f}%" for k, v in r["recon_bins"].items() if v is not None)
         md.append(f"| {r['set']} | {r['recipe']} | {_ci(r['g_val'], r['g_val_ci'])} | "
                   f"{_ci(r['sigma_val'], r['sigma_val_ci'], True)} | {_ci(r['flux_val'], r['flux_val_ci'], True)} | "
                   f"{fmt(r.get('g_train'))} | {_ci(r.get('sigma_train'), None, True)} | {bins} | {fmt(r['orientation'])} | "
-                  f"{fmt(r['streak_ratio'])} | {fmt(r['residual_power_max_dev'])} | {fmt(r['response'])} |")  # fmt: skip
+                  f"{fmt(r['streak_ratio'])} | {fmt(r['residual_power_max_dev'])} | {fmt(r['response'])} | "
+                  f"{_ci(r.get('bright_sigma_rel'), None, True)}, {fmt(r.get('bright_g'))} |")  # fmt: skip
     md.append("\n## Morphology: W1 distance to the real val galaxies (generated / single-Sérsic baseline)\n")
     md.append("| set | recipe | " + " | ".join(MORPH) + " |")
     md.append("|" + "---|" * (2 + len(MORPH)))

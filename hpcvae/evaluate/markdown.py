@@ -71,8 +71,9 @@ def _verdict(r: dict[str, Any], md: list[str]) -> None:
 def verdict_table(r: dict[str, Any]) -> str:
     """The verdict as one table (the README's demo table is this, pasted by ``scripts/update_readme.py``)."""
     po = r["population"]
-    rows = [f"| {k.replace('_', ' ')} | {x['verdict']} | {x['line']} |" for k, x in r.get("verdict", {}).items()
-            if k != "thresholds"]  # fmt: skip
+    # a "|" in a line (mean |g|) would split its cell
+    cell = {k: x["line"].replace("|", "\\|") for k, x in r.get("verdict", {}).items() if k != "thresholds"}
+    rows = [f"| {k.replace('_', ' ')} | {r['verdict'][k]['verdict']} | {line} |" for k, line in cell.items()]
     return "\n".join([
         f"{r['data']['n_used']} val stamps of {r['data'].get('n_galaxies', r['data']['n_used'])} galaxies against "
         f"{po['n_generated']} generated ({po['prior']} prior, latent seed {po['latent_seed']}); intervals: "
