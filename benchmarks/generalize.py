@@ -87,18 +87,8 @@ def run_recipes(work: Path, family: str, shards: Path, recipes: list[str], a: ar
                       str(a.prior_epochs), "--batch-size", str(pb), "--encode-batch-size", str(min(64, pb)), "--device", dev,
                       "--resume", "none"],
                       logs / f"prior-{tag}.log"))  # fmt: skip
-        common = [
-            py,
-            "-m",
-            "hpcvae.evaluate",
-            str(out),
-            "--data",
-            str(shards),
-            "--seed",
-            "0",
-            "--workers",
-            "1",
-        ]
+        common = [py, "-m", "hpcvae.evaluate", str(out), "--data", str(shards), "--seed", "0", "--device", dev,
+                  "--workers", "1"]  # fmt: skip
         evaluate.append((f"eval {tag}", [*common, "--out", str(out / "report"), "--n", "100000", *shlex.split(a.eval_extra)],
                          logs / f"eval-{tag}.log"))  # fmt: skip
         evaluate.append((f"evaltrain {tag}", [*common, "--out", str(out / "report-train"), "--split", "train",
