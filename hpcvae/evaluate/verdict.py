@@ -184,18 +184,14 @@ def verdict(report: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
     resp = conds.get(zname) if zname else None
     if resp and resp.get("ratio_sigma") is not None:
         r = resp["ratio_sigma"]
+        walk = " (the other conditions following the real galaxies)" if resp.get("other_conditions") else ""
         lines["conditioning"] = {"verdict": _higher(r, "response_ratio"), "ratio": r,
-                                 "line": f"with latents fixed{' (the other conditions following the real galaxies)' if resp.get('other_conditions') else ''}, d log10 sigma across {zname} {resp['grid'][0]:.2f}-"
+                                 "line": f"with latents fixed{walk}, d log10 sigma across {zname} {resp['grid'][0]:.2f}-"
                                          f"{resp['grid'][-1]:.2f} is {resp['generated']['dlog10_sigma']:+.3f}, "
                                          f"the real galaxies' {resp['real']['dlog10_sigma']:+.3f} ({r:.0%})"}  # fmt: skip
-    mo = {
-        k: c
-        for k, c in ((report.get("morphology") or {}).get("stats") or {}).items()
-        if c.get("w1") is not None
-    }
-    if (report.get("morphology") or {}).get(
-        "stats"
-    ) and not mo:  # statmorph measured nothing: say so, no "ok"
+    measured = (report.get("morphology") or {}).get("stats") or {}
+    mo = {k: c for k, c in measured.items() if c.get("w1") is not None}
+    if measured and not mo:  # statmorph measured nothing: say so, never "ok"
         lines["morphology"] = {"verdict": "n/a", "differ": [],
                                "line": "statmorph measured no statistic on enough stamps (see the morphology section)"}  # fmt: skip
     if mo:
