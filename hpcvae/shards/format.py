@@ -8,7 +8,7 @@ that share a key before the first dot form one sample):
 
 Keys are ``g`` + the 9-digit catalog row: unique and dot-free.  Everything that writes or
 reads shards (ingest, the loaders, evaluate, the benchmarks, the test helpers) goes through
-this module; ``tests/test_shards_format.py`` checks the result against webdataset itself.
+this module; ``tests/test_shard.py`` and ``tests/test_use.py`` read the result back with webdataset and wids.
 """
 
 from __future__ import annotations
