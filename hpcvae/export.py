@@ -41,7 +41,7 @@ def export(
     """Write the shareable folder ``out`` from a run folder (or a model folder) ``run``."""
     from hpcvae.model_card import write_model_card
     from hpcvae.model_files import load_model, read_model_json
-    from hpcvae.safe_io import signals_as_interrupt, temp_name
+    from hpcvae.safe_io import replace_folder, signals_as_interrupt, temp_name
 
     run, out = Path(run), Path(out)
     if not (run / MODEL_JSON).is_file():
@@ -79,13 +79,7 @@ def export(
             os.umask(mask)
             for d in [tmp, *[p for p in tmp.rglob("*") if p.is_dir()]]:
                 os.chmod(d, 0o777 & ~mask)
-            if out.exists():
-                old = temp_name(out.with_name(out.name + "-old"))
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            replace_folder(tmp, out)  # the old folder goes only once the new one is complete
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out

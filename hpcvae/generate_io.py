@@ -7,7 +7,6 @@ CHECKSUM/DATASUM (the FITS standard's, which ``astropy.io.fits`` verifies).
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcvae.safe_io import atomic_file, signals_as_interrupt, temp_name
+from hpcvae.safe_io import atomic_file, replace_folder, signals_as_interrupt, temp_name
 
 RGC_CATALOG = "real_galaxy_catalog_generated.fits"
 RGC_FITS = "real_galaxy_catalog_generated_fits.fits"
@@ -231,13 +230,7 @@ def write_rgc(cfg: Any, p: Any, batches: Iterator[tuple[int, np.ndarray]]) -> No
             for name in table.dtype.names:
                 fits_cols[name] = table[name]
             fitsio.write(str(tmpdir / RGC_FITS), fits_cols, header=header, clobber=True)
-            if out.exists():  # --overwrite was given: the old folder goes only once the new one is complete
-                old = temp_name(out.with_name(out.name + "-old"))
-                os.replace(out, old)
-                os.replace(tmpdir, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmpdir, out)
+            replace_folder(tmpdir, out)  # the old folder goes only once the new one is complete
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 

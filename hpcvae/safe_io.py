@@ -80,3 +80,16 @@ def replace_pair(moves: list[tuple[Path, Path]]) -> None:
     with blocked_signals():
         for tmp, target in moves:
             os.replace(tmp, target)
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the complete folder ``new`` at ``out``; an ``out`` already there goes only once ``new`` is in place."""
+    old = temp_name(out.with_name(out.name + "-old")) if out.exists() else None
+    with blocked_signals():
+        if old is not None:
+            os.replace(out, old)
+        os.replace(new, out)
+    if old is not None:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)

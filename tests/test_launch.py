@@ -33,6 +33,7 @@ from hpcvae.launch import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+LAUNCH = ("-m", "hpcvae.launch")
 GOLDEN = Path(__file__).parent / "golden"
 EXAMPLE_PROFILE = REPO / "slurm" / "example-site.toml"
 DEV_PROFILE = REPO / "slurm" / "dev-cluster.toml"
@@ -191,37 +192,16 @@ def test_awkward_names_and_paths_are_quoted(tiny_shards: Path, tmp_path: Path) -
 
 
 def test_cli_nodes_zero_is_a_one_line_error(tiny_shards: Path, tmp_path: Path) -> None:
-    r = cli(
-        "-m",
-        "hpcvae.launch",
-        "--nodes",
-        "0",
-        "--data",
-        str(tiny_shards),
-        "--out",
-        str(tmp_path / "r"),
-        "--dry-run",
-        timeout=60,
-    )
+    opts = ["--nodes", "0", "--data", str(tiny_shards), "--out", str(tmp_path / "r"), "--dry-run"]
+    r = cli(*LAUNCH, *opts, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip() == "hpcvae.launch: error: --nodes must be >= 1, got 0"
 
 
 def test_cli_missing_data_folder_is_a_one_line_error(tmp_path: Path) -> None:
     missing = tmp_path / "no such shards"
-    r = cli(
-        "-m",
-        "hpcvae.launch",
-        "--nodes",
-        "2",
-        "--data",
-        str(missing),
-        "--out",
-        str(tmp_path / "r"),
-        "--cluster",
-        "slurm",
-        timeout=60,
-    )
+    opts = ["--nodes", "2", "--data", str(missing), "--out", str(tmp_path / "r"), "--cluster", "slurm"]
+    r = cli(*LAUNCH, *opts, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"shard set folder {missing} (from --data) does not exist" in r.stderr
@@ -311,7 +291,7 @@ def test_debug_cluster_trains_in_process_and_status_reads_it(
 def test_local_cluster_runs_two_tasks_through_submitit(tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "local run"
     t0 = time.monotonic()
-    r = cli("-m", "hpcvae.launch",
+    r = cli(*LAUNCH,
         "--cluster", "local", "--gpus-per-node", "2", "--time", "00:20:00", "--follow", "--follow-timeout", "150",
         "--config", str(DEBUG_TOML), "--data", str(tiny_shards), "--out", str(run), "--epochs", "1",
         "--batch-size", "8", "--device", "cpu", "--set", "train.sample_grid=false",
@@ -349,7 +329,7 @@ def test_control_characters_never_reach_the_script(
         args += [k, v]
     if where in ("--partition", "--account"):
         args += flags
-    r = cli("-m", "hpcvae.launch", *args, timeout=60)
+    r = cli(*LAUNCH, *args, timeout=60)
     assert r.returncode == 2, r.stdout
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert where in r.stderr and "control character" in r.stderr, r.stderr
@@ -367,7 +347,7 @@ def test_control_characters_in_a_profile_are_refused(tmp_path: Path) -> None:
 
 def test_dry_run_without_the_data_folder_warns_and_prints_the_script(tmp_path: Path) -> None:
     """A fresh checkout has no shards/ yet: the dry run still shows what would be submitted."""
-    r = cli("-m", "hpcvae.launch", "--nodes", "4", "--dry-run", "--profile", str(EXAMPLE_PROFILE), "--data", str(tmp_path / "none"),
+    r = cli(*LAUNCH, "--nodes", "4", "--dry-run", "--profile", str(EXAMPLE_PROFILE), "--data", str(tmp_path / "none"),
              "--out", str(tmp_path / "r"), timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --nodes=4" in r.stdout

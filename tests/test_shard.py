@@ -402,7 +402,7 @@ def test_duplicate_catalog_rows_are_an_error_or_skipped_and_counted(aegis_copy: 
 
     t = fitsio.read(str(cat), ext=1)
     fitsio.write(str(cat), duplicate_row_0(t), clobber=True)
-    p = cli(
+    args = [
         "-m",
         "hpcvae.shard",
         "--catalog",
@@ -412,21 +412,11 @@ def test_duplicate_catalog_rows_are_an_error_or_skipped_and_counted(aegis_copy: 
         "--out",
         str(tmp_path / "a"),
         "--no-redshift",
-    )
+    ]
+    p = cli(*args)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "row 5: duplicate of row 0" in p.stderr and "--skip-bad" in p.stderr, p.stderr
-    p = cli(
-        "-m",
-        "hpcvae.shard",
-        "--catalog",
-        str(cat),
-        "--size",
-        "32",
-        "--out",
-        str(tmp_path / "a"),
-        "--no-redshift",
-        "--skip-bad",
-    )
+    p = cli(*args, "--skip-bad")
     assert p.returncode == 0, p.stderr
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert m["n_duplicates"] == 1 and m["n_skipped"] == 1 and m["skipped"][0]["row"] == 5

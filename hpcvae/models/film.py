@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcvae.models.base import GalaxyVAE, ModelSpec, down_kernel
-from hpcvae.models.galaxy import LOGVAR_BOUND, EqualizedLinear, pyramid
+from hpcvae.models.galaxy import LOGVAR_BOUND, EqualizedLinear, widths
 
 EMBED = 64
 """Width of the conditions' embedding shared by every FiLM layer."""
@@ -81,11 +81,7 @@ class GalaxyFiLM(GalaxyVAE):
     multi_condition = True
 
     def _make_geometry(self) -> None:
-        self.sides = pyramid(self.spec.image_size)
-        nf = self.spec.nf
-        self.channels = [1] + [min(nf * 2**i, 8 * nf) for i in range(len(self.sides) - 1)]
-        self.n_features = self.channels[-1] * self.sides[-1] ** 2
-        return None
+        self.sides, self.channels, self.n_features = widths(self.spec.image_size, self.spec.nf)
 
     def __init__(self, spec: ModelSpec) -> None:
         if not spec.conditions:

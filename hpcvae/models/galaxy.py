@@ -62,6 +62,13 @@ def pyramid(size: int) -> list[int]:
     return sides
 
 
+def widths(image_size: int, nf: int) -> tuple[list[int], list[int], int]:
+    """(sides, channels, features at the bottom) of the :func:`pyramid`; channels double to at most 8 nf."""
+    sides = pyramid(image_size)
+    channels = [1] + [min(nf * 2**i, 8 * nf) for i in range(len(sides) - 1)]
+    return sides, channels, channels[-1] * sides[-1] ** 2
+
+
 class GalaxyCVAE(GalaxyVAE):
     """galaxy_vae: wide bottleneck, resize-convolution decoder, equalised Linear -> z, cvae2 conditioning.
 
@@ -76,11 +83,7 @@ class GalaxyCVAE(GalaxyVAE):
 
     def _make_geometry(self) -> None:
         """Not the seed's conv stack: the side and width at each depth instead."""
-        self.sides = pyramid(self.spec.image_size)
-        nf = self.spec.nf
-        self.channels = [1] + [min(nf * 2**i, 8 * nf) for i in range(len(self.sides) - 1)]
-        self.n_features = self.channels[-1] * self.sides[-1] ** 2
-        return None
+        self.sides, self.channels, self.n_features = widths(self.spec.image_size, self.spec.nf)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
