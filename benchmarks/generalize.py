@@ -239,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [x for x in a.recipes.split(",") if x]
     sets = [x for x in a.sets.split(",") if x]
     bad = [x for x in recipes if x not in RECIPES] + [x for x in sets if x not in ("cosmos", "simple")]
-    if bad or a.n < 8 or a.epochs < 1 or a.jobs < 1:
+    if bad or a.n < 8 or a.epochs < 1 or a.jobs < 1 or a.size < 16 or a.batch_size < 1 or a.prior_epochs < 1:
         print(f"benchmarks.generalize: error: unknown recipe or set {bad[0]!r}" if bad else
-              "benchmarks.generalize: error: --n >= 8, --epochs >= 1, --jobs >= 1", file=sys.stderr)  # fmt: skip
+              "benchmarks.generalize: error: needs --n >= 8, --size >= 16 and --epochs, --jobs, --batch-size, "
+              "--prior-epochs >= 1", file=sys.stderr)  # fmt: skip
         return 2
     work, t0, env = Path(a.work), time.perf_counter(), environment(torch.device(a.device))
     if not a.collect:

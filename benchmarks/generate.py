@@ -306,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 1 <= args.n <= 100_000:
         raise ConfigError(f"--n must be in [1, 100000], got {args.n}")
+    if args.truth and not Path(args.truth).is_file():
+        raise ConfigError(f"--truth {args.truth}: no such file (a hpcvae.synth set's _fits.fits truth table)")
+    if not 1 <= args.n_fidelity <= 100_000:
+        raise ConfigError(f"--n-fidelity must be in [1, 100000], got {args.n_fidelity}")
     run(args)
     return 0
 

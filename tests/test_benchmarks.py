@@ -305,3 +305,23 @@ def test_science_smoke_one_variant(tmp_path, capsys):
     assert cells[1:4] == ["asinh", "mse", "121656"] and cells[4:6] == ["0.03", "16"]
     assert all(math.isfinite(float(c)) for c in cells[6:-1]), line  # every figure present and finite
     assert "variance β / 2" in md and "Best: **galaxy_vae-beta0.03**" in md
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (
+            ["benchmarks.generate", "--out", "TMP", "--truth", "no-such-truth.fits"],
+            "--truth no-such-truth.fits",
+        ),
+        (["benchmarks.generate", "--out", "TMP", "--n-fidelity", "0"], "--n-fidelity must be in"),
+        (["benchmarks.generalize", "--work", "TMP", "--sets", "hsc"], "unknown recipe or set 'hsc'"),
+        (["benchmarks.generalize", "--work", "TMP", "--size", "4"], "--size >= 16"),
+    ],
+)
+def test_the_science_benchmarks_refuse_bad_options_in_one_line(tmp_path, argv, needle):
+    from train_helpers import cli
+
+    p = cli("-m", *[str(tmp_path) if a == "TMP" else a for a in argv], timeout=120)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, p.stderr
