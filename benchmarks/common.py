@@ -413,9 +413,8 @@ def render_pool(n: int, size: int, workdir: str | Path, seed: int = 0, workers: 
 def read_shard_images(
     folder: str | Path, splits: Sequence[str] = ("train", "val")
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All images and redshifts of a shard set (``hpcvae.shards.format.iter_samples``)."""
-    from hpcvae.shards.format import iter_samples
-    from hpcvae.shards.manifest import Manifest
+    """All images and redshifts of a shard set (``hpcvae.shards.manifest.iter_samples``)."""
+    from hpcvae.shards.manifest import Manifest, iter_samples
 
     m = Manifest.load(folder)
     images: list[np.ndarray] = []

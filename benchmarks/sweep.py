@@ -111,8 +111,7 @@ def score(row: dict[str, Any]) -> float:
 
 
 def read_val(shards: Path) -> tuple[np.ndarray, np.ndarray, float]:
-    from hpcvae.shards.format import iter_samples
-    from hpcvae.shards.manifest import Manifest
+    from hpcvae.shards.manifest import Manifest, iter_samples
 
     imgs, zs, ps = [], [], set()
     for _, img, meta in iter_samples(Manifest.load(shards), "val"):

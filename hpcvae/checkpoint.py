@@ -43,6 +43,7 @@ import torch
 
 from hpcvae.dist import DistInfo, barrier
 from hpcvae.errors import CheckpointError
+from hpcvae.hashing import sha256_file
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -86,8 +87,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _digest(path: Path) -> str:
-    from hpcvae.shards.manifest import sha256_file
-
     return sha256_file(path)
 
 

@@ -252,6 +252,27 @@ def test_truncated_shard_names_the_file_without_hanging(tmp_path: Path, workers:
         ShardData(_cfg(ss, batch_size=3), ss.manifest, rank=0, world_size=1, seed=0, verify=True)
 
 
+def test_a_shard_cut_at_a_sample_boundary_is_an_error_for_every_reader(tmp_path: Path) -> None:
+    """A well-formed tar that lost its last samples: the split reader (evaluate, benchmarks) read 4 of 6 silently."""
+    from hpcvae.shards.format import ShardWriter, read_shard
+    from hpcvae.shards.manifest import iter_samples
+
+    ss = write_shard_set(tmp_path, train_counts=[6, 6])
+    bad = tmp_path / "train-000001.tar"
+    kept = list(read_shard(bad))[:4]
+    with ShardWriter(str(bad)) as w:
+        for key, files in kept:
+            for ext, data in files.items():
+                w.add(f"{key}.{ext}", data)
+    with pytest.raises(
+        ShardError, match=r"train-000001\.tar: truncated shard: holds 4 samples, the manifest says 6"
+    ):
+        list(iter_samples(ss.manifest, "train"))
+    data = ShardData(_cfg(ss, batch_size=3), ss.manifest, rank=0, world_size=1, seed=0)
+    with pytest.raises(ShardError, match=r"train-000001\.tar: truncated shard"):
+        list(data.train_loader(0))
+
+
 def test_corrupt_npy_names_the_sample(tmp_path: Path) -> None:
     ss = write_shard_set(tmp_path, train_counts=[4])
     tar = tmp_path / "train-000000.tar"

@@ -16,8 +16,9 @@ import webdataset as wds
 from train_helpers import cli
 
 from hpcvae.errors import CatalogError, FitsReadError, HpcvaeError, ShardError
+from hpcvae.hashing import sha256_file
 from hpcvae.shards import build_shards, build_shards_from_h5, find_h5_datasets
-from hpcvae.shards.manifest import Manifest, sha256_file
+from hpcvae.shards.manifest import Manifest
 
 COSMOS = "cosmos-23.5-example/real_galaxy_catalog_23.5_example.fits"
 COSMOS_FITS = "cosmos-23.5-example/real_galaxy_catalog_23.5_example_fits.fits"

@@ -41,7 +41,7 @@ from hpcvae.config import DataConfig
 from hpcvae.data.loader import EpochLoader, _Failure, worker_init
 from hpcvae.data.plan import EpochPlan, PlanInputs, epoch_steps, stream_plan, val_ranges
 from hpcvae.errors import ConfigError, ShardError
-from hpcvae.shards.format import IMAGE, META, PSF, decode_npy, tar_members
+from hpcvae.shards.format import IMAGE, META, PSF, decode_npy, read_samples
 from hpcvae.shards.manifest import Manifest
 
 
@@ -98,40 +98,8 @@ class _Source:
         self, name: str, count: int, first: int, end: int, base: int, want: np.ndarray
     ) -> Iterator[_Raw]:
         path = self.path(name)
-        key: str | None = None
-        idx = -1
-        cur: dict[str, bytes] | None = None
-        try:
-            with open(path, "rb") as f:
-                for mname, offset, size in tar_members(f):
-                    k, _, ext = mname.rpartition("/")[2].partition(".")
-                    if k != key:
-                        if cur is not None:
-                            yield _Raw(index=base + idx, key=key or "", shard=str(path), files=cur)
-                            cur = None
-                        key, idx = k, idx + 1
-                        if idx >= end:
-                            return
-                        if idx >= first and want[idx - first]:
-                            cur = {}
-                    if cur is not None:
-                        f.seek(offset)
-                        data = f.read(size)
-                        if len(data) != size:
-                            raise ValueError(f"member {mname} ends after {len(data)} of {size} bytes")
-                        cur[ext] = data
-                if cur is not None:
-                    yield _Raw(index=base + idx, key=key or "", shard=str(path), files=cur)
-        except (ValueError, OSError) as exc:
-            if isinstance(exc, ShardError):
-                raise
-            at = f" (at sample {key})" if key else ""
-            raise ShardError(f"{path}: corrupt or truncated shard{at}: {exc}") from None
-        if idx + 1 < end:
-            raise ShardError(
-                f"{path}: truncated shard: holds {idx + 1} samples, the manifest says {count}"
-                + (f" (last complete key {key})" if key else "")
-            )
+        for idx, key, files in read_samples(path, first=first, end=end, want=want, expect=count):
+            yield _Raw(index=base + idx, key=key, shard=str(path), files=files)
 
     # stage: decode + transform ------------------------------------------------------------------
     def decode_psf(self, raw: _Raw) -> np.ndarray:

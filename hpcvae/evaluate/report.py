@@ -25,8 +25,7 @@ from hpcvae.evaluate.collect import StampSet
 from hpcvae.evaluate.markdown import render_markdown
 from hpcvae.evaluate.noise import NoiseModel
 from hpcvae.metrics import json_safe
-from hpcvae.shards.format import iter_samples
-from hpcvae.shards.manifest import Manifest
+from hpcvae.shards.manifest import Manifest, iter_samples
 
 DEFAULT_PIXEL_SCALE = 0.03
 

@@ -6,10 +6,10 @@ sources (``rgc``: GalSim's RealGalaxyCatalog FITS layout; ``h5``: the seed's h5 
 
 from __future__ import annotations
 
-from hpcvae.shards.format import ShardWriter, iter_samples, read_shard, sample_key
+from hpcvae.shards.format import ShardWriter, read_shard, sample_key
 from hpcvae.shards.h5 import build_shards_from_h5, find_h5_datasets
 from hpcvae.shards.ingest import ShardConfig
-from hpcvae.shards.manifest import Manifest, SetWriter, manifest_record, write_manifest
+from hpcvae.shards.manifest import Manifest, SetWriter, iter_samples, manifest_record, write_manifest
 from hpcvae.shards.rgc import build_shards
 
 __all__ = [

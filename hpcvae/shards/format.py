@@ -8,7 +8,7 @@ that share a key before the first dot form one sample):
 
 Keys are ``g`` + the 9-digit catalog row: unique and dot-free.  Everything that writes or
 reads shards (ingest, the loaders, evaluate, the benchmarks, the test helpers) goes through
-this module; ``tests/test_shard.py`` and ``tests/test_use.py`` read the result back with webdataset and wids.
+this module (``read_samples`` is the one tar-member parser; ``manifest.iter_samples`` reads a split); ``tests/test_shard.py`` and ``tests/test_use.py`` read the result back with webdataset and wids.
 """
 
 from __future__ import annotations
@@ -21,14 +21,11 @@ import math
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from hpcvae.errors import ShardError
-
-if TYPE_CHECKING:
-    from hpcvae.shards.manifest import Manifest
 
 IMAGE = "image.npy"
 META = "meta.json"
@@ -244,31 +241,63 @@ class ShardWriter:
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def read_shard(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: bytes})`` of every sample of one shard, in tar order; ShardError on damage."""
+def read_samples(
+    path: str | Path,
+    *,
+    first: int = 0,
+    end: int | None = None,
+    want: np.ndarray | None = None,
+    expect: int | None = None,
+) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """``(index in shard, key, {extension: bytes})`` of samples ``first <= index < end``, in tar order.
+
+    The one tar-member parser: samples are runs of members that share a key (WebDataset's rule).
+    ``want[index - first]`` false skips a sample with header reads only (a resume, another rank's
+    range); ``expect`` is the manifest's count, and a shard that ends before ``min(end, expect)``
+    samples is a ShardError naming the last complete key.  Any damage is a ShardError naming the shard.
+    """
     path = Path(path)
+    stop = end if end is not None else expect
     key: str | None = None
-    cur: dict[str, bytes] = {}
+    idx = -1
+    cur: dict[str, bytes] | None = None
     try:
         with open(path, "rb") as f:
             for name, offset, size in tar_members(f):
                 k, _, ext = name.rpartition("/")[2].partition(".")
-                if k != key and cur:
-                    yield key or "", cur
-                    cur = {}
-                key = k
-                f.seek(offset)
-                data = f.read(size)
-                if len(data) != size:
-                    raise ValueError(f"member {name} ends after {len(data)} of {size} bytes")
-                cur[ext] = data
-        if cur:
-            yield key or "", cur
+                if k != key:
+                    if cur is not None:
+                        yield idx, key or "", cur
+                        cur = None
+                    key, idx = k, idx + 1
+                    if stop is not None and idx >= stop:
+                        return
+                    if idx >= first and (want is None or want[idx - first]):
+                        cur = {}
+                if cur is not None:
+                    f.seek(offset)
+                    data = f.read(size)
+                    if len(data) != size:
+                        raise ValueError(f"member {name} ends after {len(data)} of {size} bytes")
+                    cur[ext] = data
+            if cur is not None:
+                yield idx, key or "", cur
     except (ValueError, OSError) as exc:
         if isinstance(exc, ShardError):
             raise
         at = f" (at sample {key})" if key else ""
         raise ShardError(f"{path}: corrupt or truncated shard{at}: {exc}") from None
+    if expect is not None and idx + 1 < min(stop if stop is not None else expect, expect):
+        raise ShardError(
+            f"{path}: truncated shard: holds {idx + 1} samples, the manifest says {expect}"
+            + (f" (last complete key {key})" if key else "")
+        )
+
+
+def read_shard(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` of every sample of one shard, in tar order; ShardError on damage."""
+    for _, key, files in read_samples(path):
+        yield key, files
 
 
 def decode_sample(path: Path, key: str, files: dict[str, bytes]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -284,13 +313,3 @@ def decode_sample(path: Path, key: str, files: dict[str, bytes]) -> tuple[np.nda
     if img.ndim != 2:
         raise ShardError(f"{path}: sample {key}: expected a 2-D image, got shape {img.shape}")
     return img.astype(np.float32, copy=False), meta
-
-
-def iter_samples(manifest: Manifest, split: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
-    """``(key, image, meta)`` of every sample of a split, in manifest order: for anyone who just wants to read it."""
-    for path in manifest.shard_paths(split):
-        if not path.is_file():
-            raise ShardError(f"{path}: shard listed in {manifest.path} is missing")
-        for key, files in read_shard(path):
-            img, meta = decode_sample(path, key, files)
-            yield key, img, meta

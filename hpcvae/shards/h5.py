@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from hpcvae.errors import ShardError
+from hpcvae.hashing import sha256_file
 from hpcvae.shards.ingest import (
     Job,
     Row,
@@ -21,7 +22,7 @@ from hpcvae.shards.ingest import (
     seed_of,
     skip_record,
 )
-from hpcvae.shards.manifest import Manifest, sha256_file
+from hpcvae.shards.manifest import Manifest
 
 _H5_FILES: dict[str, Any] = {}
 

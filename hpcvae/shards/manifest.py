@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from hpcvae.errors import ShardError
+from hpcvae.hashing import sha256_file
+from hpcvae.shards.format import WIDS_SUFFIX, ShardWriter, decode_sample, read_samples, tar_members
 
 MANIFEST_NAME = "manifest.json"
 SYNTH_CATALOG_MARK = "synth"
@@ -140,14 +143,6 @@ class Manifest:
                     raise ShardError(f"{p}: shard listed in {self.path} is missing")
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
 VERIFY_CACHE = "shards_verified.json"
 """Per run folder: the shards already checked, by size and mtime (so a resume does not rehash them)."""
 
@@ -193,8 +188,6 @@ def hash_shards(manifest: Manifest, shards: list[ShardInfo], threads: int = 4) -
 
 def count_samples(path: Path) -> int | None:
     """Samples (distinct keys) in a shard, reading tar headers only; None if the tar is damaged."""
-    from hpcvae.shards.format import tar_members
-
     keys = set()
     try:
         with open(path, "rb") as f:
@@ -385,8 +378,6 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 def write_wids_indexes(root: Path, data: dict[str, Any]) -> None:
     """``SPLIT.wids.json`` (wids' ``wids-shard-index-v1``), so ``wids.ShardListDataset`` opens a split."""
-    from hpcvae.shards.format import WIDS_SUFFIX
-
     for split, s in data.get("splits", {}).items():
         index = {
             "__kind__": "wids-shard-index-v1",
@@ -421,8 +412,6 @@ class SetWriter:
     """
 
     def __init__(self, root: str | Path, *, per_shard: int = 1000, stats_every: int = 1) -> None:
-        from hpcvae.shards.format import ShardWriter
-
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.per_shard, self.stats_every = per_shard, max(1, stats_every)
@@ -461,3 +450,13 @@ class SetWriter:
         fields.setdefault("stats", self.stats.to_dict())
         fields.setdefault("n_rows", sum(self._count.values()))
         return write_manifest(self.root, manifest_record(splits=splits, **fields))
+
+
+def iter_samples(manifest: Manifest, split: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+    """``(key, image, meta)`` of every sample of a split, in manifest order: for anyone who just wants to read it."""
+    for info, path in zip(manifest.shards(split), manifest.shard_paths(split)):
+        if not path.is_file():
+            raise ShardError(f"{path}: shard listed in {manifest.path} is missing")
+        for _, key, files in read_samples(path, expect=info.count):
+            img, meta = decode_sample(path, key, files)
+            yield key, img, meta

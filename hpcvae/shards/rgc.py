@@ -25,6 +25,7 @@ import fitsio
 import numpy as np
 
 from hpcvae.errors import CatalogError, FitsReadError
+from hpcvae.hashing import sha256_file
 from hpcvae.shards.ingest import (
     Job,
     Row,
@@ -36,7 +37,7 @@ from hpcvae.shards.ingest import (
     seed_of,
     skip_record,
 )
-from hpcvae.shards.manifest import Manifest, sha256_file
+from hpcvae.shards.manifest import Manifest
 
 FITS_BLOCK = 2880
 
