@@ -12,27 +12,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from hpcvae.cli import run_cli
+from hpcvae.engines import weights_from_checkpoint
 from hpcvae.errors import CheckpointError
-from hpcvae.model_files import CARRIED, MODEL_FILE, MODEL_JSON, write_model
-
-
-def checkpoint_state_dict(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Full fp32 model weights from one of our checkpoints, whatever engine wrote it."""
-    from hpcvae.engines import zero0_state_dict, zero_state_dict
-
-    if meta.get("engine") == "deepspeed":
-        return zero0_state_dict(folder) if int(meta.get("zero_stage", 0)) == 0 else zero_state_dict(folder)
-    from safetensors.torch import load_file
-
-    path = folder / MODEL_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the checkpoint")
-    return load_file(str(path))
+from hpcvae.model_files import MODEL_JSON, ModelInfo, write_model
 
 
 def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
@@ -50,18 +34,7 @@ def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     else:
         verify(ck)
     meta = read_meta(ck)
-    sd = checkpoint_state_dict(ck, meta)
-    return write_model(
-        out,
-        sd,
-        model_config=meta["model_config"],
-        transform=meta.get("transform"),
-        training=meta.get("summary", {}),
-        manifest_digest=meta.get("manifest_digest"),
-        beta_schedule=meta.get("beta"),
-        lr_schedule=meta.get("lr_schedule"),
-        **{k: meta.get(k) for k in CARRIED},
-    )
+    return write_model(out, weights_from_checkpoint(ck, meta), ModelInfo.from_checkpoint(meta))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -322,7 +322,7 @@ class DeepSpeedEngine(Engine):
         # fp16 ZeRO) must be gathered from the saved partitions.
         if folder is None or stage == 0 or (stage < 3 and not self._fp16):
             return _fp32(self.module.state_dict())
-        return zero_state_dict(folder)
+        return weights_from_checkpoint(folder, {"engine": "deepspeed", "zero_stage": stage})
 
 
 def deepspeed_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
@@ -353,6 +353,24 @@ def deepspeed_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def weights_from_checkpoint(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights from one of our checkpoint folders, whatever engine wrote it.
+
+    The one reader of a checkpoint's weights: the end of a DeepSpeed run that must gather its
+    partitions and ``hpcvae.consolidate`` both call it (``meta``: the checkpoint's engine and stage).
+    """
+    if meta.get("engine") == "deepspeed":
+        return zero0_state_dict(folder) if int(meta.get("zero_stage", 0)) == 0 else zero_state_dict(folder)
+    from safetensors.torch import load_file
+
+    from hpcvae.model_files import MODEL_FILE
+
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    return load_file(str(path))
 
 
 def zero_state_dict(folder: Path) -> dict[str, torch.Tensor]:

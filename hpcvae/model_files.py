@@ -16,6 +16,7 @@ import os
 import re
 import time
 import uuid
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,29 +33,58 @@ MODEL_JSON = "model.json"
 FORMAT = "hpcvae-model/1"
 
 
-def write_model(
-    out: str | Path,
-    state_dict: dict[str, torch.Tensor],
-    *,
-    model_config: dict[str, Any],
-    transform: dict[str, Any] | None,
-    training: dict[str, Any],
-    manifest_digest: str | None,
-    beta_schedule: dict[str, Any] | None,
-    lr_schedule: dict[str, Any] | None = None,
-    flow_prior: dict[str, Any] | None = None,
-    physics: dict[str, Any] | None = None,
-    data: dict[str, Any] | None = None,
-    config_sha256: str | None = None,
-    conditions: list[dict[str, Any]] | None = None,
-) -> Path:
+@dataclass(kw_only=True)
+class ModelInfo:
+    """What model.json says of a model besides its format tag and identity; assembled here, once.
+
+    The end of training and ``hpcvae.consolidate`` build it with :meth:`from_checkpoint` (a
+    checkpoint's meta names two keys differently), ``train_prior`` with :meth:`from_model_json`
+    plus its ``flow_prior``.  A new key is one field here.
+    """
+
+    model_config: dict[str, Any]
+    """The architecture and its hyperparameters (``model.config``), likelihood included."""
+    transform: dict[str, Any] | None = None
+    """The normalisation (``Transform.to_dict()``), so that ``sample`` speaks flux units."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """The training summary: epochs, steps, images seen, engine, precision, wall time."""
+    manifest_digest: str | None = None
+    """The training shard set's manifest digest."""
+    beta_schedule: dict[str, Any] | None = None
+    lr_schedule: dict[str, Any] | None = None
+    flow_prior: dict[str, Any] | None = None
+    """``hpcvae.prior.flow_meta``; its weights are then in the state dict under ``flow_prior.``."""
+    physics: dict[str, Any] | None = None
+    """Pixel scale, band, BUNIT, noise, PSF (``Manifest.physics``): what GalSim and FITS output need."""
+    data: dict[str, Any] | None = None
+    """The training set's source and counts."""
+    config_sha256: str | None = None
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+    """What the model is conditioned on, with each condition's training range."""
+
+    @classmethod
+    def from_checkpoint(cls, meta: dict[str, Any]) -> ModelInfo:
+        """From a training checkpoint's meta.json (``Trainer.checkpoint_meta``: ``summary``, ``beta``)."""
+        return cls(model_config=meta["model_config"], transform=meta.get("transform"),
+                   training=meta.get("summary") or {}, manifest_digest=meta.get("manifest_digest"),
+                   beta_schedule=meta.get("beta"), lr_schedule=meta.get("lr_schedule"),
+                   **{k: meta.get(k) for k in CARRIED})  # fmt: skip
+
+    @classmethod
+    def from_model_json(cls, meta: dict[str, Any]) -> ModelInfo:
+        """From a model.json (``read_model_json``): a rewrite keeps every key it does not change."""
+        return cls(**{f.name: meta.get(f.name) for f in fields(cls) if meta.get(f.name) is not None})
+
+
+CARRIED = ("physics", "data", "config_sha256", "conditions")
+"""Provenance keys that pass unchanged from a checkpoint's meta into model.json."""
+
+
+def write_model(out: str | Path, state_dict: dict[str, torch.Tensor], info: ModelInfo) -> Path:
     """Write the pair into folder ``out`` (atomically: temp files, then rename); returns the weights path.
 
-    ``flow_prior`` is the description from ``hpcvae.prior.flow_meta``; the flow's weights are
-    then expected in ``state_dict`` under the ``flow_prior.`` prefix (``model.flow_prior``).
-    ``physics`` (pixel scale, band, BUNIT, noise, PSF; from ``Manifest.physics``), ``data`` (the
-    training set's source and counts) and ``config_sha256`` are what GalSim, FITS output and the
-    model card need to know about the pixels and where they came from.
+    Tensors are written as contiguous fp32 on the CPU; a NaN/inf or a shape that does not fit
+    ``info.model_config`` is refused before anything is written.
     """
     from safetensors.torch import save_file
 
@@ -63,6 +93,7 @@ def write_model(
     for k, v in state_dict.items():
         v = v.detach().to("cpu")
         sd[k] = (v.float() if v.is_floating_point() else v).contiguous()
+    model_config = info.model_config
     check_finite(sd, where=f"{out / MODEL_FILE}: refusing to write it")
     check_shapes(
         model_config,
@@ -70,23 +101,8 @@ def write_model(
         where=f"{out / MODEL_FILE}: refusing to write it",
     )
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": FORMAT,
-        "arch": model_config["arch"],
-        "model_config": model_config,
-        "transform": transform,
-        "training": training,
-        "manifest_digest": manifest_digest,
-        "hpcvae_version": __version__,
-        "beta_schedule": beta_schedule,
-        "lr_schedule": lr_schedule,
-        "flow_prior": flow_prior,
-        "physics": physics,
-        "data": data,
-        "config_sha256": config_sha256,
-        "conditions": conditions or [],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    meta = {"format": FORMAT, "arch": model_config["arch"], **asdict(info), "hpcvae_version": __version__,
+            "conditions": info.conditions or [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     meta["write_id"] = uuid.uuid4().hex  # the pair's identity: both files carry it (load_model checks)
     tmp_w, tmp_j = temp_name(out / MODEL_FILE), temp_name(out / MODEL_JSON)
     with signals_as_interrupt(f"writing the model pair into {out}"):
@@ -109,10 +125,6 @@ def shareable(path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
-
-
-CARRIED = ("physics", "data", "config_sha256", "conditions")
-"""model.json keys a rewrite (train_prior, consolidate) passes through unchanged."""
 
 
 def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:

@@ -20,6 +20,7 @@ from it by default.  Work files (checkpoints, metrics) go to ``OUT/prior/``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -487,7 +488,7 @@ class PriorTrainer(Loop):
 
     def _finish(self) -> dict[str, Any]:
         """Write VAE + flow into the model files (rank 0), with the flow's description in model.json."""
-        from hpcvae.model_files import CARRIED, write_model
+        from hpcvae.model_files import ModelInfo, write_model
 
         val = self.history.get("val") or self.validate()
         training = {
@@ -510,12 +511,9 @@ class PriorTrainer(Loop):
         block = flow_meta(self.spec, self.flow, training=training, evaluation=evaluation,
                           fitted_on=self._fitted_on())  # fmt: skip
         if self.dist.is_main:
-            m = self.meta
             sd = {**self.vae_sd, **{PREFIX + k: v for k, v in self.flow.state_dict().items()}}
-            write_model(self.out, sd, model_config=m["model_config"], transform=m.get("transform"),
-                        training=m.get("training") or {}, manifest_digest=m.get("manifest_digest"),
-                        beta_schedule=m.get("beta_schedule"), lr_schedule=m.get("lr_schedule"),
-                        flow_prior=block, **{k: m.get(k) for k in CARRIED})  # fmt: skip
+            info = dataclasses.replace(ModelInfo.from_model_json(self.meta), flow_prior=block)
+            write_model(self.out, sd, info)
             print0(
                 f"train_prior: val NLL {val['nll']:.4g} nats/galaxy (N(0, I): {val['nll_standard_normal']:.4g}, "
                 f"diagonal Gaussian: {val['nll_diag_gaussian']:.4g}) on {val['count']} galaxies; "

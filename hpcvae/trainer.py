@@ -578,14 +578,11 @@ class Trainer(Loop):
         """Consolidated fp32 model + sample grid (rank 0), from the final state."""
         from hpcvae.evaluate.plots import write_samples
         from hpcvae.model_card import write_model_card
-        from hpcvae.model_files import write_model
+        from hpcvae.model_files import ModelInfo, write_model
 
         sd = self.engine.full_state_dict(self.last_checkpoint)
         if self.dist.is_main:
-            write_model(self.out, sd, model_config=self.model.config, transform=self.transform.to_dict(),
-                        training=self._summary(), manifest_digest=self.manifest.digest,
-                        beta_schedule=self.beta.to_dict(), lr_schedule=self.lr_schedule_dict(),
-                        **self.provenance)  # fmt: skip
+            write_model(self.out, sd, ModelInfo.from_checkpoint(self.checkpoint_meta()))
             write_model_card(self.out)
             if self.cfg.train.sample_grid:
                 write_samples(self.out)

@@ -170,15 +170,14 @@ def test_load_model_and_evaluate_refuse_non_finite_weights(
 
 def test_write_model_refuses_non_finite_weights(trained: Path, tmp_path: Path) -> None:
     from hpcvae import load_model
-    from hpcvae.model_files import write_model
+    from hpcvae.model_files import ModelInfo, write_model
 
     m = load_model(trained)
     sd = m.state_dict()
     k = next(k for k, v in sd.items() if v.is_floating_point())
     sd[k] = torch.full_like(sd[k], float("inf"))
     with pytest.raises(CheckpointError, match=f"{k} holds .* non-finite"):
-        write_model(tmp_path / "m", sd, model_config=m.config, transform=None, training={},
-                    manifest_digest=None, beta_schedule=None)  # fmt: skip
+        write_model(tmp_path / "m", sd, ModelInfo(model_config=m.config))
     assert not (tmp_path / "m" / "model.safetensors").exists()
 
 

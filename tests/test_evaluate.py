@@ -277,12 +277,11 @@ def test_fancy_cvae_in_memory_model_reports_predicted_redshift(synth_shards, tmp
 
 @pytest.mark.slow
 def test_image_size_mismatch_is_a_one_line_cli_error(synth_shards, tmp_path):
-    from hpcvae.model_files import write_model
+    from hpcvae.model_files import ModelInfo, write_model
     from hpcvae.models import build_model
 
     m = build_model("cvae2", flavour="debug", image_size=48)
-    write_model(tmp_path / "m48", m.state_dict(), model_config=m.config, transform=None, training={},
-                manifest_digest=None, beta_schedule=None)  # fmt: skip
+    write_model(tmp_path / "m48", m.state_dict(), ModelInfo(model_config=m.config))
     env = {k: v for k, v in os.environ.items() if k != "HPCVAE_TRACEBACK"}
     proc = subprocess.run(
         [sys.executable, "-m", "hpcvae.evaluate", str(tmp_path / "m48"), "--data", str(synth_shards),

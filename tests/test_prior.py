@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hpcvae.errors import CheckpointError, ModelError
-from hpcvae.model_files import load_model, write_model
+from hpcvae.model_files import ModelInfo, load_model, write_model
 from hpcvae.models import build_model
 from hpcvae.prior import PREFIX, FlowPrior, FlowSpec, build_flow, flow_meta, vae_digest
 from tests.helpers_shards import write_shard_set
@@ -81,8 +81,7 @@ def _model_with_flow(folder: Path) -> tuple[torch.nn.Module, FlowPrior]:
     _fit(flow, torch.randn(64, m.z_dim), torch.rand(64) * 2, steps=3)  # weights away from init
     sd = {**m.state_dict(), **{PREFIX + k: v for k, v in flow.state_dict().items()}}
     block = flow_meta(flow.spec, flow, training={"epochs": 0}, evaluation={"val_nll": None})
-    write_model(folder, sd, model_config=m.config, transform=None, training={}, manifest_digest=None,
-                beta_schedule=None, flow_prior=block)  # fmt: skip
+    write_model(folder, sd, ModelInfo(model_config=m.config, flow_prior=block))
     return m, flow
 
 
@@ -243,8 +242,7 @@ def test_train_prior_refuses_a_checkpoint_of_another_vae(tiny_run, tmp_path):
     torch.manual_seed(9)
     m = build_model("cvae2", "debug", image_size=SIZE)
     src = json.loads((run / "model.json").read_text())
-    write_model(other, m.state_dict(), model_config=m.config, transform=src["transform"], training={},
-                manifest_digest=None, beta_schedule=None)  # fmt: skip
+    write_model(other, m.state_dict(), ModelInfo(model_config=m.config, transform=src["transform"]))
     args = _prior_args(other, shards, out, epochs=1)
     with pytest.raises(CheckpointError, match="vae_digest"):
         main(args)

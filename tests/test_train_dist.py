@@ -88,9 +88,9 @@ def test_deepspeed_zero0_bf16_and_consolidation(shards: Path, tmp_path: Path) ->
     assert val and val[-1]["count"] == Manifest.load(shards).count("val")  # all of val, over both ranks
     model = load_model(out)
     assert not model.training and model.transform is not None
-    from hpcvae.consolidate import checkpoint_state_dict
+    from hpcvae.engines import weights_from_checkpoint
 
-    assert_same_weights(model.state_dict(), checkpoint_state_dict(ck, read_meta(ck)))
+    assert_same_weights(model.state_dict(), weights_from_checkpoint(ck, read_meta(ck)))
     x = model.sample(4, redshift=0.7)
     assert x.shape == (4, 1, 32, 32) and torch.isfinite(x).all()
 
