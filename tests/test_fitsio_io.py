@@ -10,8 +10,9 @@ import numpy.lib.recfunctions as rfn
 import pytest
 
 from hpcvae.errors import CatalogError, FitsReadError
+from hpcvae.shards.fits_catalog import read_catalog, to_float32_le
 from hpcvae.shards.ingest import fit_to_size
-from hpcvae.shards.rgc import StampReader, read_catalog, to_float32_le
+from hpcvae.shards.rgc import StampReader
 
 COSMOS = "cosmos-23.5-example/real_galaxy_catalog_23.5_example.fits"
 COSMOS_FITS = "cosmos-23.5-example/real_galaxy_catalog_23.5_example_fits.fits"

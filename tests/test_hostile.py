@@ -162,12 +162,37 @@ def test_config_that_is_a_folder_and_out_that_is_a_file(tiny_shards: Path, tmp_p
     (["--conditions", "zphot,zphot"], "named twice"),
     (["--zeropoint", "nan"], "zeropoint: nan is not a finite number"),
     (["--zeropoint", "70"], "--zeropoint must be a finite magnitude in (0, 50)"),
+    (["--h5-images", "x"], "--h5-images apply to --from-h5, not --catalog"),
+    (["--no-redshift", "--redshift-column", "z"], "--no-redshift contradicts --redshift-column"),
 ])  # fmt: skip
 def test_bad_shard_options_are_one_line(make_rgc, tmp_path: Path, args: list[str], needle: str) -> None:
     cat = make_rgc(tmp_path / "cat", 10)
     p = cli("-m", "hpcvae.shard", "--catalog", str(cat), "--out", str(tmp_path / "s"), *(["--size", "32"] if
              "--size" not in args else []), *args)  # fmt: skip
     one_line(p, "hpcvae.shard", needle)
+
+
+def test_source_flags_belong_to_their_source(tmp_path: Path) -> None:
+    """Each source in SOURCES owns its flags; another source's flag is one line naming both."""
+    import h5py
+
+    h5 = tmp_path / "seed.h5"
+    with h5py.File(h5, "w") as f:
+        f["images"] = np.ones((4, 8, 8), np.float32)
+    out = str(tmp_path / "s")
+    p = cli("-m", "hpcvae.shard", "--from-h5", str(h5), "--out", out, "--fits-catalog", "x.fits")
+    one_line(p, "hpcvae.shard", "--fits-catalog apply to --catalog, not --from-h5")
+    p = cli("-m", "hpcvae.shard", "--from-h5", str(h5), "--out", out, "--pad", "noise")
+    one_line(p, "hpcvae.shard", "--pad noise needs each galaxy's noise variance")
+
+
+def test_every_registered_source_has_the_whole_interface() -> None:
+    from hpcvae.shards.ingest import SOURCES, source_module
+
+    for kind in SOURCES:
+        mod = source_module(kind)
+        for name in ("iter_images", "header_info", "close_readers", "SELECT", "add_arguments", "from_args"):
+            assert hasattr(mod, name), f"source {kind} ({SOURCES[kind]}) lacks {name}"
 
 
 def test_negative_pixel_scale_and_a_blank_stamp_are_row_errors(make_rgc, tmp_path: Path) -> None:

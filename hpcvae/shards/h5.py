@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hpcvae.errors import ShardError
+from hpcvae.errors import ConfigError, ShardError
 from hpcvae.hashing import sha256_file
 from hpcvae.shards.ingest import (
     Job,
@@ -17,6 +18,7 @@ from hpcvae.shards.ingest import (
     Source,
     build,
     condition_problem,
+    config_kwargs,
     identity_digest,
     row_error,
     seed_of,
@@ -49,7 +51,7 @@ def header_info(job: Job) -> dict[str, str]:
 
 def iter_images(job: Job) -> Iterator[tuple[Row, Any, None]]:
     """(row, stamp or ShardError) for every row of ``job``: one block read of the h5 dataset."""
-    dset = _h5_dataset(job.source, job.h5_images or "")
+    dset = _h5_dataset(job.source, job.options["images"])
     lo, hi = job.rows[0].row, job.rows[-1].row + 1
     block = np.asarray(dset[lo:hi])
     block = block.reshape(block.shape[0], *_h5_image_shape(block.shape))
@@ -231,7 +233,34 @@ def build_shards_from_h5(
         has_redshift=redshifts is not None,
         redshift_column=redshifts,
         source_info=info,
-        h5_images=images,
+        options={"images": images},
         conditions=[{"name": redshifts, "column": redshifts, "table": str(path), "role": "redshift"}] if redshifts else [],
     )  # fmt: skip
     return build(src, Path(out), cfg)
+
+
+# -- python -m hpcvae.shard ------------------------------------------------------------------------
+
+SELECT = "from_h5"
+"""The flag that picks this source: ``--from-h5``."""
+
+
+def add_arguments(p: argparse.ArgumentParser, select: Any) -> list[str]:
+    """This source's flags (``select`` is the group of flags that pick a source); returns its own dests."""
+    select.add_argument("--from-h5", metavar="FILE", help="h5 file with N x H x W images and N redshifts")
+    p.add_argument("--h5-images", help="image dataset name in --from-h5 (default: the only 3-D dataset)")
+    p.add_argument(
+        "--h5-redshifts", help="redshift dataset name in --from-h5 (default: the 1-D dataset of length N)"
+    )
+    return ["h5_images", "h5_redshifts"]
+
+
+def from_args(args: argparse.Namespace, cfg: ShardConfig) -> Manifest:
+    if cfg.pad != "zeros":
+        raise ConfigError(
+            "--pad noise needs each galaxy's noise variance, which --from-h5 files do not carry"
+        )
+    opts = config_kwargs(cfg)
+    opts.pop("pad")
+    return build_shards_from_h5(args.from_h5, args.out, images=args.h5_images, redshifts=args.h5_redshifts,
+                                use_redshift=False if args.no_redshift else None, **opts)  # fmt: skip

@@ -10,12 +10,13 @@ Crash safety: every shard is written under a temporary name and renamed only aft
 whole set is written; the manifest is written last, atomically.  A folder with a
 ``manifest.json`` therefore always holds a complete shard set.
 
-A source (``hpcvae.shards.rgc``, ``hpcvae.shards.h5``) turns its input into :class:`Row`
-records and a :class:`Source`, and reads stamps for a :class:`Job` with ``iter_images``.
+A source (a module named in :data:`SOURCES`) turns its input into :class:`Row` records and a
+:class:`Source`, and reads stamps for a :class:`Job` with ``iter_images``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import math
@@ -60,6 +61,22 @@ F16_MAX = 65504.0
 SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
 
 TMP_PREFIX = ".tmp-"
+
+
+SOURCES: dict[str, str] = {
+    "rgc": "hpcvae.shards.rgc",
+    "h5": "hpcvae.shards.h5",
+}
+"""Data sources: kind -> module.  A source module has ``iter_images(job)``, ``header_info(job)``,
+``close_readers()`` (the worker side) and ``SELECT``, ``add_arguments(parser, select)``,
+``from_args(args, cfg)`` (``python -m hpcvae.shard``); a new source is one file plus its line here."""
+
+
+def source_module(kind: str) -> Any:
+    """The module of source ``kind`` (imported on first use, in whichever process reads)."""
+    if kind not in SOURCES:
+        raise ShardError(f"unknown shard source {kind!r} (known: {', '.join(SOURCES)})")
+    return importlib.import_module(SOURCES[kind])
 
 
 @dataclass(kw_only=True)
@@ -144,6 +161,11 @@ def seed_of(digest: bytes) -> int:
     return int.from_bytes(digest[8:16], "big")
 
 
+def config_kwargs(cfg: ShardConfig) -> dict[str, Any]:
+    """``cfg``'s fields as the keyword arguments every source's ``build_shards*`` takes."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ShardConfig)}
+
+
 @dataclass(kw_only=True)
 class Row:
     row: int
@@ -167,11 +189,12 @@ class Job:
     split: str
     index: int
     tmp_path: str
-    kind: Literal["rgc", "h5"]
-    """The source module, ``hpcvae.shards.<kind>``: it reads the stamps (``iter_images``)."""
+    kind: str
+    """The source's name in :data:`SOURCES`: its module reads the stamps (``iter_images``)."""
     source: str
-    """Catalog folder (rgc) or h5 file (h5)."""
-    h5_images: str | None
+    """Where the source lives (``Source.location``: the catalog folder, the h5 file)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """``Source.options``: what the reader needs besides the rows (e.g. h5's image dataset)."""
     rows: list[Row]
     size: int
     pad: str
@@ -242,7 +265,7 @@ def skip_record(r: Row, reason: str) -> dict[str, Any]:
 
 def run_job(job: Job) -> JobResult:
     """Write one shard to its temporary name; returns counts, digest, skips and stats partials."""
-    source = importlib.import_module(f"hpcvae.shards.{job.kind}")
+    source = source_module(job.kind)
     res = JobResult(split=job.split, index=job.index, tmp_path=job.tmp_path, count=0, sha256="", skipped=[])
     try:
         tar = ShardWriter(job.tmp_path)
@@ -334,7 +357,8 @@ def write_row(job: Job, tar: ShardWriter, res: JobResult, r: Row, img: Any, psf:
 
 @dataclass(kw_only=True)
 class Source:
-    kind: Literal["rgc", "h5"]
+    kind: str
+    """Its name in :data:`SOURCES`."""
     location: str
     rows: list[Row]
     n_rows: int
@@ -342,7 +366,11 @@ class Source:
     has_redshift: bool
     redshift_column: str | None
     source_info: dict[str, Any]
-    h5_images: str | None = None
+    """The manifest's ``source`` record (kind, files and their sha256)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Handed to every :class:`Job` (picklable): what ``iter_images`` needs besides the rows."""
+    psf_in_images: bool | None = None
+    """The stamps are observed, PSF-convolved images (True for a RealGalaxyCatalog); None = unknown."""
     conditions: list[dict[str, Any]] = field(default_factory=list)
     """One record per condition (name, column, table, unit), in the order of each row's ``conditions``."""
     zeropoint: tuple[float, str] | None = None
@@ -394,7 +422,7 @@ def build(src: Source, out: Path, cfg: ShardConfig) -> Manifest:
                     tmp_path=str(out / f"{TMP_PREFIX}{token}-{split}-{i // cfg.shard_size:06d}.tar"),
                     kind=src.kind,
                     source=src.location,
-                    h5_images=src.h5_images,
+                    options=src.options,
                     rows=rows[i : i + cfg.shard_size],
                     size=cfg.size,
                     pad=cfg.pad,
@@ -515,8 +543,8 @@ def _finish(
 
 
 def _close_all_readers() -> None:
-    for kind in ("rgc", "h5"):
-        importlib.import_module(f"hpcvae.shards.{kind}").close_readers()
+    for kind in SOURCES:
+        source_module(kind).close_readers()
 
 
 def fit_to_size(

@@ -38,7 +38,7 @@ def physics_record(
         "/".join(x for x in (header.get("TELESCOP"), header.get("INSTRUME")) if x) or None
     )
     psf_n = sum(r.psf_n for r in results)
-    psf: dict[str, Any] = {"in_images": True if src.kind == "rgc" else None, "per_galaxy": psf_n > 0}
+    psf: dict[str, Any] = {"in_images": src.psf_in_images, "per_galaxy": psf_n > 0}
     if psf_n:
         shape = next(r.psf_sum.shape for r in results if r.psf_sum is not None)
         mean = sum(r.psf_sum for r in results if r.psf_sum is not None and r.psf_sum.shape == shape) / psf_n
