@@ -364,3 +364,16 @@ def test_submitit_is_in_the_tested_range() -> None:
     lo, hi = (tuple(int(x) for x in v.lstrip("<>=").split(".")) for v in TESTED_SUBMITIT)
     assert lo <= have < hi, f"submitit {submitit.__version__} is outside {TESTED_SUBMITIT}"
     assert preempt_signal().name == "SIGUSR2"
+
+
+def test_backends_table_matches_the_cluster_choices() -> None:
+    """A backend is a class plus its line in BACKENDS; ``--cluster`` offers exactly those."""
+    import typing
+
+    from hpcvae.launch.backends import BACKENDS
+    from hpcvae.launch.profile import ClusterKind
+
+    assert set(typing.get_args(ClusterKind)) == set(BACKENDS)
+    assert all(cls.name == name for name, cls in BACKENDS.items())
+    with pytest.raises(ConfigError, match="--cluster must be one of slurm, local, debug, got 'pbs'"):
+        LaunchOptions(cluster="pbs")

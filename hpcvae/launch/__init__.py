@@ -2,7 +2,9 @@
 
 * ``profile.py``: site profiles and the launcher's options;
 * ``job.py``: the submitted job (train on every task, requeue after an all-rank checkpoint);
-* ``slurm.py``: job state, outcome, ``--follow`` and ``--status``;
+* ``backends.py``: the launcher backends (``slurm``, ``local``, ``debug``) behind one interface;
+* ``slurm.py``: questions to SLURM (controller, partition, job state);
+* ``watch.py``: a job's outcome, ``--follow`` and ``--status``;
 * ``history.py``: ``RUN/launch.json``;
 * ``cli.py``: the executor, ``--dry-run``, submission and the command line;
 * ``submitit_compat.py``: every use of submitit's internals, with the tested version range.
@@ -20,7 +22,7 @@ from hpcvae.launch.profile import (
     parse_mem_gb,
     parse_time_minutes,
 )
-from hpcvae.launch.slurm import follow, status
+from hpcvae.launch.watch import follow, status
 
 __all__ = [
     "DEFAULT_ENV",

@@ -7,7 +7,6 @@ defaults every job exports) is in :mod:`hpcvae.launch.job`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import re
@@ -21,6 +20,7 @@ from typing import Any
 
 from hpcvae.config import add_options, options_from_args
 from hpcvae.errors import ConfigError, LaunchError
+from hpcvae.launch.backends import BACKENDS, backend
 from hpcvae.launch.history import record
 from hpcvae.launch.job import DEFAULT_ENV, TrainJob, TrainTarget, resolve_train_target
 from hpcvae.launch.profile import (
@@ -31,16 +31,8 @@ from hpcvae.launch.profile import (
     parse_mem_gb,
     parse_time_minutes,
 )
-from hpcvae.launch.slurm import check_controller, check_partition, follow, status
-from hpcvae.launch.submitit_compat import submission_script, without_srun
-
-
-def _gpu_request(profile: SiteProfile, opts: LaunchOptions) -> int | None:
-    if opts.cluster == "slurm":
-        return opts.gpus_per_node if profile.gpus else None
-    import torch
-
-    return opts.gpus_per_node if torch.cuda.is_available() else None
+from hpcvae.launch.submitit_compat import submission_script
+from hpcvae.launch.watch import follow, status
 
 
 def job_env_vars(profile: SiteProfile, opts: LaunchOptions) -> dict[str, str]:
@@ -52,27 +44,18 @@ def job_env_vars(profile: SiteProfile, opts: LaunchOptions) -> dict[str, str]:
     return env
 
 
-def setup_lines(profile: SiteProfile, opts: LaunchOptions, env: dict[str, str]) -> list[str]:
-    lines = list(profile.setup) if opts.cluster == "slurm" else []
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    return lines
-
-
 def build_executor(opts: LaunchOptions, profile: SiteProfile, folder: Path, job_name: str) -> Any:
     """An ``AutoExecutor`` with every parameter of the job set (CLI > profile > defaults)."""
     import submitit
 
+    be = backend(opts.cluster)
     env = job_env_vars(profile, opts)
     time_min = parse_time_minutes(opts.time or profile.time)
-    kwargs: dict[str, Any] = {}
-    if opts.cluster in ("slurm", "local"):
-        kwargs[f"{opts.cluster}_max_num_timeout"] = opts.max_requeues
-    if opts.cluster == "slurm" and profile.python:
-        kwargs["slurm_python"] = profile.python
-    ctx = without_srun() if (opts.cluster == "slurm" and opts.dry_run) else contextlib.nullcontext()
-    with ctx:
+    with be.executor_context(opts):
         try:
-            ex = submitit.AutoExecutor(folder=folder, cluster=opts.cluster, **kwargs)
+            ex = submitit.AutoExecutor(
+                folder=folder, cluster=opts.cluster, **be.executor_kwargs(opts, profile)
+            )
         except RuntimeError as exc:
             raise LaunchError(f"cannot use --cluster {opts.cluster}: {exc}") from None
     params: dict[str, Any] = {
@@ -82,7 +65,7 @@ def build_executor(opts: LaunchOptions, profile: SiteProfile, folder: Path, job_
         "tasks_per_node": opts.gpus_per_node,
         "stderr_to_stdout": True,
     }
-    gpus = _gpu_request(profile, opts)
+    gpus = be.gpus(opts, profile)
     if gpus:
         params["gpus_per_node"] = gpus
     cpus = opts.cpus_per_task or profile.cpus_per_task
@@ -91,21 +74,7 @@ def build_executor(opts: LaunchOptions, profile: SiteProfile, folder: Path, job_
     mem = opts.mem or profile.mem
     if mem:
         params["mem_gb"] = parse_mem_gb(mem)
-    if opts.cluster == "slurm":
-        for key in ("partition", "account", "qos"):
-            value = getattr(opts, key) or getattr(profile, key)
-            if value:
-                params[f"slurm_{key}"] = value
-        if profile.constraint:
-            params["slurm_constraint"] = profile.constraint
-        params["slurm_signal_delay_s"] = profile.signal_delay_s
-        params["slurm_setup"] = setup_lines(profile, opts, env)
-        if profile.srun_args:
-            params["slurm_srun_args"] = list(profile.srun_args)
-        if profile.sbatch:
-            params["slurm_additional_parameters"] = dict(profile.sbatch)
-    elif opts.cluster == "local":
-        params["local_setup"] = setup_lines(profile, opts, env)
+    params.update(be.parameters(opts, profile, [f"export {k}={shlex.quote(v)}" for k, v in env.items()]))
     try:
         ex.update_parameters(**params)
     except (ValueError, NameError, AssertionError) as exc:
@@ -170,8 +139,7 @@ class _Plan:
 def _plan(opts: LaunchOptions) -> _Plan:
     profile = load_profile(opts.profile)
     target = resolve_train_target(opts.train_args, dry_run=opts.dry_run)
-    if opts.cluster == "local" and opts.nodes > 1:
-        raise ConfigError(f"--cluster local runs on this machine only; use --nodes 1 (got {opts.nodes})")
+    backend(opts.cluster).check(opts)
     env = job_env_vars(profile, opts)
     fn = TrainJob(train_args=target.args, run=str(target.out), env=env, max_requeues=opts.max_requeues)
     return _Plan(
@@ -193,14 +161,13 @@ def dry_run_script(opts: LaunchOptions, plan: _Plan | None = None) -> str:
 
 def submit(opts: LaunchOptions) -> Submitted:
     """Check the cluster and the inputs, submit the job, record it in ``launch.json``."""
-    if opts.cluster == "debug" or opts.dry_run:
-        raise ConfigError("submit() needs --cluster slurm or local without --dry-run")
+    be = backend(opts.cluster)
+    if be.in_process or opts.dry_run:
+        raise ConfigError(
+            f"submit() needs a backend that submits ({', '.join(k for k, b in BACKENDS.items() if not b.in_process)}) without --dry-run"
+        )
     plan = _plan(opts)
-    if opts.cluster == "slurm":
-        check_controller()
-        partition = opts.partition or plan.profile.partition
-        if partition:
-            check_partition(partition)
+    be.preflight(opts, plan.profile)
     plan.folder.mkdir(parents=True, exist_ok=True)
     ex = build_executor(opts, plan.profile, plan.folder, plan.job_name)
     from submitit.core.utils import FailedJobError
@@ -231,8 +198,9 @@ def submit(opts: LaunchOptions) -> Submitted:
 
 def launch(opts: LaunchOptions) -> int:
     """The command: dry-run, run in-process, or submit (and optionally follow)."""
+    be = backend(opts.cluster)
     if opts.dry_run:
-        if opts.cluster == "slurm":
+        if be.batch_script:
             plan = _plan(opts)
             sys.stdout.write(dry_run_script(opts, plan))
             print(
@@ -245,9 +213,9 @@ def launch(opts: LaunchOptions) -> int:
                 f"--cluster {opts.cluster} would run: python -m hpcvae.train {shlex.join(plan.target.args)}"
             )
         return 0
-    if opts.cluster == "debug":
+    if be.in_process:
         plan = _plan(opts)
-        return _run_debug(plan.fn, plan.target.out)
+        return _run_in_process(plan.fn, plan.target.out, be.name)
     minutes = parse_time_minutes(opts.time or load_profile(opts.profile).time)
     if minutes <= 10:
         print(
@@ -268,10 +236,10 @@ def launch(opts: LaunchOptions) -> int:
     return 0
 
 
-def _run_debug(fn: TrainJob, run: Path) -> int:
+def _run_in_process(fn: TrainJob, run: Path, name: str) -> int:
     """In-process run (``--cluster debug``): requeues become a loop in this process."""
-    job_id = f"debug-{os.getpid()}-{int(time.time())}"
-    record(run, job={"job_id": job_id, "cluster": "debug", "folder": str(run / "debug"), "nodes": 1})
+    job_id = f"{name}-{os.getpid()}-{int(time.time())}"
+    record(run, job={"job_id": job_id, "cluster": name, "folder": str(run / name), "nodes": 1})
     saved = dict(os.environ)
     os.environ["SUBMITIT_DEBUG_JOB_ID"] = job_id
     try:
@@ -283,7 +251,7 @@ def _run_debug(fn: TrainJob, run: Path) -> int:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    print(f"hpcvae.launch: debug run completed; run folder {run}")
+    print(f"hpcvae.launch: {name} run completed; run folder {run}")
     return 0
 
 

@@ -39,6 +39,7 @@ from typing import Any
 from hpcvae.checkpoint import latest_checkpoint
 from hpcvae.cli import EXIT_PREEMPTED
 from hpcvae.errors import ConfigError, LaunchError, ShardError
+from hpcvae.launch.backends import backend
 from hpcvae.launch.history import record
 from hpcvae.launch.profile import check_script_text
 from hpcvae.launch.submitit_compat import checkpoint_and_requeue, preempt_signal
@@ -247,7 +248,7 @@ class TrainJob:
                 f"{self.max_requeues}); resume by launching again with the same --out {run} "
                 f"(last checkpoint: {ckpt})"
             )
-        if job_env.cluster == "debug":
+        if backend(job_env.cluster).in_process:
             return {"status": "requeue", "next": self.checkpoint().function}
         record(
             run,

@@ -209,8 +209,9 @@ class LaunchOptions:
             parse_time_minutes(self.time)
         if self.mem is not None:
             parse_mem_gb(self.mem)
-        if self.cluster not in ("slurm", "local", "debug"):
-            raise ConfigError(f"--cluster must be slurm, local or debug, got {self.cluster!r}")
+        from hpcvae.launch.backends import backend
+
+        backend(self.cluster)  # a one-line error naming the known backends
         if self.job_name is not None and not self.job_name.strip():
             raise ConfigError("--job-name must not be empty")
         for flag in ("job_name", "partition", "account", "qos", "time", "mem"):
