@@ -11,7 +11,8 @@ The loop owns what must behave the same for the VAE (``hpcvae.trainer``) and its
   the first non-finite loss or gradient raises ``NumericalError`` naming its epoch, step and
   sample keys before anything is saved, so no checkpoint ever holds non-finite state;
 * checkpoint cadence (every ``every_steps``, each epoch end, on stop) through ``Checkpointer``;
-* the metric sinks (``hpcvae.metrics.Metrics``) and the log cadence.
+* the metric sinks (``hpcvae.metrics.Metrics``) and the log cadence;
+* the run folder: one run at a time (``_open_run``), released whatever the ending (``close``).
 
 A trainer supplies only what differs (see the hooks below): its batches, ``train_step``,
 ``log_train``, ``validate_epoch``, its checkpoint meta and components, ``finish``.
@@ -23,7 +24,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +33,10 @@ import torch
 import torch.distributed as tdist
 
 from hpcvae.checkpoint import Checkpointer
-from hpcvae.dist import DistInfo, print0
+from hpcvae.dist import DistInfo, on_rank0, print0
 from hpcvae.errors import NumericalError
 from hpcvae.metrics import Metrics
+from hpcvae.runlock import RunLock
 
 
 @dataclass(kw_only=True)
@@ -119,6 +121,33 @@ class Loop:
 
     def close(self) -> None:
         """Release what the run held (loader workers, the run-folder lock), completed or not."""
+        self._release_run()
+
+    # -- the run folder -----------------------------------------------------------------------------
+    def _open_run(self, folder: Path, build: Callable[[], None], *, what: str, lock: bool = True) -> None:
+        """Hold ``folder`` for this run (rank 0's ``flock``, :class:`RunLock`) while ``build`` runs.
+
+        One run per folder.  A run refused inside ``build`` (busy folder, bad checkpoint, changed
+        data, a model that does not fit the data) releases the lock and leaves the folder as it
+        was; the trainer calls :meth:`_announce_run` once every refusal check has passed.
+        """
+        self._lock = RunLock(folder, what=what) if lock else None
+        if self._lock is not None:
+            on_rank0(self._lock.acquire)
+        try:
+            build()
+        except BaseException:
+            self._release_run(refused=True)
+            raise
+
+    def _announce_run(self) -> None:
+        """Every refusal check has passed: name this run's host and pid in the lock (for a second run)."""
+        if getattr(self, "_lock", None) is not None and self.dist.is_main:
+            self._lock.announce()
+
+    def _release_run(self, refused: bool = False) -> None:
+        if getattr(self, "_lock", None) is not None and self.dist.is_main:
+            self._lock.release(refused=refused)
 
     # -- stopping ---------------------------------------------------------------------------------
     def request_stop(self) -> None:

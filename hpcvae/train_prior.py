@@ -45,13 +45,12 @@ from hpcvae.config import (
     options_from_args,
     to_dict,
 )
-from hpcvae.dist import DistInfo, barrier, cleanup, init_distributed, on_rank0, print0
-from hpcvae.errors import CheckpointError, ConfigError, ModelError
+from hpcvae.dist import DistInfo, barrier, cleanup, init_distributed, print0
+from hpcvae.errors import CheckpointError, ConfigError
 from hpcvae.loop import Loop, LoopConfig
 from hpcvae.metrics import Metrics
 from hpcvae.models.conditions import from_batch
 from hpcvae.prior import PREFIX, FlowKind, FlowSpec, build_flow, flow_meta, gaussian_nll, vae_digest
-from hpcvae.runlock import RunLock
 
 WORK_DIR = "prior"
 
@@ -168,35 +167,18 @@ class PriorTrainer(Loop):
         self.out = Path(cfg.out) if cfg.out else _model_dir(src)
         self.work = self.out / WORK_DIR
         # It rewrites the model files in place: never while a training (or another fit) uses the folder.
-        self._lock = RunLock(self.out, what="hpcvae.train_prior")
-        on_rank0(self._lock.acquire)
-        try:
-            self._build(cfg, dist, src)
-        except BaseException:
-            self._unlock(refused=True)
-            raise
-        if dist.is_main:
-            self._lock.announce()
-
-    def _unlock(self, refused: bool = False) -> None:
-        if self.dist.is_main:
-            self._lock.release(refused=refused)
+        self._open_run(self.out, lambda: self._build(cfg, dist, src), what="hpcvae.train_prior")
+        self._announce_run()
 
     def _build(self, cfg: PriorConfig, dist: DistInfo, src: Path) -> None:
         from hpcvae.data import ShardData
         from hpcvae.engines import DDPEngine
+        from hpcvae.models.data_fit import check_model_fits
         from hpcvae.schedules import lr_scheduler
         from hpcvae.shards.manifest import Manifest
 
         self.manifest = Manifest.load(cfg.data)
-        arch = self.vae.config["arch"]
-        if self.manifest.image_size != self.vae.image_size:
-            raise ModelError(
-                f"{src}: {arch} expects {self.vae.image_size}x{self.vae.image_size} images but "
-                f"{self.manifest.path} holds {self.manifest.image_size}x{self.manifest.image_size}"
-            )
-        if self.vae.conditional and not self.manifest.has_redshift:
-            raise ModelError(f"{src}: {arch} is conditioned on redshift but {self.manifest.path} has none")
+        check_model_fits(self.vae, self.manifest, where=str(src))
         if self.vae.transform is None:
             raise CheckpointError(f"{src}: model.json records no normalisation; cannot encode raw shards")
         if self.meta.get("manifest_digest") not in (None, self.manifest.digest):
@@ -378,9 +360,6 @@ class PriorTrainer(Loop):
         return PriorResult(
             status=status, model_dir=self.out, checkpoint=self.last_checkpoint, summary=summary
         )
-
-    def close(self) -> None:
-        self._unlock()
 
     def epoch_batches(self) -> tuple[int, Iterator[Any]]:
         """This rank's share of the train latents in a seeded per-(epoch, rank) order, from step_in_epoch."""

@@ -41,7 +41,7 @@ from hpcvae.errors import ConfigError, HpcvaeError
 from hpcvae.loop import Loop, LoopConfig
 from hpcvae.metrics import Metrics
 from hpcvae.model_files import MODEL_FILE
-from hpcvae.runlock import RunLock
+from hpcvae.models.data_fit import check_model_fits
 from hpcvae.schedules import beta_schedule, lr_scheduler
 from hpcvae.shards.manifest import Manifest, verify_for_run
 
@@ -85,20 +85,9 @@ class Trainer(Loop):
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.out)
         self._stop_requested = False
-        # One run per folder: rank 0 holds the lock until train() ends.  A run refused from here
-        # to the end of __init__ (busy folder, bad checkpoint, changed data) leaves the folder as it was.
-        self._lock = RunLock(self.out) if cfg.checkpoint.lock else None
-        if self._lock is not None:
-            on_rank0(self._lock.acquire)
-        try:
-            self._build(cfg, dist)
-        except BaseException:
-            self._unlock(refused=True)
-            raise
-
-    def _unlock(self, refused: bool = False) -> None:
-        if self._lock is not None and self.dist.is_main:
-            self._lock.release(refused=refused)
+        self._open_run(
+            self.out, lambda: self._build(cfg, dist), what="hpcvae.train", lock=cfg.checkpoint.lock
+        )
 
     def _build(self, cfg: JobConfig, dist: DistInfo) -> None:
         from hpcvae.data import DataPosition, make_data
@@ -121,20 +110,9 @@ class Trainer(Loop):
         cfg = self.cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, **resolved)
         )  # what ran
-        if model.multi_condition:
-            missing = [c for c in model.spec.conditions if c not in self._condition_index()]
-            if missing:
-                raise ConfigError(
-                    f"{self.manifest.path}: model.conditions asks for {missing[0]!r} but the shard set carries "
-                    f"{', '.join(self._condition_index()) or 'none'}; re-shard with --conditions",
-                    collective=True,
-                )
-        if model.conditional and not self.manifest.has_redshift:
-            raise ConfigError(
-                f"{self.manifest.path}: model {cfg.model.arch} is conditioned on redshift but the shard set has none; "
-                "use vae128/vae158 or re-shard with redshifts",
-                collective=True,
-            )
+        check_model_fits(
+            model, self.manifest, where=str(self.manifest.path), error=ConfigError, collective=True
+        )
         self.model = model
         # Every check against the checkpoint happens before anything is built or written.
         # Rank 0 verifies (sha256 of every file) and picks the checkpoint; every rank uses its choice.
@@ -142,20 +120,6 @@ class Trainer(Loop):
         self.resume_meta = read_meta(self.resume_from) if self.resume_from else None
         self.transform = self._choose_transform()
         model.set_normalisation(self.transform)  # the gaussian likelihood works in physical units
-        if "noise_var" in model.likelihood.needs and "noise_std" not in self.manifest.stats("train"):
-            raise ConfigError(
-                f"{self.manifest.path}: model.likelihood = {model.spec.likelihood!r} needs each galaxy's noise "
-                "variance, but the shards carry none (the catalog had no NOISE_VARIANCE); use 'calibrated' or 'mse'",
-                collective=True,
-            )
-        if model.spec.psf_forward and not (self.manifest.data.get("physics") or {}).get("psf", {}).get(
-            "per_galaxy"
-        ):
-            raise ConfigError(
-                f"{self.manifest.path}: model.psf_forward needs each galaxy's PSF, but the shards carry none; "
-                "re-shard from a catalog with PSF_FILENAME/PSF_HDU columns",
-                collective=True,
-            )
         # ShardData streams the tar shards; GpuResidentData (data.gpu_resident) holds the split on the device.
         self.data = make_data(cfg.data, self.manifest, rank=dist.rank, world_size=dist.world_size,
                               seed=cfg.train.seed, transform=self.transform,
@@ -198,8 +162,7 @@ class Trainer(Loop):
         self._beta_now = self.beta(0)
         self._check_changed_options()
         self._resume()
-        if self._lock is not None and dist.is_main:  # every refusal check has passed
-            self._lock.announce()
+        self._announce_run()  # every refusal check has passed
         if cfg.data.verify:
             verify_for_run(self.manifest, self.out, dist, group=self._ctrl_group)
         if dist.is_main:
@@ -361,7 +324,7 @@ class Trainer(Loop):
 
     def close(self) -> None:
         self.data.close()
-        self._unlock()
+        super().close()
 
     def train_step(self, batch: dict[str, Any], beta: float | None = None) -> None:
         """One optimizer step on one batch, plus the bookkeeping (no host sync).

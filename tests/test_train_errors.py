@@ -164,3 +164,29 @@ def test_metric_sinks_are_a_table_the_config_names(shards: Path, tmp_path: Path)
         "metrics.sinks",
         "'wandb'",
     )
+
+
+def test_check_model_fits_names_what_the_data_lacks(tiny_shards: Path, aegis_shards: Path) -> None:
+    """One check for train, train_prior and evaluate: each requirement a model has of its shard set."""
+    from hpcvae.errors import ModelError
+    from hpcvae.models import build_model
+    from hpcvae.models.data_fit import check_model_fits
+    from hpcvae.shards.manifest import Manifest
+
+    tiny = Manifest.load(tiny_shards)  # 32x32, redshift only
+    check_model_fits(build_model("cvae2", "debug", image_size=32), tiny, where="m")  # fits
+    with pytest.raises(ModelError, match=r"^m: cvae2 expects 48x48 images but shard set .* holds 32x32"):
+        check_model_fits(build_model("cvae2", "debug", image_size=48), tiny, where="m")
+    film = build_model("galaxy_film", "debug", image_size=32, conditions=("redshifts", "mag_auto"))
+    with pytest.raises(ModelError, match=r"conditioned on 'mag_auto' but shard set .* carries redshifts;"):
+        check_model_fits(film, tiny, where="m")
+    with pytest.raises(ConfigError, match="conditioned on redshift but shard set") as info:
+        check_model_fits(build_model("cvae2", "debug", image_size=64), Manifest.load(aegis_shards), where="m",
+                         error=ConfigError, collective=True)  # fmt: skip
+    assert info.value.collective
+    noisy = build_model("galaxy_vae", "debug", image_size=32, likelihood="gaussian")
+    with pytest.raises(ModelError, match="needs each galaxy's noise variance"):
+        check_model_fits(noisy, tiny, where="m")
+    psf = build_model("galaxy_vae", "debug", image_size=32, psf_forward=True)
+    with pytest.raises(ModelError, match="psf_forward needs each galaxy's PSF"):
+        check_model_fits(psf, tiny, where="m")

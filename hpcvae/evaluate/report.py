@@ -25,6 +25,7 @@ from hpcvae.evaluate.collect import StampSet
 from hpcvae.evaluate.markdown import render_markdown
 from hpcvae.evaluate.noise import NoiseModel
 from hpcvae.metrics import json_safe
+from hpcvae.models.data_fit import check_model_fits
 from hpcvae.shards.manifest import Manifest, iter_samples
 
 DEFAULT_PIXEL_SCALE = 0.03
@@ -252,15 +253,7 @@ class Run:
         if cfg.split not in manifest.splits:
             raise ShardError(f"{manifest.path}: no split {cfg.split!r} (have {', '.join(manifest.splits)})")
         where = model_path or f"model {m.config.get('arch')}"
-        if int(m.image_size) != manifest.image_size:
-            raise ModelError(
-                f"{where}: model expects {m.image_size}x{m.image_size} images but shard set {manifest.path} "
-                f"holds {manifest.image_size}x{manifest.image_size}; evaluate on shards made at the model's size"
-            )
-        if m.conditional and not manifest.has_redshift:
-            raise ModelError(
-                f"{where}: {m.config.get('arch')} is conditional on redshift but shard set {manifest.path} has none"
-            )
+        check_model_fits(m, manifest, where=str(where))
         notes: list[str] = []
         transform = _transform(m, manifest, notes)
         out.mkdir(parents=True, exist_ok=True)
