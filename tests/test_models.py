@@ -545,3 +545,17 @@ def test_config_choices_match_the_registry():
         a for a in typing.get_args(typing.get_type_hints(ModelConfig)["likelihood"]) if a is not type(None)
     ]
     assert typing.get_args(choices) == typing.get_args(LikelihoodName) == tuple(LIKELIHOODS)
+
+
+def test_model_hyperparameters_are_declared_once():
+    """ModelSpec's fields are the hyperparameters: the registry's overrides and ModelConfig follow them."""
+    import dataclasses
+
+    from hpcvae.config import ModelConfig
+    from hpcvae.models import OVERRIDABLE
+    from hpcvae.models.spec import ModelSpec
+
+    spec = {f.name for f in dataclasses.fields(ModelSpec)}
+    assert set(OVERRIDABLE) == spec - {"arch", "flavour"}
+    missing = spec - {f.name for f in dataclasses.fields(ModelConfig)}
+    assert not missing, f"ModelConfig lacks {sorted(missing)}: a new hyperparameter needs its option there too"

@@ -8,6 +8,7 @@ for tests and the demo.  Any flavour takes overrides of ``image_size``, ``nf``, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,10 @@ __all__ = [
     "model_from_config",
 ]
 
-OVERRIDABLE = ("image_size", "nf", "z_dim", "recon_reduction", "redshift_weight", "likelihood", "psf_forward",
-               "conditions")  # fmt: skip
+OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.name not in ("arch", "flavour"))
+"""A model's hyperparameters: declared once, as ``ModelSpec``'s fields (``ModelConfig`` has each, a test checks)."""
+_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelSpec)
+                  if f.name in OVERRIDABLE and f.default is not dataclasses.MISSING}  # fmt: skip
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -59,13 +62,7 @@ class ArchSpec:
             raise ModelError(
                 f"model {self.name}: unknown option {unknown[0]!r} (choices: {', '.join(OVERRIDABLE)})"
             )
-        values = {
-            "recon_reduction": "sum",
-            "redshift_weight": 1000.0,
-            "likelihood": "mse",
-            "psf_forward": False,
-            **self.flavours[flavour],
-        }
+        values = {**_SPEC_DEFAULTS, **self.flavours[flavour]}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return ModelSpec(arch=self.name, flavour=flavour, **values)
 
@@ -157,17 +154,8 @@ def model_from_config(
             f"model.image_size = {size} but the data holds {image_size}x{image_size} images; "
             "drop model.image_size or re-shard at that size"
         )
-    return build_model(
-        model_cfg.arch,
-        model_cfg.flavour,
-        image_size=size if size is not None else image_size,
-        nf=model_cfg.nf,
-        z_dim=model_cfg.z_dim,
-        recon_reduction=model_cfg.recon_reduction,
-        redshift_weight=model_cfg.redshift_weight,
-        likelihood=model_cfg.likelihood,
-        psf_forward=model_cfg.psf_forward,
-        conditions=tuple(model_cfg.conditions or conditions or ()) or None
-        if get_arch(model_cfg.arch).cls.multi_condition
-        else None,
-    )
+    given = {k: getattr(model_cfg, k) for k in OVERRIDABLE if k not in ("image_size", "conditions")}
+    multi = get_arch(model_cfg.arch).cls.multi_condition
+    return build_model(model_cfg.arch, model_cfg.flavour, image_size=size if size is not None else image_size,
+                       conditions=tuple(model_cfg.conditions or conditions or ()) or None if multi else None,
+                       **given)  # fmt: skip
