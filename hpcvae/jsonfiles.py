@@ -188,6 +188,8 @@ MODEL_JSON = obj({
                                                    optional=True),
     "flow_prior": obj({"library": text(), "spec": obj(values=ANY)}, ("library", "spec"), optional=True),
     "conditions": lst(obj({"name": text()}, ("name",)), optional=True),
+    "output": obj({"inverse": text("noise_mean"), "noise_std": num(1e-30, 1e30)}, ("inverse", "noise_std"),
+                  optional=True),
 }, ("format", "model_config"))  # fmt: skip
 """model.json (``hpcvae.model_files``)."""
 

@@ -61,6 +61,8 @@ class ModelInfo:
     config_sha256: str | None = None
     conditions: list[dict[str, Any]] = field(default_factory=list)
     """What the model is conditioned on, with each condition's training range."""
+    output: dict[str, Any] | None = None
+    """How decoder means become flux (:func:`output_record`); None: the plain inverse transform."""
 
     @classmethod
     def from_checkpoint(cls, meta: dict[str, Any]) -> ModelInfo:
@@ -68,12 +70,31 @@ class ModelInfo:
         return cls(model_config=meta["model_config"], transform=meta.get("transform"),
                    training=meta.get("summary") or {}, manifest_digest=meta.get("manifest_digest"),
                    beta_schedule=meta.get("beta"), lr_schedule=meta.get("lr_schedule"),
+                   output=output_record(meta["model_config"], meta.get("transform"), meta.get("physics")),
                    **{k: meta.get(k) for k in CARRIED})  # fmt: skip
 
     @classmethod
     def from_model_json(cls, meta: dict[str, Any]) -> ModelInfo:
         """From a model.json (``read_model_json``): a rewrite keeps every key it does not change."""
         return cls(**{f.name: meta.get(f.name) for f in fields(cls) if meta.get(f.name) is not None})
+
+
+def output_record(
+    model_config: dict[str, Any], transform: dict[str, Any] | None, physics: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """model.json's ``output``: decoder means become flux through the noise-aware inverse.
+
+    When the likelihood compares normalised pixels, the decoder learns the mean of the
+    *transformed* noisy pixels; with the training set's pixel noise known, the inverse that
+    accounts for it (``Transform.mean_inverse``) returns the noise-free mean flux.
+    """
+    from hpcvae.models.likelihoods import LIKELIHOODS
+
+    sigma = (physics or {}).get("noise_std")
+    lk = LIKELIHOODS.get(str(model_config.get("likelihood", "mse")))
+    if not transform or lk is None or lk.physical or not isinstance(sigma, int | float) or not sigma > 0:
+        return None
+    return {"inverse": "noise_mean", "noise_std": float(sigma)}
 
 
 CARRIED = ("physics", "data", "config_sha256", "conditions")
@@ -209,8 +230,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, strict: 
     if meta.get("transform"):
         from hpcvae.transforms import transform_from_dict
 
+        noise = (meta.get("output") or {}).get("noise_std")
         try:
-            model.set_normalisation(transform_from_dict(meta["transform"]))
+            model.set_normalisation(transform_from_dict(meta["transform"]), noise_std=noise)
         except HpcvaeError as exc:
             raise CheckpointError(f"{meta_path}: transform: {exc}") from None
     model.set_conditions(meta.get("conditions") or None)

@@ -139,6 +139,24 @@ def test_the_model_is_conditioned_on_the_catalog_columns(run: Path, shards: Path
     assert lo < hi
 
 
+def test_decoder_means_become_flux_with_the_training_noise(run: Path, shards: Path) -> None:
+    """The calibrated likelihood learns E[asinh(noisy pixel)]: model.json records the noise-aware inverse."""
+    import hpcvae
+    from hpcvae.shards import Manifest
+
+    info = json.loads((run / "model.json").read_text())
+    sigma = Manifest.load(shards).physics()["noise_std"]
+    assert info["transform"]["name"] == "asinh"
+    assert info["output"] == {"inverse": "noise_mean", "noise_std": pytest.approx(sigma)}
+    model = hpcvae.load_model(run)
+    assert model.output_noise_std == pytest.approx(sigma)
+    out = model.sample(4, seed=0, normalized=True)
+    faint = model.transform.mean_inverse(out, sigma)
+    np.testing.assert_allclose(model.sample(4, seed=0).numpy(), faint.numpy(), rtol=1e-6)
+    plain = model.transform.inverse(out)
+    assert float(faint.sum()) > float(plain.sum())  # the wings' flux the plain inverse lost
+
+
 def test_sample_of_a_catalog_is_the_same_for_any_batch_size(run: Path) -> None:
     """One galaxy per row of an astropy Table, a structured array, a dict or a DataFrame-like; row i fixed by seed."""
     from astropy.table import Table

@@ -377,7 +377,7 @@ class Run:
                 r = torch.as_tensor(cond, device=self.dev) if self.conditional else None
                 o = m(xn, r, sample_latent=False)
                 recon = o.recon.float()
-                recon_phys = self.observed(self.transform.inverse(recon.cpu())).numpy()[:, 0]
+                recon_phys = self.observed(self.physical(recon.cpu())).numpy()[:, 0]
                 sig = self.noise_sigma(metas)
                 self.real.add(phys, sig)
                 self.recon.add(recon_phys, sig)
@@ -463,6 +463,12 @@ class Run:
                 self.baseline_parts.append(base)
         return True
 
+    def physical(self, out: Any) -> Any:
+        """Model outputs (normalised) in flux units: the model's own (noise-aware) inverse when it has one."""
+        if self.transform is getattr(self.m, "transform", None):
+            return self.m.to_physical(out)
+        return self.transform.inverse(out)
+
     def observed(self, phys: Any) -> Any:
         """A PSF-free model's images through the set's mean PSF, so they compare with observed galaxies."""
         if not self.m.spec.psf_forward:
@@ -499,7 +505,7 @@ class Run:
                 )
                 # generated galaxy i has real galaxy i's conditions, and its noise level
                 sigma = self.R["sigma"][start : start + b]
-                self.gen.add(self.observed(self.transform.inverse(imgs.float().cpu())).numpy()[:, 0], sigma)
+                self.gen.add(self.observed(self.physical(imgs.float().cpu())).numpy()[:, 0], sigma)
         self.G = self.gen.finish(self.pixel_scale)
         self.gen_stats = self.G["hsm"]
 

@@ -158,7 +158,7 @@ def conditional_response(run: Run) -> dict[str, Any]:
             zz = torch.as_tensor(z, device=run.dev, dtype=dtype)
             cond = np.stack([c[name] for name in names], axis=1) if m.multi_condition else c[names[0]]
             img = m.decode(zz, torch.as_tensor(cond, device=run.dev))
-            return run.observed(run.transform.inverse(img.float().cpu())).numpy()[:, 0]
+            return run.observed(run.physical(img.float().cpu())).numpy()[:, 0]
 
     out: dict[str, Any] = {"latents": n, "prior": run.prior, "seed": run.cfg.seed + 5, "conditions": {}}
     for name, values in conds.items():

@@ -167,7 +167,7 @@ def redshift_sweep(run: Run) -> dict[str, Any]:
     with torch.no_grad():
         imgs = m.decode(zz, cond)
     imgs = imgs.float().cpu().reshape(cfg.sweep_rows, ncol, m.image_size, m.image_size)
-    flux = run.transform.inverse(imgs).numpy().reshape(cfg.sweep_rows, ncol, -1).sum(-1)
+    flux = run.physical(imgs).numpy().reshape(cfg.sweep_rows, ncol, -1).sum(-1)
     return {"redshifts": zlist, "rows": cfg.sweep_rows, "prior": run.prior,
             "other_conditions": "their training medians" if m.multi_condition else None,
             "mean_pixel_sum_flux_per_column": flux.mean(0),

@@ -9,10 +9,10 @@ on the architecture name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ from torch import nn
 
 from hpcvae.errors import ModelError
 from hpcvae.models.conditions import Conditioning
-from hpcvae.models.likelihoods import LIKELIHOODS, LikelihoodName, get_likelihood
+from hpcvae.models.likelihoods import get_likelihood
+from hpcvae.models.spec import MIN_IMAGE_SIZE, ModelSpec, Reduction, VAEOutput  # noqa: F401  (re-exported)
 from hpcvae.models.stacks import (  # noqa: F401  (the architectures' building blocks, re-exported)
     MIN_LATENT_SIDE,
     Geometry,
@@ -30,74 +31,6 @@ from hpcvae.models.stacks import (  # noqa: F401  (the architectures' building b
     geometry_halving,
     geometry_valid_head,
 )
-
-Reduction = Literal["sum", "mean"]
-MIN_IMAGE_SIZE = 16
-
-
-class VAEOutput(NamedTuple):
-    """What ``forward`` returns.  A NamedTuple, so DDP and torch.compile treat it as a pytree."""
-
-    recon: torch.Tensor
-    """Reconstruction in normalised [0, 1] space, (B, 1, H, W)."""
-    mu: torch.Tensor
-    """Posterior means, (B, z_dim)."""
-    logvar: torch.Tensor
-    """Posterior log-variances, (B, z_dim)."""
-    z_pred: torch.Tensor | None = None
-    """Predicted redshift, (B,); only ``fancy_cvae`` has one."""
-
-
-@dataclass(kw_only=True)
-class ModelSpec:
-    """The resolved hyper-parameters of one model: enough to rebuild it with ``build_model(**spec)``."""
-
-    arch: str
-    flavour: str = "default"
-    image_size: int
-    nf: int
-    z_dim: int
-    recon_reduction: Reduction = "sum"
-    redshift_weight: float = 1000.0
-    likelihood: LikelihoodName = "mse"
-    psf_forward: bool = False
-    """The decoder draws PSF-free galaxies; the loss convolves them with each galaxy's PSF."""
-    conditions: tuple[str, ...] = ()
-    """Names of the conditions a multi-condition architecture takes, in order (the seed's: redshift only)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
-            raise ModelError(
-                f"model {self.arch}: image_size must be an integer >= {MIN_IMAGE_SIZE}, got {self.image_size!r}"
-            )
-        if not isinstance(self.nf, int) or self.nf < 1:
-            raise ModelError(f"model {self.arch}: nf must be an integer >= 1, got {self.nf!r}")
-        if not isinstance(self.z_dim, int) or self.z_dim < 1:
-            raise ModelError(f"model {self.arch}: z_dim must be an integer >= 1, got {self.z_dim!r}")
-        if self.recon_reduction not in ("sum", "mean"):
-            raise ModelError(
-                f"model {self.arch}: recon_reduction must be 'sum' or 'mean', got {self.recon_reduction!r}"
-            )
-        if self.likelihood not in LIKELIHOODS:
-            raise ModelError(
-                f"model {self.arch}: likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}"
-            )
-        if not isinstance(self.conditions, (list, tuple)) or not all(
-            isinstance(c, str) for c in self.conditions
-        ):
-            raise ModelError(
-                f"model {self.arch}: conditions must be a list of names, got {self.conditions!r}"
-            )
-        self.conditions = tuple(self.conditions)
-        if not isinstance(self.redshift_weight, (int, float)) or self.redshift_weight < 0:
-            raise ModelError(f"model {self.arch}: redshift_weight must be >= 0, got {self.redshift_weight!r}")
-        self.redshift_weight = float(self.redshift_weight)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["conditions"] = list(self.conditions)
-        return d
-
 
 # ----------------------------------------------------------------------------------------
 # The shared interface
@@ -126,6 +59,8 @@ class GalaxyVAE(nn.Module):
         super().__init__()
         self.spec = spec
         self.transform: Any = None
+        self.output_noise_std: float | None = None
+        """Set (model.json ``output``): decoder means go to flux with the noise-aware inverse."""
         self.flow_prior: nn.Module | None = None
         self.conditioning = Conditioning.from_records(None, spec.conditions or ("zphot",))
         self.likelihood = get_likelihood(spec.likelihood)
@@ -170,11 +105,12 @@ class GalaxyVAE(nn.Module):
     def z_dim(self) -> int:
         return self.spec.z_dim
 
-    def set_normalisation(self, transform: Any) -> GalaxyVAE:
+    def set_normalisation(self, transform: Any, noise_std: float | None = None) -> GalaxyVAE:
         """Attach a ``hpcvae.transforms`` transform (or ``None`` to detach).
 
         With one attached, ``sample``/``reconstruct``/``interpolate`` speak physical flux,
         which is what astronomers compare against catalogs; ``normalized=True`` opts out.
+        ``noise_std`` (the training pixels' noise sigma) makes :meth:`to_physical` noise-aware.
         """
         if transform is not None and not (hasattr(transform, "forward") and hasattr(transform, "inverse")):
             raise ModelError(
@@ -182,7 +118,22 @@ class GalaxyVAE(nn.Module):
                 "pass a transform from hpcvae.transforms.get_transform"
             )
         self.transform = transform
+        if noise_std is not None and not (math.isfinite(noise_std) and noise_std > 0):
+            raise ModelError(
+                f"set_normalisation: noise_std must be a finite positive number, got {noise_std}"
+            )
+        self.output_noise_std = noise_std
         return self
+
+    def to_physical(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoder output (normalised) in flux units: the noise-free mean the decoder stands for.
+
+        A likelihood in normalised units teaches the decoder E[forward(x)] of noisy pixels, which
+        the plain inverse maps to too little flux near the noise (``Transform.mean_inverse``).
+        """
+        if self.output_noise_std and not self.likelihood.physical:
+            return self.transform.mean_inverse(images, self.output_noise_std)
+        return self.transform.inverse(images)
 
     def set_conditions(self, records: list[dict[str, Any]] | None) -> GalaxyVAE:
         """Attach the conditions' records (names, roles, train statistics: the shard manifest's ``conditions``).
@@ -405,7 +356,7 @@ class GalaxyVAE(nn.Module):
 
     def _out(self, images: torch.Tensor, physical: bool) -> torch.Tensor:
         images = images.contiguous()  # NCHW for the caller, whatever layout the model runs in
-        return self.transform.inverse(images) if physical else images
+        return self.to_physical(images) if physical else images
 
     def _chunk(self) -> int:
         """Images per decoder call on this device (``hpcvae.hardware.generation_chunk``)."""
