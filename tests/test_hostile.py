@@ -70,6 +70,8 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(tiny_shards: Path, tmp_path: 
     (lambda m: {**m, "model_config": {**m["model_config"], "nf": 1000000}}, "model_config.nf"),
     (lambda m: {**m, "model_config": {**m["model_config"], "nf": 16}}, "config stored with the weights differs"),
     (lambda m: {**m, "transform": {"name": "asinh", "params": {"a": -1, "lo": 0, "hi": 1}}}, "transform"),
+    (lambda m: {**m, "output": {"inverse": "noise_mean", "noise_std": -1.0}}, "output.noise_std"),
+    (lambda m: {**m, "output": {"inverse": "median"}}, "output"),
 ])  # fmt: skip
 def test_a_model_json_of_the_wrong_shape_is_one_line(trained: Path, tmp_path: Path, edit, needle) -> None:
     model = tmp_path / "m"

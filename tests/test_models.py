@@ -558,4 +558,6 @@ def test_model_hyperparameters_are_declared_once():
     spec = {f.name for f in dataclasses.fields(ModelSpec)}
     assert set(OVERRIDABLE) == spec - {"arch", "flavour"}
     missing = spec - {f.name for f in dataclasses.fields(ModelConfig)}
-    assert not missing, f"ModelConfig lacks {sorted(missing)}: a new hyperparameter needs its option there too"
+    assert not missing, (
+        f"ModelConfig lacks {sorted(missing)}: a new hyperparameter needs its option there too"
+    )
