@@ -111,8 +111,13 @@ class ModelConfig:
     """Convolve the decoder's output with each galaxy's PSF (FFT, on the device) before the likelihood,
     so the model learns the galaxy without the telescope (galaxy2galaxy's forward model); generated
     images are then PSF-free.  Needs shards with per-galaxy PSFs (a catalog with PSF_FILENAME/PSF_HDU)."""
+    margin: int = 0
+    """Pixels galaxy_film's decoder draws beyond each stamp edge and crops, so the convolutions' zero padding
+    falls outside the stamp (where it printed row/column streaks); at most image_size / 4.  Other
+    architectures: 0."""
 
     def __post_init__(self) -> None:
+        _check(self.margin >= 0, f"model.margin must be >= 0, got {self.margin}")
         if self.image_size is not None:
             _check(self.image_size >= 16, f"model.image_size must be >= 16, got {self.image_size}")
         if self.nf is not None:

@@ -561,3 +561,24 @@ def test_model_hyperparameters_are_declared_once():
     assert not missing, (
         f"ModelConfig lacks {sorted(missing)}: a new hyperparameter needs its option there too"
     )
+
+
+def test_galaxy_film_margin_draws_beyond_the_stamp_and_crops():
+    """model.margin: the last decoder block works on a wider canvas; outputs keep the stamp's size."""
+    from hpcvae.errors import ModelError
+
+    m = build_model("galaxy_film", "debug", image_size=32, margin=4, conditions=("zphot",))
+    depth = len(m.sides) - 1
+    # a canvas 4 px wider on each side that halves exactly: no level stretches the stamp
+    assert m.dec_sides == [40 // 2**i for i in range(depth + 1)] and m.up[-1].side == 40
+    assert m.config["margin"] == 4
+    out = m(torch.rand(3, 1, 32, 32), torch.rand(3))
+    assert out.recon.shape == (3, 1, 32, 32)
+    plain = build_model("galaxy_film", "debug", image_size=32, conditions=("zphot",))
+    assert "margin" not in plain.config  # models from before margin keep their exact model_config
+    with pytest.raises(ModelError, match=r"margin 2 makes a 36-pixel canvas, which must be divisible by 8"):
+        build_model("galaxy_film", "debug", image_size=32, margin=2, conditions=("zphot",))
+    with pytest.raises(ModelError, match="margin = 2 is galaxy_film's"):
+        build_model("cvae2", "debug", image_size=32, margin=2)
+    with pytest.raises(ModelError, match=r"margin must be an integer in \[0, image_size / 4 = 8\]"):
+        build_model("galaxy_film", "debug", image_size=32, margin=9, conditions=("zphot",))

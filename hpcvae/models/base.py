@@ -54,9 +54,15 @@ class GalaxyVAE(nn.Module):
 
     multi_condition: ClassVar[bool] = False
     """Takes a vector of conditions (``spec.conditions``) instead of the seed's one redshift."""
+    has_margin: ClassVar[bool] = False
+    """Draws ``spec.margin`` pixels beyond the stamp and crops them (galaxy_film)."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
+        if spec.margin and not self.has_margin:
+            raise ModelError(
+                f"model {spec.arch}: margin = {spec.margin} is galaxy_film's; this architecture takes 0"
+            )
         self.spec = spec
         self.transform: Any = None
         self.output_noise_std: float | None = None

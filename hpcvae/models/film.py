@@ -13,6 +13,10 @@ What it changes against ``galaxy_vae`` (``hpcvae.models.galaxy``), and why:
   convolution: no transposed-convolution checkerboard and none of nearest-neighbour's blocks;
   ``galaxy_vae``'s replicate padding copied each layer's edge rows outward, which printed row and
   column streaks along the stamp's border.
+* **A margin** (``model.margin``, off by default): the decoder draws a canvas ``margin`` pixels wider
+  on every side, at every depth, and the head's output is cropped to the stamp, so the zero padding's
+  edge falls outside it; on generated COSMOS-like stamps most of the row/column streak measure sat in
+  the outermost 1-2 pixels.
 * **Residual blocks at the coarse sides** (where they are cheap), so the first resolutions, which
   set a galaxy's size and shape, have the capacity to keep every size.
 * The encoder is ``galaxy_vae``'s (stride-2 convolutions to an 8nf x k x k map, equalised Linear ->
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcvae.errors import ModelError
 from hpcvae.models.base import GalaxyVAE, ModelSpec, down_kernel
 from hpcvae.models.galaxy import LOGVAR_BOUND, EqualizedLinear, widths
 
@@ -79,6 +84,7 @@ class GalaxyFiLM(GalaxyVAE):
     arch = "galaxy_film"
     conditional = True
     multi_condition = True
+    has_margin = True
 
     def _make_geometry(self) -> None:
         self.sides, self.channels, self.n_features = widths(self.spec.image_size, self.spec.nf)
@@ -100,13 +106,16 @@ class GalaxyFiLM(GalaxyVAE):
         self.fc_mu = EqualizedLinear(self.n_features + k, zd)
         self.fc_logvar = EqualizedLinear(self.n_features + k, zd, zero=True)
         self.embed = nn.Sequential(nn.Linear(k, EMBED), nn.SiLU(), nn.Linear(EMBED, EMBED), nn.SiLU())
-        self.fc_dec = EqualizedLinear(zd + k, self.n_features)
+        self.dec_sides = self._canvas(spec.margin, depth)
+        self.fc_dec = EqualizedLinear(zd + k, ch[-1] * self.dec_sides[-1] ** 2)
         self.dec_norm = nn.BatchNorm2d(ch[-1])
         self.dec_film = FiLM(ch[-1])
         self.up = nn.ModuleList()
-        for i in range(depth, 0, -1):  # side[i] -> side[i-1]
+        for i in range(depth, 0, -1):  # side[i] -> side[i-1], on the canvas (the stamp plus the margin)
             c_out = ch[i - 1] if i > 1 else ch[1]  # full resolution: nf channels, then the 1-channel head
-            self.up.append(UpBlock(ch[i], c_out, sides[i - 1], residual=sides[i - 1] <= RES_MAX_SIDE))
+            self.up.append(
+                UpBlock(ch[i], c_out, self.dec_sides[i - 1], residual=sides[i - 1] <= RES_MAX_SIDE)
+            )
         self.head = nn.Conv2d(self.up[-1].conv.out_channels, 1, 3, 1, 1)
         self.register_buffer("cond_loc", torch.zeros(k), persistent=False)
         self.register_buffer("cond_scale", torch.ones(k), persistent=False)
@@ -114,6 +123,24 @@ class GalaxyFiLM(GalaxyVAE):
     @property
     def bottleneck(self) -> int:
         return self.n_features
+
+    def _canvas(self, margin: int, depth: int) -> list[int]:
+        """The decoder's sides: the stamp's, or with a margin a canvas that halves exactly at every depth.
+
+        Each level is then the next one upsampled by exactly 2, so the stamp is not stretched when the
+        margin is cropped (a canvas wider only at full resolution magnified every galaxy by (S + 2m) / S).
+        """
+        size = self.spec.image_size
+        if not margin:
+            return list(self.sides)
+        step = 2**depth
+        if (size + 2 * margin) % step:
+            ok = [m for m in range(1, size // 4 + 1) if (size + 2 * m) % step == 0][:3]
+            raise ModelError(
+                f"model {self.arch}: margin {margin} makes a {size + 2 * margin}-pixel canvas, which must be "
+                f"divisible by {step} to halve exactly {depth} times; try margin = {ok or 'none at this size'}"
+            )
+        return [(size + 2 * margin) // 2**i for i in range(depth + 1)]
 
     def _conditioning_changed(self) -> None:
         mean, std = self.conditioning.mean_std()
@@ -135,9 +162,10 @@ class GalaxyFiLM(GalaxyVAE):
     def _decode(self, z: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         c = self._standard(r, z.dtype)
         e = self.embed(c)
-        side, ch = self.sides[-1], self.channels[-1]
+        side, ch = self.dec_sides[-1], self.channels[-1]
         h = self.fc_dec(torch.cat((z, c), dim=1)).reshape(-1, ch, side, side)
         h = F.relu(self.dec_film(self.dec_norm(h), e))
         for block in self.up:
             h = block(h, e)
-        return self.head(h), None
+        out, m = self.head(h), self.spec.margin
+        return (out[:, :, m:-m, m:-m] if m else out), None

@@ -43,6 +43,9 @@ class ModelSpec:
     """The decoder draws PSF-free galaxies; the loss convolves them with each galaxy's PSF."""
     conditions: tuple[str, ...] = ()
     """Names of the conditions a multi-condition architecture takes, in order (the seed's: redshift only)."""
+    margin: int = 0
+    """Pixels the decoder draws beyond each edge of the stamp and crops (galaxy_film): the convolutions'
+    zero padding then falls outside the stamp, where it printed row and column streaks."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
@@ -71,8 +74,19 @@ class ModelSpec:
         if not isinstance(self.redshift_weight, (int, float)) or self.redshift_weight < 0:
             raise ModelError(f"model {self.arch}: redshift_weight must be >= 0, got {self.redshift_weight!r}")
         self.redshift_weight = float(self.redshift_weight)
+        if (
+            not isinstance(self.margin, int)
+            or isinstance(self.margin, bool)
+            or not 0 <= self.margin <= self.image_size // 4
+        ):
+            raise ModelError(
+                f"model {self.arch}: margin must be an integer in [0, image_size / 4 = {self.image_size // 4}], "
+                f"got {self.margin!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["conditions"] = list(self.conditions)
+        if not self.margin:  # models from before margin existed keep their exact model_config
+            del d["margin"]
         return d
