@@ -48,10 +48,12 @@ RECIPES: dict[str, list[str]] = {
     "galaxy_vae-beta0.03": ["--arch", "galaxy_vae", "--flavour", "debug", "--set", 'model.likelihood="mse"',
                             "--set", "beta.value=0.03"],
     "galaxy_film-margin8": ["--arch", "galaxy_film", "--flavour", "debug", "--set", "model.margin=8"],
+    "galaxy_film-circular": ["--arch", "galaxy_film", "--flavour", "debug", "--set", 'model.padding="circular"'],
 }  # fmt: skip
 """The recommended recipe (galaxy_film: FiLM on every decoder block, the calibrated likelihood, beta = 1,
 conditioned on the three columns), the previous best (galaxy_vae, MSE with beta tuned on the simple set), and
-galaxy_film whose decoder draws 8 pixels beyond each edge and crops them (``model.margin``)."""
+galaxy_film whose decoder draws 8 pixels beyond each edge and crops them (``model.margin``), and galaxy_film whose
+decoder pads circularly (``model.padding``)."""
 MORPH = ("gini", "m20", "concentration", "asymmetry")
 
 

@@ -582,3 +582,41 @@ def test_galaxy_film_margin_draws_beyond_the_stamp_and_crops():
         build_model("cvae2", "debug", image_size=32, margin=2)
     with pytest.raises(ModelError, match=r"margin must be an integer in \[0, image_size / 4 = 8\]"):
         build_model("galaxy_film", "debug", image_size=32, margin=9, conditions=("zphot",))
+
+
+def test_galaxy_film_circular_padding_treats_the_edge_like_the_interior():
+    """model.padding = circular: the decoder is one operation at every pixel of a torus.
+
+    A zero-padded decoder computes its edge pixels from zeros beyond the stamp (the row/column streaks);
+    on the torus, shifting the coarse map by one cell shifts the output by exactly one cell's pixels,
+    across the edge too, which no zero-padded stack does.
+    """
+    import torch.nn.functional as F
+
+    from hpcvae.models.film import UpBlock, periodic_resize
+
+    for n, side in ((4, 8), (5, 10), (40, 79)):  # 79: the seed's 158 path does not halve exactly
+        h = torch.randn(2, 3, n, n, dtype=torch.float64)
+        r = periodic_resize(n, side, torch.float64)
+        wrapped = torch.einsum("ij,bcjk,lk->bcil", r, h, r)
+        plain = F.interpolate(h, size=(side, side), mode="bilinear", align_corners=False)
+        inner = slice(2, side - 2)  # away from the edge it is the ordinary bilinear resize
+        assert torch.allclose(wrapped[..., inner, inner], plain[..., inner, inner], atol=1e-12)
+        assert not torch.allclose(wrapped[..., 0, :], plain[..., 0, :])
+    torch.manual_seed(0)
+    h, e = torch.randn(2, 6, 8, 8), torch.randn(2, 64)
+    for padding, equivariant in (("circular", True), ("zeros", False)):
+        block = UpBlock(6, 4, 16, residual=True, from_side=8, padding=padding).eval()
+        with torch.no_grad():
+            shifted = block(torch.roll(h, 1, dims=2), e)
+            expect = torch.roll(block(h, e), 2, dims=2)
+        assert torch.allclose(shifted, expect, atol=1e-5) is equivariant, padding
+
+    m = build_model("galaxy_film", "debug", image_size=32, padding="circular", conditions=("zphot",))
+    assert m.config["padding"] == "circular" and m.head.padding_mode == "circular"
+    assert m(torch.rand(3, 1, 32, 32), torch.rand(3)).recon.shape == (3, 1, 32, 32)
+    assert "padding" not in build_model("galaxy_film", "debug", image_size=32, conditions=("zphot",)).config
+    with pytest.raises(ModelError, match="padding = 'circular' is galaxy_film's"):
+        build_model("cvae2", "debug", image_size=32, padding="circular")
+    with pytest.raises(ModelError, match="padding must be one of zeros, circular, got 'reflect'"):
+        build_model("galaxy_film", "debug", image_size=32, padding="reflect", conditions=("zphot",))

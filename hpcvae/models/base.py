@@ -55,13 +55,17 @@ class GalaxyVAE(nn.Module):
     multi_condition: ClassVar[bool] = False
     """Takes a vector of conditions (``spec.conditions``) instead of the seed's one redshift."""
     has_margin: ClassVar[bool] = False
-    """Draws ``spec.margin`` pixels beyond the stamp and crops them (galaxy_film)."""
+    """Draws ``spec.margin`` pixels beyond the stamp and crops them, and takes ``spec.padding`` (galaxy_film)."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         if spec.margin and not self.has_margin:
             raise ModelError(
                 f"model {spec.arch}: margin = {spec.margin} is galaxy_film's; this architecture takes 0"
+            )
+        if spec.padding != "zeros" and not self.has_margin:
+            raise ModelError(
+                f"model {spec.arch}: padding = {spec.padding!r} is galaxy_film's; this architecture takes 'zeros'"
             )
         self.spec = spec
         self.transform: Any = None

@@ -17,6 +17,12 @@ What it changes against ``galaxy_vae`` (``hpcvae.models.galaxy``), and why:
   on every side, at every depth, and the head's output is cropped to the stamp, so the zero padding's
   edge falls outside it; on generated COSMOS-like stamps most of the row/column streak measure sat in
   the outermost 1-2 pixels.
+* **Circular padding** (``model.padding = "circular"``, off by default): every decoder convolution wraps
+  around the canvas and each upsampling is a periodic bilinear resize, so the decoder is the same operation
+  at every pixel; with zero padding an edge pixel is computed from zeros beyond it, and on generated
+  COSMOS-like stamps the outermost pixel carried most of the row/column streak measure.  A margin's
+  unconstrained pixels showed why a margin alone does not fix that: they take wild values that leak into
+  the stamp's first row.
 * **Residual blocks at the coarse sides** (where they are cheap), so the first resolutions, which
   set a galaxy's size and shape, have the capacity to keep every size.
 * The encoder is ``galaxy_vae``'s (stride-2 convolutions to an 8nf x k x k map, equalised Linear ->
@@ -53,23 +59,47 @@ class FiLM(nn.Module):
         return h * (1 + gamma) + beta
 
 
+def periodic_resize(n: int, side: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(side, n) matrix of a bilinear resize (align_corners=False) whose neighbours wrap around the edges."""
+    u = (torch.arange(side, dtype=torch.float64) + 0.5) * n / side - 0.5
+    i0 = torch.floor(u)
+    frac = u - i0
+    w = torch.zeros(side, n, dtype=torch.float64)
+    rows = torch.arange(side)
+    w.index_put_((rows, i0.long() % n), 1 - frac, accumulate=True)
+    w.index_put_((rows, (i0.long() + 1) % n), frac, accumulate=True)
+    return w.to(dtype)
+
+
 class UpBlock(nn.Module):
     """resize (bilinear) -> conv 3x3 -> BN -> FiLM -> ReLU [-> residual block with FiLM]."""
 
-    def __init__(self, c_in: int, c_out: int, side: int, residual: bool) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, side: int, residual: bool, *, from_side: int, padding: str = "zeros"
+    ) -> None:
         super().__init__()
         self.side = side
-        self.conv = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
+        self.circular = padding == "circular"
+        if self.circular:
+            self.register_buffer("resize", periodic_resize(from_side, side), persistent=False)
+
+        def conv(a: int, b: int) -> nn.Conv2d:
+            return nn.Conv2d(a, b, 3, 1, 1, bias=False, padding_mode=padding)
+
+        self.conv = conv(c_in, c_out)
         self.norm = nn.BatchNorm2d(c_out)
         self.film = FiLM(c_out)
         self.res = nn.ModuleList()
         if residual:
-            self.res = nn.ModuleList([nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
-                                      nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)])  # fmt: skip
+            self.res = nn.ModuleList([conv(c_out, c_out), nn.BatchNorm2d(c_out), conv(c_out, c_out), nn.BatchNorm2d(c_out)])  # fmt: skip
             self.res_film = FiLM(c_out)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        h = F.interpolate(h, size=(self.side, self.side), mode="bilinear", align_corners=False)
+        if self.circular:
+            r = self.resize.to(h.dtype)
+            h = torch.einsum("ij,bcjk,lk->bcil", r, h, r)
+        else:
+            h = F.interpolate(h, size=(self.side, self.side), mode="bilinear", align_corners=False)
         h = F.relu(self.film(self.norm(self.conv(h)), e))
         if len(self.res):
             c1, n1, c2, n2 = self.res
@@ -114,9 +144,10 @@ class GalaxyFiLM(GalaxyVAE):
         for i in range(depth, 0, -1):  # side[i] -> side[i-1], on the canvas (the stamp plus the margin)
             c_out = ch[i - 1] if i > 1 else ch[1]  # full resolution: nf channels, then the 1-channel head
             self.up.append(
-                UpBlock(ch[i], c_out, self.dec_sides[i - 1], residual=sides[i - 1] <= RES_MAX_SIDE)
-            )
-        self.head = nn.Conv2d(self.up[-1].conv.out_channels, 1, 3, 1, 1)
+                UpBlock(ch[i], c_out, self.dec_sides[i - 1], residual=sides[i - 1] <= RES_MAX_SIDE,
+                        from_side=self.dec_sides[i], padding=spec.padding)
+            )  # fmt: skip
+        self.head = nn.Conv2d(self.up[-1].conv.out_channels, 1, 3, 1, 1, padding_mode=spec.padding)
         self.register_buffer("cond_loc", torch.zeros(k), persistent=False)
         self.register_buffer("cond_scale", torch.ones(k), persistent=False)
 

@@ -11,6 +11,8 @@ from hpcvae.errors import ModelError
 from hpcvae.models.likelihoods import LIKELIHOODS, LikelihoodName
 
 Reduction = Literal["sum", "mean"]
+Padding = Literal["zeros", "circular"]
+PADDINGS: tuple[str, ...] = ("zeros", "circular")
 MIN_IMAGE_SIZE = 16
 
 
@@ -46,6 +48,10 @@ class ModelSpec:
     margin: int = 0
     """Pixels the decoder draws beyond each edge of the stamp and crops (galaxy_film): the convolutions'
     zero padding then falls outside the stamp, where it printed row and column streaks."""
+    padding: Padding = "zeros"
+    """How galaxy_film's decoder treats the stamp's edges: ``zeros`` (a convolution's zero padding) or
+    ``circular`` (the decoder works on a torus, so an edge pixel is computed like every other one; a stamp's
+    edges are sky, so wrapping them joins sky to sky)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
@@ -83,10 +89,16 @@ class ModelSpec:
                 f"model {self.arch}: margin must be an integer in [0, image_size / 4 = {self.image_size // 4}], "
                 f"got {self.margin!r}"
             )
+        if self.padding not in PADDINGS:
+            raise ModelError(
+                f"model {self.arch}: padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["conditions"] = list(self.conditions)
         if not self.margin:  # models from before margin existed keep their exact model_config
             del d["margin"]
+        if self.padding == "zeros":  # likewise for padding
+            del d["padding"]
         return d
