@@ -72,20 +72,29 @@ def make_data(work: Path, family: str, n: int, size: int) -> Path:
     return shards
 
 
-def run_recipes(work: Path, family: str, shards: Path, recipes: list[str], a: argparse.Namespace) -> None:
+Jobs = list[tuple[str, list[str], Path]]
+
+
+def recipe_jobs(
+    work: Path, family: str, shards: Path, recipes: list[str], a: argparse.Namespace
+) -> tuple[Jobs, Jobs, Jobs]:
+    """The train, prior and evaluate jobs of every recipe on one set (stages run across sets, ``--jobs`` at a time)."""
     from hpcvae.shards.manifest import Manifest
 
     py, logs, epochs, dev = sys.executable, work / "logs", a.epochs, a.device
     man = Manifest.load(shards)
     n_val = man.count("val")  # the train-split report measures as many galaxies as val
     pb = 256 if man.count("train") >= 1024 else 16  # a toy set (the rehearsal) has fewer latents than 256
-    train, prior, evaluate = [], [], []
-    for name in recipes:
-        out, tag = work / "runs" / f"{family}-{name}", f"{family}-{name}"
+    train: Jobs = []
+    prior: Jobs = []
+    evaluate: Jobs = []
+    for name, seed in ((n, sd) for n in recipes for sd in a.seed_list):
+        tag = run_name(family, name, seed)
+        out = work / "runs" / tag
         train.append((f"train {tag}", [py, "-m", "hpcvae.train", *RECIPES[name], "--data", str(shards), "--out",
                       str(out), "--epochs", str(epochs), "--batch-size", str(a.batch_size), "--resume", "none", "--device", dev,
                       "--flavour", a.flavour,
-                      "--seed", "0", "--set", "train.sample_grid=false", "--set", "checkpoint.every_steps=0",
+                      "--seed", str(seed), "--set", "train.sample_grid=false", "--set", "checkpoint.every_steps=0",
                       "--set", "data.num_workers=0"], logs / f"train-{tag}.log"))  # fmt: skip
         prior.append((f"prior {tag}", [py, "-m", "hpcvae.train_prior", str(out), "--data", str(shards), "--epochs",
                       str(a.prior_epochs), "--batch-size", str(pb), "--encode-batch-size", str(min(64, pb)), "--device", dev,
@@ -98,8 +107,7 @@ def run_recipes(work: Path, family: str, shards: Path, recipes: list[str], a: ar
         evaluate.append((f"evaltrain {tag}", [*common, "--out", str(out / "report-train"), "--split", "train",
                          "--n", str(n_val), "--morph-n", "0", "--response-latents", "2"],
                          logs / f"evaltrain-{tag}.log"))  # fmt: skip
-    for stage in (train, prior, evaluate):
-        run_jobs(stage, a.jobs)
+    return train, prior, evaluate
 
 
 def _ci_ok(ci: list[float] | None, bound: float) -> bool | None:
@@ -109,8 +117,13 @@ def _ci_ok(ci: list[float] | None, bound: float) -> bool | None:
     return bool(ci[0] <= 0 <= ci[1] or (abs(ci[0]) <= bound and abs(ci[1]) <= bound))
 
 
-def row(work: Path, family: str, name: str) -> dict[str, Any] | None:
-    out = work / "runs" / f"{family}-{name}"
+def run_name(family: str, recipe: str, seed: int) -> str:
+    """``runs/<set>-<recipe>`` for seed 0 (the runs before --seeds existed), ``...-seed<N>`` for others."""
+    return f"{family}-{recipe}" + (f"-seed{seed}" if seed else "")
+
+
+def row(work: Path, family: str, name: str, seed: int = 0) -> dict[str, Any] | None:
+    out = work / "runs" / run_name(family, name, seed)
     if not (out / "report" / "report.json").is_file():
         return None
     val = json.loads((out / "report" / "report.json").read_text())
@@ -119,7 +132,7 @@ def row(work: Path, family: str, name: str) -> dict[str, Any] | None:
     st, rc, ver = val["population"]["stats"], val["reconstruction"], val["verdict"]
     g, s = st["g"], st["sigma_arcsec"]
     r: dict[str, Any] = {
-        "set": family, "recipe": name, "n_val": val["population"]["n_real"],
+        "set": family, "recipe": name + (f" (seed {seed})" if seed else ""), "seed": seed, "n_val": val["population"]["n_real"],
         "g_val": g["mean_diff"], "g_val_ci": g["mean_diff_ci"],
         "sigma_val": s["mean_rel_diff"], "sigma_val_ci": s["mean_rel_diff_ci"],
         "flux_val": st["flux"]["mean_rel_diff"], "flux_val_ci": st["flux"]["mean_rel_diff_ci"],
@@ -231,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tag", default="", help="suffix of the results' file names")
     ap.add_argument(
+        "--seeds", default="0", help="comma-separated training seeds: each recipe is trained once per seed"
+    )
+    ap.add_argument(
         "--eval-extra", default="", help="more hpcvae.evaluate options for the val report (quoted)"
     )
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated")
@@ -243,6 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [x for x in a.recipes.split(",") if x]
     sets = [x for x in a.sets.split(",") if x]
     bad = [x for x in recipes if x not in RECIPES] + [x for x in sets if x not in ("cosmos", "simple")]
+    try:
+        a.seed_list = sorted({int(x) for x in a.seeds.split(",") if x.strip()})
+    except ValueError:
+        a.seed_list = []
+    if not a.seed_list or min(a.seed_list) < 0:
+        print(
+            f"benchmarks.generalize: error: --seeds must be comma-separated integers >= 0, got {a.seeds!r}",
+            file=sys.stderr,
+        )
+        return 2
     if bad or a.n < 8 or a.epochs < 1 or a.jobs < 1 or a.size < 16 or a.batch_size < 1 or a.prior_epochs < 1:
         print(f"benchmarks.generalize: error: unknown recipe or set {bad[0]!r}" if bad else
               "benchmarks.generalize: error: needs --n >= 8, --size >= 16 and --epochs, --jobs, --batch-size, "
@@ -250,10 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work, t0, env = Path(a.work), time.perf_counter(), environment(torch.device(a.device))
     if not a.collect:
+        stages: tuple[Jobs, Jobs, Jobs] = ([], [], [])
         for family in sets:
-            shards = make_data(work, family, a.n, a.size)
-            run_recipes(work, family, shards, recipes, a)
-    rows = [r for f in sets for n in recipes if (r := row(work, f, n)) is not None]
+            for stage, jobs in zip(
+                stages, recipe_jobs(work, family, make_data(work, family, a.n, a.size), recipes, a)
+            ):
+                stage.extend(jobs)
+        for stage in stages:  # one recipe on two sets still fills two cores
+            run_jobs(stage, a.jobs)
+    rows = [r for f in sets for n in recipes for sd in a.seed_list if (r := row(work, f, n, sd)) is not None]
     payload = {"benchmark": "generalize", "environment": env | {"loadavg_end": loadavg()}, "rows": rows,
                "plan": {"n": a.n, "size": a.size, "flavour": a.flavour, "batch_size": a.batch_size, "device": a.device, "epochs": a.epochs, "conditions": CONDITIONS, "recipes": RECIPES},
                "note": a.note or f"{a.n} galaxies per set at {a.size}x{a.size}, {a.epochs} epochs, batch {a.batch_size}, "

@@ -317,6 +317,10 @@ def test_science_smoke_one_variant(tmp_path, capsys):
         (["benchmarks.generate", "--out", "TMP", "--n-fidelity", "0"], "--n-fidelity must be in"),
         (["benchmarks.generalize", "--work", "TMP", "--sets", "hsc"], "unknown recipe or set 'hsc'"),
         (["benchmarks.generalize", "--work", "TMP", "--size", "4"], "--size >= 16"),
+        (
+            ["benchmarks.generalize", "--work", "TMP", "--seeds", "one"],
+            "--seeds must be comma-separated integers",
+        ),
     ],
 )
 def test_the_science_benchmarks_refuse_bad_options_in_one_line(tmp_path, argv, needle):
