@@ -584,7 +584,7 @@ def test_galaxy_film_margin_draws_beyond_the_stamp_and_crops():
         build_model("galaxy_film", "debug", image_size=32, margin=9, conditions=("zphot",))
 
 
-def test_galaxy_film_circular_padding_treats_the_edge_like_the_interior():
+def test_galaxy_film_circular_padding_treats_the_edge_like_the_interior(tmp_path):
     """model.padding = circular: the decoder is one operation at every pixel of a torus.
 
     A zero-padded decoder computes its edge pixels from zeros beyond the stamp (the row/column streaks);
@@ -593,6 +593,7 @@ def test_galaxy_film_circular_padding_treats_the_edge_like_the_interior():
     """
     import torch.nn.functional as F
 
+    from hpcvae.model_files import ModelInfo, load_model, write_model
     from hpcvae.models.film import UpBlock, periodic_resize
 
     for n, side in ((4, 8), (5, 10), (40, 79)):  # 79: the seed's 158 path does not halve exactly
@@ -615,6 +616,9 @@ def test_galaxy_film_circular_padding_treats_the_edge_like_the_interior():
     m = build_model("galaxy_film", "debug", image_size=32, padding="circular", conditions=("zphot",))
     assert m.config["padding"] == "circular" and m.head.padding_mode == "circular"
     assert m(torch.rand(3, 1, 32, 32), torch.rand(3)).recon.shape == (3, 1, 32, 32)
+    write_model(tmp_path / "m", m.state_dict(), ModelInfo(model_config=m.config))
+    back = load_model(tmp_path / "m")  # model.json records the padding; the model comes back circular
+    assert back.spec.padding == "circular" and all(b.circular for b in back.up)
     assert "padding" not in build_model("galaxy_film", "debug", image_size=32, conditions=("zphot",)).config
     with pytest.raises(ModelError, match="padding = 'circular' is galaxy_film's"):
         build_model("cvae2", "debug", image_size=32, padding="circular")
