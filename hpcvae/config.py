@@ -116,9 +116,9 @@ class ModelConfig:
     falls outside the stamp (where it printed row/column streaks); at most image_size / 4.  Other
     architectures: 0."""
     padding: Literal["zeros", "circular"] = "zeros"
-    """galaxy_film's decoder padding: ``zeros``, or ``circular`` (the decoder works on a torus: an edge pixel is
-    computed like any other, so the stamp's border draws no row/column streaks; edges are sky, so wrapping
-    joins sky to sky).  Other architectures: zeros."""
+    """galaxy_film's decoder padding: ``zeros``, or ``circular`` (the decoder works on a torus, so an edge pixel
+    is computed like any other and the border draws fewer row/column streaks; a stamp's edges are sky, so
+    wrapping joins sky to sky).  Other architectures: zeros."""
 
     def __post_init__(self) -> None:
         _check(self.margin >= 0, f"model.margin must be >= 0, got {self.margin}")
