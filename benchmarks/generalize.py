@@ -49,6 +49,7 @@ RECIPES: dict[str, list[str]] = {
                             "--set", "beta.value=0.03"],
     "galaxy_film-margin8": ["--arch", "galaxy_film", "--flavour", "debug", "--set", "model.margin=8"],
     "galaxy_film-circular": ["--arch", "galaxy_film", "--flavour", "debug", "--set", 'model.padding="circular"'],
+    "galaxy_film-calnoise": ["--arch", "galaxy_film", "--flavour", "debug", "--set", 'model.likelihood="calibrated_noise"'],
 }  # fmt: skip
 """The recommended recipe (galaxy_film: FiLM on every decoder block, the calibrated likelihood, beta = 1,
 conditioned on the three columns), the previous best (galaxy_vae, MSE with beta tuned on the simple set), and

@@ -98,11 +98,13 @@ class ModelConfig:
     """``sum`` is the seed's MSE(sum); ``mean`` averages over pixels (keeps loss scale size-free)."""
     redshift_weight: float = 1000.0
     """k in fancy_cvae's ``k * MSE(z_pred, z)`` term (seed: 1000)."""
-    likelihood: Literal["mse", "gaussian", "calibrated"] | None = None
+    likelihood: Literal["mse", "gaussian", "calibrated", "calibrated_noise"] | None = None
     """Reconstruction term (``hpcvae.models.likelihoods``): ``mse`` of the normalised images (the seed's),
-    ``gaussian`` (the chi^2 in physical units with each galaxy's noise variance, galaxy2galaxy's) or
+    ``gaussian`` (the chi^2 in physical units with each galaxy's noise variance, galaxy2galaxy's),
     ``calibrated`` (sigma-VAE: a Gaussian whose variance is each galaxy's own maximum-likelihood value, so
-    beta = 1 needs no tuning per data set).  ``None``: the architecture's default (galaxy_film: calibrated;
+    beta = 1 needs no tuning per data set) or ``calibrated_noise`` (each pixel's sky noise through the
+    normalisation plus a per-galaxy misfit variance at its maximum-likelihood value: bright cores weigh what
+    their noise says, so small galaxies keep their size; needs NOISE_VARIANCE).  ``None``: the architecture's default (galaxy_film: calibrated;
     the others: mse).  Recorded in model.json."""
     conditions: list[str] | None = None
     """The conditions a multi-condition architecture (galaxy_film) takes, in order; ``None``: every condition the

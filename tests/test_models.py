@@ -513,6 +513,74 @@ def test_gaussian_likelihood_is_half_chi2_in_physical_units():
         build_model("cvae2", "debug", likelihood="poisson")
 
 
+def _blob(size=32, peak=2.0, sigma_px=2.0):
+    """A small bright galaxy (peak 200 noise sigma at noise_std 0.01) on empty sky, (1, 1, S, S)."""
+    yy, xx = torch.meshgrid(torch.arange(size) - size / 2, torch.arange(size) - size / 2, indexing="ij")
+    return (peak * torch.exp(-(xx**2 + yy**2) / (2 * sigma_px**2)))[None, None]
+
+
+def test_calibrated_noise_weighs_a_bright_core_by_its_noise():
+    """Under asinh, ``calibrated`` weighs a core pixel like a sky pixel; ``calibrated_noise`` by its noise."""
+    from hpcvae.models.likelihoods import LIKELIHOODS, CalibratedNoise
+    from hpcvae.transforms import get_transform
+
+    t = get_transform("asinh", {"noise_std": 0.01, "p0.1": -0.03, "max": 2.0})
+    m = build_model("galaxy_vae", "debug", likelihood="calibrated_noise").set_normalisation(t)
+    phys, nv = _blob(), torch.tensor([1e-4])
+    x = t.forward(phys)
+    g = torch.Generator().manual_seed(0)
+    recon = (x + 0.02 * torch.randn(x.shape, generator=g)).requires_grad_()
+    core, wing = (0, 0, 16, 16), (0, 0, 2, 2)
+    ratios = {}
+    for name in ("calibrated", "calibrated_noise"):
+        r = recon.detach().clone()
+        r[core] = x[core] + 0.02
+        r[wing] = x[wing] + 0.02  # the same residual in both pixels
+        r.requires_grad_()
+        LIKELIHOODS[name].nll(m, r, x, {"noise_var": nv}).backward()
+        ratios[name] = float(r.grad[core] / r.grad[wing])
+    assert ratios["calibrated"] == pytest.approx(1.0, rel=1e-4)
+    assert ratios["calibrated_noise"] > 20, ratios
+
+    # the misfit variance is the likelihood's maximum: nudging it either way raises the NLL
+    sd = nv.sqrt()
+    r0 = recon.detach()
+    mid = t.inverse(r0)
+    s2 = (0.5 * (t.forward(mid + sd) - t.forward(mid - sd))).square().flatten(1)
+    r2 = (r0 - x).square().flatten(1)
+    m2 = CalibratedNoise.misfit(s2, r2)
+
+    def nll(v2):
+        v = s2 + v2
+        return float(0.5 * (r2 / v + torch.log(2 * torch.pi * v)).sum())
+
+    assert nll(m2) < nll(m2 * 1.05) and nll(m2) < nll(m2 / 1.05)
+    torch.testing.assert_close(LIKELIHOODS["calibrated_noise"].nll(m, r0, x, {"noise_var": nv}),
+                               torch.tensor(nll(m2)), rtol=1e-5, atol=1e-3)  # fmt: skip
+
+
+def test_calibrated_noise_misfit_is_zero_for_a_model_that_fits_to_the_noise():
+    """Residuals at the noise level leave no misfit (the weights are the noise's: galaxy2galaxy's chi^2);
+    a core 30% too faint sets a misfit that caps the core's weight and leaves the sky's alone."""
+    from hpcvae.models.likelihoods import LIKELIHOODS, CalibratedNoise
+    from hpcvae.transforms import get_transform
+
+    t = get_transform("asinh", {"noise_std": 0.01, "p0.1": -0.03, "max": 2.0})
+    phys, sd = _blob(size=64), torch.tensor(0.01)
+    g = torch.Generator().manual_seed(1)
+    x = t.forward(phys + sd * torch.randn(phys.shape, generator=g))
+    misfit = {}
+    for name, model in (("fits", phys), ("core 30% low", phys * torch.where(phys > 0.2, 0.7, 1.0))):
+        s2 = (0.5 * (t.forward(model + sd) - t.forward(model - sd))).square().flatten(1)
+        misfit[name] = float(CalibratedNoise.misfit(s2, (t.forward(model) - x).square().flatten(1)))
+    sky, core = float(s2.median()), float(s2.min())
+    assert misfit["fits"] <= 1e-3 * sky and misfit["fits"] <= 2e-6
+    assert 100 * core < misfit["core 30% low"] < 0.1 * sky, (misfit, core, sky)
+    m = build_model("galaxy_vae", "debug", likelihood="calibrated_noise").set_normalisation(t)
+    with pytest.raises(ModelError, match="noise variance"):
+        LIKELIHOODS["calibrated_noise"].nll(m, x, x, {})
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_debug_model_overfits_real_stamps(name, aegis_stamps, one_thread):
     torch.manual_seed(0)

@@ -184,9 +184,10 @@ def test_check_model_fits_names_what_the_data_lacks(tiny_shards: Path, aegis_sha
         check_model_fits(build_model("cvae2", "debug", image_size=64), Manifest.load(aegis_shards), where="m",
                          error=ConfigError, collective=True)  # fmt: skip
     assert info.value.collective
-    noisy = build_model("galaxy_vae", "debug", image_size=32, likelihood="gaussian")
-    with pytest.raises(ModelError, match="needs each galaxy's noise variance"):
-        check_model_fits(noisy, tiny, where="m")
+    for likelihood in ("gaussian", "calibrated_noise"):
+        noisy = build_model("galaxy_vae", "debug", image_size=32, likelihood=likelihood)
+        with pytest.raises(ModelError, match=f"{likelihood}' needs each galaxy's noise variance"):
+            check_model_fits(noisy, tiny, where="m")
     psf = build_model("galaxy_vae", "debug", image_size=32, psf_forward=True)
     with pytest.raises(ModelError, match="psf_forward needs each galaxy's PSF"):
         check_model_fits(psf, tiny, where="m")
