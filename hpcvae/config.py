@@ -104,8 +104,9 @@ class ModelConfig:
     ``calibrated`` (sigma-VAE: a Gaussian whose variance is each galaxy's own maximum-likelihood value, so
     beta = 1 needs no tuning per data set) or ``calibrated_noise`` (each pixel's sky noise through the
     normalisation plus a per-galaxy misfit variance at its maximum-likelihood value: bright cores weigh what
-    their noise says, so small galaxies keep their size; needs NOISE_VARIANCE).  ``None``: the architecture's default (galaxy_film: calibrated;
-    the others: mse).  Recorded in model.json."""
+    their noise says, so small galaxies keep their size; needs NOISE_VARIANCE).  ``None``: the architecture's
+    default (galaxy_film: calibrated_noise, or calibrated where the shards carry no noise variance; the others:
+    mse).  Recorded in model.json."""
     conditions: list[str] | None = None
     """The conditions a multi-condition architecture (galaxy_film) takes, in order; ``None``: every condition the
     shard set carries (``hpcvae.shard --conditions``).  The seed's models and galaxy_vae take the redshift."""

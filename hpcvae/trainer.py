@@ -91,7 +91,7 @@ class Trainer(Loop):
 
     def _build(self, cfg: JobConfig, dist: DistInfo) -> None:
         from hpcvae.data import DataPosition, make_data
-        from hpcvae.models import model_from_config
+        from hpcvae.models import get_arch, model_from_config
 
         self._apply_determinism()
         self.manifest = Manifest.load(cfg.data.path)
@@ -103,7 +103,14 @@ class Trainer(Loop):
                 collective=True,
             )
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = model_from_config(cfg.model, size, conditions=self.manifest.condition_names)
+        noise_known = "noise_std" in self.manifest.stats("train")
+        model = model_from_config(
+            cfg.model, size, conditions=self.manifest.condition_names, noise_known=noise_known
+        )
+        default = get_arch(cfg.model.arch).flavours.get(cfg.model.flavour, {}).get("likelihood")
+        if cfg.model.likelihood is None and default and model.spec.likelihood != default:
+            print0(f"model: likelihood {model.spec.likelihood} ({self.manifest.path} carries no noise variance "
+                   f"for {cfg.model.arch}'s default, {default})")  # fmt: skip
         model.set_conditions(self._condition_records())
         resolved = {"likelihood": model.spec.likelihood,
                     "conditions": list(model.spec.conditions) if model.multi_condition else None}  # fmt: skip

@@ -401,6 +401,8 @@ def test_verdict_names_the_cause_and_never_repeats_advice():
             {"sigma_range_arcsec": [0.15, 0.25], "n": 40, "sigma_rel_diff": 0.01, "sigma_rel_diff_ci": [-0.02, 0.03]}]  # fmt: skip
     d = verdict(_report(recon_bins=bins), facts)
     assert d["size"]["cause"] == "decoder" and '0.0-0.15": +18.0%' in d["size"]["hint"]
+    cal = verdict(_report(recon_bins=bins), {**facts, "likelihood": "calibrated"})["size"]["hint"]
+    assert "'calibrated_noise' (bright cores" in cal
     assert d["reconstruction_sizes"]["verdict"] == "off"
     deaf = {
         "grid": [0.3, 1.5],

@@ -26,6 +26,16 @@ def _inputs(m, b=2, seed=0):
     return x, r
 
 
+def _noise(m, b):
+    """Per-galaxy noise variances for a likelihood that reads them (identity normalisation), else None."""
+    if "noise_var" not in m.likelihood.needs:
+        return None
+    from hpcvae.transforms import get_transform
+
+    m.set_normalisation(get_transform("identity"))
+    return torch.full((b,), 1e-4)
+
+
 def _n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -360,9 +370,10 @@ def test_channels_last_and_bf16_autocast_are_finite(name):
     m = build_model(name, "debug").to(memory_format=torch.channels_last)
     x, r = _inputs(m, b=4)
     x = x.contiguous(memory_format=torch.channels_last)
+    nv = _noise(m, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x, r)
-        losses = m.compute_loss(out, x, r, 0.1)
+        losses = m.compute_loss(out, x, r, 0.1, noise_var=nv)
     assert all(torch.isfinite(t).all() for t in out if t is not None)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     losses["total"].backward()
@@ -586,6 +597,8 @@ def test_debug_model_overfits_real_stamps(name, aegis_stamps, one_thread):
     torch.manual_seed(0)
     m = build_model(name, "debug")
     batch = {"image": aegis_stamps, "redshift": torch.linspace(0.1, 2.0, 16)}  # fake zphot per stamp
+    if (nv := _noise(m, 16)) is not None:
+        batch["noise_var"] = nv
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     first = float(m.loss(batch, beta=0.1)["total"].detach())
     last = first
@@ -598,6 +611,17 @@ def test_debug_model_overfits_real_stamps(name, aegis_stamps, one_thread):
         if last * 5 <= first:
             break
     assert last * 5 <= first, f"{name}: loss {first:.1f} -> {last:.1f} in 80 steps"
+
+
+def test_galaxy_film_default_likelihood_follows_what_the_data_carry():
+    """calibrated_noise where the shards carry noise variances, calibrated where not; an explicit choice stays."""
+    cfg = ModelConfig(arch="galaxy_film", flavour="debug")
+    assert model_from_config(cfg, 64, ("zphot",)).spec.likelihood == "calibrated_noise"
+    assert model_from_config(cfg, 64, ("zphot",), noise_known=False).spec.likelihood == "calibrated"
+    chosen = ModelConfig(arch="galaxy_film", flavour="debug", likelihood="calibrated_noise")
+    assert model_from_config(chosen, 64, ("zphot",), noise_known=False).spec.likelihood == "calibrated_noise"
+    seed = ModelConfig(arch="cvae2", flavour="debug")
+    assert model_from_config(seed, 64, noise_known=False).spec.likelihood == "mse"
 
 
 def test_config_choices_match_the_registry():

@@ -126,7 +126,7 @@ def test_the_model_is_conditioned_on_the_catalog_columns(run: Path, shards: Path
     info = json.loads((run / "model.json").read_text())
     assert model.arch == "galaxy_film" and model.conditioning.names == ("zphot", "mag_auto", "flux_radius")
     assert [c["name"] for c in info["conditions"]] == ["zphot", "mag_auto", "flux_radius"]
-    assert info["model_config"]["likelihood"] == "calibrated" and info["beta_schedule"]["value"] == 1.0
+    assert info["model_config"]["likelihood"] == "calibrated_noise" and info["beta_schedule"]["value"] == 1.0
     m = Manifest.load(shards)
     lo, hi = m.conditions[1]["train"]["min"], m.conditions[1]["train"]["max"]
     with pytest.raises(

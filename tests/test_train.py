@@ -61,6 +61,17 @@ def test_debug_run_writes_everything(shards: Path, tmp_path: Path) -> None:
     assert not torch.allclose(flux, norm)  # physical units through the stored normalisation
 
 
+def test_galaxy_film_without_noise_variances_trains_calibrated_and_says_so(
+    shards: Path, tmp_path: Path, capsys
+) -> None:
+    """The h5 set carries no NOISE_VARIANCE: galaxy_film's default calibrated_noise gives way to calibrated."""
+    out = tmp_path / "film"
+    assert main(train_args(shards, out, "--arch", "galaxy_film", epochs=1)) == 0
+    said = capsys.readouterr().out
+    assert "model: likelihood calibrated (" in said and "default, calibrated_noise)" in said
+    assert json.loads((out / "model.json").read_text())["model_config"]["likelihood"] == "calibrated"
+
+
 def test_request_stop_then_resume(shards: Path, tmp_path: Path) -> None:
     """The launcher's path: run(cfg) with request_stop() -> preempted + checkpoint; run again -> completed."""
     out = tmp_path / "run"

@@ -80,8 +80,9 @@ def cause(report: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
     if off_bins:
         where = ", ".join(f"{b['sigma_range_arcsec'][0]}-{b['sigma_range_arcsec'][1] or 'inf'}\": "
                           f"{b['sigma_rel_diff']:+.1%}" for b in off_bins)  # fmt: skip
-        fix = ("a calibrated likelihood (model.likelihood = 'calibrated') or a smaller beta.value"
-               if facts.get("likelihood") == "mse" else "more epochs or a wider decoder")  # fmt: skip
+        fix = {"mse": "a calibrated likelihood (model.likelihood = 'calibrated_noise') or a smaller beta.value",
+               "calibrated": "model.likelihood = 'calibrated_noise' (bright cores weighed by their noise)",
+               }.get(facts.get("likelihood"), "more epochs or a wider decoder")  # fmt: skip
         return {"cause": "decoder", "bins": off_bins,
                 "hint": f"the reconstructions are already off in size ({where}), so the decoder sets the miss: try {fix}"}  # fmt: skip
     conds = (report.get("conditional_response") or {}).get("conditions", {})

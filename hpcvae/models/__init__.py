@@ -18,6 +18,7 @@ from hpcvae.models.base import GalaxyVAE, ModelSpec, VAEOutput
 from hpcvae.models.cvae import CVAE, CVAE2, FancyCVAE
 from hpcvae.models.film import GalaxyFiLM
 from hpcvae.models.galaxy import GalaxyCVAE
+from hpcvae.models.likelihoods import get_likelihood
 from hpcvae.models.vae import VAE128, VAE158
 
 __all__ = [
@@ -103,10 +104,11 @@ MODEL_REGISTRY: dict[str, ArchSpec] = {
             name="galaxy_film",
             cls=GalaxyFiLM,
             description="beyond the seed: a vector of conditions, FiLM on every decoder block, bilinear "
-            "resize-convolutions, residual blocks; the calibrated (sigma-VAE) likelihood",
+            "resize-convolutions, residual blocks; the calibrated_noise likelihood (calibrated where the data carry "
+            "no noise variance)",
             flavours={
-                "default": {"image_size": 158, "nf": 32, "z_dim": 32, "likelihood": "calibrated"},
-                "debug": {"image_size": 64, "nf": 8, "z_dim": 16, "likelihood": "calibrated"},
+                "default": {"image_size": 158, "nf": 32, "z_dim": 32, "likelihood": "calibrated_noise"},
+                "debug": {"image_size": 64, "nf": 8, "z_dim": 16, "likelihood": "calibrated_noise"},
             },
         ),
     )
@@ -140,13 +142,18 @@ def build_model(
 
 
 def model_from_config(
-    model_cfg: ModelConfig, image_size: int | None = None, conditions: tuple[str, ...] | None = None
+    model_cfg: ModelConfig,
+    image_size: int | None = None,
+    conditions: tuple[str, ...] | None = None,
+    *,
+    noise_known: bool = True,
 ) -> GalaxyVAE:
     """The model a training config asks for; ``image_size`` is the shard set's side.
 
     ``None`` fields of the config take the flavour's defaults; an explicit
     ``model.image_size`` must agree with the data, since a mismatch would only surface
-    as a shape error in the first step.
+    as a shape error in the first step.  ``noise_known=False`` (a shard set without noise
+    variances): a default likelihood that needs them gives way to its ``without_noise``.
     """
     size = model_cfg.image_size
     if size is not None and image_size is not None and size != image_size:
@@ -155,7 +162,13 @@ def model_from_config(
             "drop model.image_size or re-shard at that size"
         )
     given = {k: getattr(model_cfg, k) for k in OVERRIDABLE if k not in ("image_size", "conditions")}
-    multi = get_arch(model_cfg.arch).cls.multi_condition
+    arch = get_arch(model_cfg.arch)
+    default = arch.flavours.get(model_cfg.flavour, {}).get("likelihood")
+    if given.get("likelihood") is None and default and not noise_known:
+        lk = get_likelihood(default)
+        if "noise_var" in lk.needs and lk.without_noise:
+            given["likelihood"] = lk.without_noise
+    multi = arch.cls.multi_condition
     return build_model(model_cfg.arch, model_cfg.flavour, image_size=size if size is not None else image_size,
                        conditions=tuple(model_cfg.conditions or conditions or ()) or None if multi else None,
                        **given)  # fmt: skip

@@ -50,6 +50,9 @@ class Likelihood:
     """Compares physical pixels: the model needs its normalisation attached."""
     default_beta: ClassVar[float | None] = None
     """The KL weight that makes the loss a proper ELBO, where one exists (``calibrated``: 1)."""
+    without_noise: ClassVar[str | None] = None
+    """Where this is an architecture's default and the shard set carries no noise variance, the likelihood
+    used instead (``calibrated_noise`` -> ``calibrated``); an explicit choice is never replaced."""
 
     def nll(self, model: Any, recon: torch.Tensor, x: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         """Summed negative log-likelihood (over batch and pixels) of ``x`` given ``recon`` (normalised, fp32)."""
@@ -99,6 +102,7 @@ class CalibratedNoise(Likelihood):
     name = "calibrated_noise"
     needs = ("noise_var",)
     default_beta = 1.0
+    without_noise = "calibrated"
     steps: ClassVar[int] = 24
     """Bisection steps for log m^2 (range ~20 nats / 2^24: far below anything that moves the loss)."""
 
