@@ -71,9 +71,13 @@ def choose_transform(
     if meta is None:
         return fresh, None
     for key, want in expect.items():  # cheap checks first: nothing built yet
-        if meta.get(key) != want:
+        have = meta.get(key)
+        if have != want:
+            if isinstance(have, dict) and isinstance(want, dict):  # name the field, not two whole dicts
+                key, have, want = next((f"{key}.{k}", have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
+                                       if have.get(k) != want.get(k))  # fmt: skip
             raise CheckpointError(
-                f"{folder}: checkpoint has {key} = {meta.get(key)!r} but this run has {key} = {want!r}; "
+                f"{folder}: checkpoint has {key} = {have!r} but this run has {key} = {want!r}; "
                 "resume with the same setting or start fresh with --resume none",
                 collective=True,
             )

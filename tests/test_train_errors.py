@@ -102,6 +102,18 @@ def test_checkpoint_from_another_arch(shards: Path, tmp_path: Path) -> None:
         main(train_args(shards, tmp_path / "other", "--arch", "vae158", "--resume", str(out)))
 
 
+def test_a_changed_model_default_on_resume_names_the_field(shards: Path, tmp_path: Path) -> None:
+    """A run started with another likelihood (e.g. before a default changed) is refused naming that field;
+    the message used to print both whole model_config dicts."""
+    out = tmp_path / "r"
+    assert main(train_args(shards, out, "--set", 'model.likelihood="calibrated"', epochs=1)) == 0
+    with pytest.raises(
+        CheckpointError,
+        match=r"has model_config\.likelihood = 'calibrated' but this run has model_config\.likelihood = 'mse';",
+    ):
+        main(train_args(shards, out, epochs=2))
+
+
 def test_an_error_every_rank_sees_is_printed_once(shards: Path, tmp_path: Path) -> None:
     """A training set too small for world_size x batch_size: one line from rank 0, not one per rank."""
     from train_helpers import run_ranks
