@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -343,11 +344,25 @@ def write_results(out: str | Path, stem: str, payload: dict[str, Any], markdown:
     return jp, mp
 
 
+_RESULT_NAME = re.compile(r"^(?P<kind>[a-z_]+)-(?P<device>.+?)-(?P<date>\d{4}-\d{2}-\d{2})(?:-(?P<tag>.+))?$")
+
+
+def _result_key(f: Path) -> tuple[str, str, str, str]:
+    """(kind, device, date, tag) from ``<kind>-<device>-<YYYY-MM-DD>[-<tag>].md``; unparsable names sort last."""
+    m = _RESULT_NAME.match(f.stem)
+    if m is None:
+        return f.stem, "", "", ""
+    return m["kind"], m["device"], m["date"], m["tag"] or ""
+
+
 def update_index(results_dir: str | Path = RESULTS_DIR) -> Path:
-    """Rewrite ``results/README.md``: the newest result file of each kind and device first."""
+    """Rewrite ``results/README.md``: the newest result file of each kind, device and tag first.
+
+    Newest by the date in the name, not the file's mtime: a fresh clone gives every file the same mtime.
+    """
     results_dir = Path(results_dir)
-    files = sorted(results_dir.glob("*.md"), key=lambda p: p.stat().st_mtime, reverse=True)
-    files = [f for f in files if f.name != "README.md"]
+    files = [f for f in results_dir.glob("*.md") if f.name != "README.md"]
+    files.sort(key=lambda f: (_result_key(f)[2], f.stat().st_mtime, f.name), reverse=True)
     lines = [
         "# Benchmark results",
         "",
@@ -356,13 +371,12 @@ def update_index(results_dir: str | Path = RESULTS_DIR) -> Path:
         "Newest first.",
         "",
     ]
-    seen: set[str] = set()
+    seen: set[tuple[str, str, str]] = set()
     for f in files:
-        kind = f.stem.split("-")[0]
-        device = f.stem[len(kind) + 1 :].rsplit("-", 3)[0]
-        tag = "" if (kind, device) in seen else " (latest)"
-        seen.add((kind, device))
-        lines.append(f"- [{f.name}]({f.name}){tag}")
+        kind, device, _, tag = _result_key(f)
+        latest = "" if (kind, device, tag) in seen else " (latest)"
+        seen.add((kind, device, tag))
+        lines.append(f"- [{f.name}]({f.name}){latest}")
     path = results_dir / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path

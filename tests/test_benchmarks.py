@@ -110,6 +110,27 @@ def test_epoch_time_cli_errors_are_one_line(capsys):
         epoch_main(["--smoke"])
 
 
+def test_results_index_is_newest_first_by_the_date_in_the_name(tmp_path):
+    """A fresh clone gives every result the same mtime: the index used to list them in arbitrary order."""
+    import os
+
+    from benchmarks.common import update_index
+
+    names = ["generalize-cpu-2core-2026-12-03.md", "epoch_time-cpu-2core-2026-11-24.md",
+             "generalize-cpu-2core-2026-12-07.md", "generalize-cpu-2core-2026-12-03-plain-inverse.md"]  # fmt: skip
+    for n in names:
+        (tmp_path / n).write_text("x")
+        os.utime(tmp_path / n, (1_000_000, 1_000_000))
+    lines = [ln for ln in update_index(tmp_path).read_text().splitlines() if ln.startswith("- [")]
+    order = [ln.split("](")[0][3:] for ln in lines]
+    assert (
+        order[0] == "generalize-cpu-2core-2026-12-07.md" and order[-1] == "epoch_time-cpu-2core-2026-11-24.md"
+    )
+    latest = {ln.split("](")[0][3:] for ln in lines if ln.endswith("(latest)")}
+    assert latest == {"generalize-cpu-2core-2026-12-07.md", "generalize-cpu-2core-2026-12-03-plain-inverse.md",
+                      "epoch_time-cpu-2core-2026-11-24.md"}  # fmt: skip
+
+
 def test_rss_sampler_sees_an_allocation():
     with common.RssSampler(0.01) as s:
         before = common.current_rss_mb()
