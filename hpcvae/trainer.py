@@ -103,11 +103,13 @@ class Trainer(Loop):
                 collective=True,
             )
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        noise_known = "noise_std" in self.manifest.stats("train")
         model = model_from_config(
-            cfg.model, size, conditions=self.manifest.condition_names, noise_known=noise_known
+            cfg.model,
+            size,
+            conditions=self.manifest.condition_names,
+            noise_known=self.manifest.has_noise_variance,
         )
-        default = get_arch(cfg.model.arch).flavours.get(cfg.model.flavour, {}).get("likelihood")
+        default = get_arch(cfg.model.arch).default_likelihood(cfg.model.flavour)
         if cfg.model.likelihood is None and default and model.spec.likelihood != default:
             print0(f"model: likelihood {model.spec.likelihood} ({self.manifest.path} carries no noise variance "
                    f"for {cfg.model.arch}'s default, {default})")  # fmt: skip

@@ -540,7 +540,7 @@ def test_calibrated_noise_weighs_a_bright_core_by_its_noise():
     phys, nv = _blob(), torch.tensor([1e-4])
     x = t.forward(phys)
     g = torch.Generator().manual_seed(0)
-    recon = (x + 0.02 * torch.randn(x.shape, generator=g)).requires_grad_()
+    recon = x + 0.02 * torch.randn(x.shape, generator=g)
     core, wing = (0, 0, 16, 16), (0, 0, 2, 2)
     ratios = {}
     for name in ("calibrated", "calibrated_noise"):

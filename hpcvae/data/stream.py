@@ -302,7 +302,7 @@ def _source(
         has_redshift=manifest.has_redshift,
         transform=transform,
         batch_size=batch_size,
-        has_noise="noise_std" in manifest.stats("train"),
+        has_noise=manifest.has_noise_variance,
         psf_shape=tuple(psf_info["shape"]) if psf else None,
         cond_names=manifest.condition_names,
     )

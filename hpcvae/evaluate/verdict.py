@@ -80,7 +80,8 @@ def cause(report: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
     if off_bins:
         where = ", ".join(f"{b['sigma_range_arcsec'][0]}-{b['sigma_range_arcsec'][1] or 'inf'}\": "
                           f"{b['sigma_rel_diff']:+.1%}" for b in off_bins)  # fmt: skip
-        fix = {"mse": "a calibrated likelihood (model.likelihood = 'calibrated_noise') or a smaller beta.value",
+        fix = {"mse": "a calibrated likelihood (model.likelihood = 'calibrated_noise', or 'calibrated' on shards "
+                       "without noise variances) or a smaller beta.value",
                "calibrated": "model.likelihood = 'calibrated_noise' (bright cores weighed by their noise)",
                }.get(facts.get("likelihood"), "more epochs or a wider decoder")  # fmt: skip
         return {"cause": "decoder", "bins": off_bins,

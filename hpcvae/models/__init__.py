@@ -67,6 +67,10 @@ class ArchSpec:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return ModelSpec(arch=self.name, flavour=flavour, **values)
 
+    def default_likelihood(self, flavour: str) -> str | None:
+        """The flavour's own likelihood (``None``: the spec's default, mse)."""
+        return self.flavours.get(flavour, {}).get("likelihood")
+
     def build(self, flavour: str = "default", **overrides: Any) -> GalaxyVAE:
         return self.cls(self.resolve(flavour, **overrides))
 
@@ -163,7 +167,7 @@ def model_from_config(
         )
     given = {k: getattr(model_cfg, k) for k in OVERRIDABLE if k not in ("image_size", "conditions")}
     arch = get_arch(model_cfg.arch)
-    default = arch.flavours.get(model_cfg.flavour, {}).get("likelihood")
+    default = arch.default_likelihood(model_cfg.flavour)
     if given.get("likelihood") is None and default and not noise_known:
         lk = get_likelihood(default)
         if "noise_var" in lk.needs and lk.without_noise:

@@ -50,7 +50,7 @@ def check_model_fits(
         fail(f"model {arch} is conditioned on redshift but shard set {manifest.path} has none; "
              "use vae128/vae158 or re-shard with redshifts")  # fmt: skip
     needs = getattr(getattr(model, "likelihood", None), "needs", ())
-    if "noise_var" in needs and "noise_std" not in manifest.stats("train"):
+    if "noise_var" in needs and not manifest.has_noise_variance:
         fail(f"model.likelihood = {model.spec.likelihood!r} needs each galaxy's noise variance, but shard set "
              f"{manifest.path} carries none (the catalog had no NOISE_VARIANCE); use 'calibrated' or 'mse'")  # fmt: skip
     spec = getattr(model, "spec", None)

@@ -109,10 +109,10 @@ class CalibratedNoise(Likelihood):
     def nll(self, model: Any, recon: torch.Tensor, x: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         sd = _noise_var(model, inputs.get("noise_var"), x, self.name).sqrt()
         with torch.no_grad():
-            t = model.transform
-            mid = t.inverse(recon.detach().float())
+            t, rd = model.transform, recon.detach().float()
+            mid = t.inverse(rd)
             s2 = (0.5 * (t.forward(mid + sd) - t.forward(mid - sd))).square().flatten(1)
-            m2 = self.misfit(s2, (recon.detach().float() - x).square().flatten(1))
+            m2 = self.misfit(s2, (rd - x).square().flatten(1))
             var = (s2 + m2).reshape(recon.shape)
         return 0.5 * ((recon - x).square() / var + torch.log(2 * math.pi * var)).sum()
 

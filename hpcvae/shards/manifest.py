@@ -83,6 +83,11 @@ class Manifest:
         return bool(self.data.get("has_redshift", False))
 
     @property
+    def has_noise_variance(self) -> bool:
+        """Each galaxy's NOISE_VARIANCE was carried (the train stats then have its typical ``noise_std``)."""
+        return "noise_std" in self.stats("train")
+
+    @property
     def splits(self) -> list[str]:
         return list(self.data["splits"])
 
