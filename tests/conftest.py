@@ -127,3 +127,30 @@ def aegis_shards(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
         shared_data / "aegis-real" / "AEGIS_F814w_catalog.fits", out, size=64, val_fraction=0.2, shard_size=2
     )
     return out
+
+
+@pytest.fixture
+def one_rank_group() -> Callable[[str], None]:
+    """Join a process group of one in this pytest process, torn down after the test.
+
+    Over TCP on 127.0.0.1 with a 60 s timeout, the rendezvous the two-rank tests use: a FileStore
+    rendezvous once hung a CI run past its 90 minutes inside C++ where pytest-timeout's signal cannot reach.
+    """
+    import datetime
+
+    import torch.distributed as tdist
+
+    from hpcvae.dist import free_port
+
+    def join(backend: str = "gloo") -> None:
+        tdist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{free_port()}",
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(seconds=60),
+        )
+
+    yield join
+    if tdist.is_initialized():
+        tdist.destroy_process_group()

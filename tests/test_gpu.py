@@ -48,7 +48,7 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_backend_and_ddp_step_on_the_device(tmp_path: Path) -> None:
+def test_backend_and_ddp_step_on_the_device(one_rank_group) -> None:
     """A process group of one on the device's backend (NCCL on CUDA), an all-reduce and a DDP step."""
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -56,24 +56,20 @@ def test_backend_and_ddp_step_on_the_device(tmp_path: Path) -> None:
     from hpcvae.models import build_model
 
     dev = torch.device(DEVICE)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    tdist.init_process_group(backend, init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        t = torch.ones(4, device=dev)
-        tdist.all_reduce(t)
-        assert t.sum().item() == 4
-        m = build_model("cvae2", "debug", image_size=32).to(dev)
-        ddp = DDP(m, device_ids=[dev] if dev.type == "cuda" else None)
-        opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=dev.type == "cuda")
-        x, z = torch.rand(8, 1, 32, 32, device=dev), torch.full((8,), 0.5, device=dev)
-        for _ in range(2):
-            loss = m.compute_loss(ddp(x, z), x, z, 0.1)["total"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        assert torch.isfinite(loss).item()
-    finally:
-        tdist.destroy_process_group()
+    one_rank_group("nccl" if dev.type == "cuda" else "gloo")
+    t = torch.ones(4, device=dev)
+    tdist.all_reduce(t)
+    assert t.sum().item() == 4
+    m = build_model("cvae2", "debug", image_size=32).to(dev)
+    ddp = DDP(m, device_ids=[dev] if dev.type == "cuda" else None)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=dev.type == "cuda")
+    x, z = torch.rand(8, 1, 32, 32, device=dev), torch.full((8,), 0.5, device=dev)
+    for _ in range(2):
+        loss = m.compute_loss(ddp(x, z), x, z, 0.1)["total"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(loss).item()
 
 
 @pytest.mark.parametrize(

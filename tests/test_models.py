@@ -394,22 +394,18 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out.recon, m(x, r).recon)
 
 
-def test_ddp_wrapped_forward(tmp_path):
+def test_ddp_wrapped_forward(one_rank_group):
     """Training calls the DDP wrapper, then module.compute_loss; the NamedTuple output must pass through."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        m = build_model("cvae2", "debug")
-        ddp = DDP(m)
-        x, r = _inputs(m, b=4)
-        out = ddp(x, r)
-        assert isinstance(out, VAEOutput)
-        ddp.module.compute_loss(out, x, r, 0.1)["total"].backward()
-        assert all(p.grad is not None for p in m.parameters())
-    finally:
-        dist.destroy_process_group()
+    one_rank_group("gloo")
+    m = build_model("cvae2", "debug")
+    ddp = DDP(m)
+    x, r = _inputs(m, b=4)
+    out = ddp(x, r)
+    assert isinstance(out, VAEOutput)
+    ddp.module.compute_loss(out, x, r, 0.1)["total"].backward()
+    assert all(p.grad is not None for p in m.parameters())
 
 
 def test_no_device_baked_in():
