@@ -50,12 +50,13 @@ RECIPES: dict[str, list[str]] = {
                             "--set", "beta.value=0.03"],
     "galaxy_film-margin8": ["--arch", "galaxy_film", "--flavour", "debug", "--set", "model.margin=8"],
     "galaxy_film-circular": ["--arch", "galaxy_film", "--flavour", "debug", "--set", 'model.padding="circular"'],
+    "galaxy_film-reflect": ["--arch", "galaxy_film", "--flavour", "debug", "--set", 'model.padding="reflect"'],
 }  # fmt: skip
 """The recommended recipe (galaxy_film: FiLM on every decoder block, the calibrated_noise likelihood, beta = 1,
 conditioned on the three columns), galaxy_film with the sigma-VAE likelihood it had before (``calibrated``), the
 previous best (galaxy_vae, MSE with beta tuned on the simple set), and
 galaxy_film whose decoder draws 8 pixels beyond each edge and crops them (``model.margin``), and galaxy_film whose
-decoder pads circularly (``model.padding``)."""
+decoder pads circularly or by reflection (``model.padding``)."""
 MORPH = ("gini", "m20", "concentration", "asymmetry")
 
 

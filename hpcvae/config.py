@@ -118,10 +118,11 @@ class ModelConfig:
     """Pixels galaxy_film's decoder draws beyond each stamp edge and crops, so the convolutions' zero padding
     falls outside the stamp (where it printed row/column streaks); at most image_size / 4.  Other
     architectures: 0."""
-    padding: Literal["zeros", "circular"] = "zeros"
-    """galaxy_film's decoder padding: ``zeros``, or ``circular`` (the decoder works on a torus, so an edge pixel
+    padding: Literal["zeros", "circular", "reflect"] = "zeros"
+    """galaxy_film's decoder padding: ``zeros``, ``circular`` (the decoder works on a torus, so an edge pixel
     is computed like any other and the border draws fewer row/column streaks; a stamp's edges are sky, so
-    wrapping joins sky to sky).  Other architectures: zeros."""
+    wrapping joins sky to sky) or ``reflect`` (an edge pixel sees the interior mirrored, so a smooth sky stays
+    smooth up to the edge).  Other architectures: zeros."""
 
     def __post_init__(self) -> None:
         _check(self.margin >= 0, f"model.margin must be >= 0, got {self.margin}")

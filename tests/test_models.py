@@ -710,5 +710,34 @@ def test_galaxy_film_circular_padding_treats_the_edge_like_the_interior(tmp_path
     assert "padding" not in build_model("galaxy_film", "debug", image_size=32, conditions=("zphot",)).config
     with pytest.raises(ModelError, match="padding = 'circular' is galaxy_film's"):
         build_model("cvae2", "debug", image_size=32, padding="circular")
-    with pytest.raises(ModelError, match="padding must be one of zeros, circular, got 'reflect'"):
-        build_model("galaxy_film", "debug", image_size=32, padding="reflect", conditions=("zphot",))
+    with pytest.raises(ModelError, match="padding must be one of zeros, circular, reflect, got 'replicate'"):
+        build_model("galaxy_film", "debug", image_size=32, padding="replicate", conditions=("zphot",))
+
+
+def test_galaxy_film_reflect_padding_keeps_a_smooth_sky_smooth_to_the_edge(tmp_path):
+    """model.padding = reflect: a spatially constant feature map (a flat sky) comes out flat at the edge too.
+
+    Zero padding computes the outermost pixels from zeros beyond the stamp, so a flat input gives an
+    edge row unlike the interior (the row/column streak measure's largest part on COSMOS-like stamps);
+    a mirrored edge sees the interior, and a flat map stays flat through every block and the head.
+    """
+    from hpcvae.model_files import ModelInfo, load_model, write_model
+    from hpcvae.models.film import UpBlock
+
+    torch.manual_seed(0)
+    flat, e = torch.ones(2, 6, 8, 8), torch.randn(2, 64)
+    for padding, stays_flat in (("reflect", True), ("zeros", False)):
+        block = UpBlock(6, 4, 16, residual=True, from_side=8, padding=padding).eval()
+        with torch.no_grad():
+            out = block(flat, e)
+        spread = (out - out[..., 8:9, 8:9]).abs().amax().item()  # against the central pixel, per channel
+        assert (spread < 1e-5) is stays_flat, (padding, spread)
+
+    m = build_model("galaxy_film", "debug", image_size=32, padding="reflect", conditions=("zphot",))
+    convs = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.stride == (1, 1)]
+    assert convs and all(
+        c.padding_mode == "reflect" for c in convs
+    )  # every decoder convolution, the head too
+    assert m(torch.rand(3, 1, 32, 32), torch.rand(3)).recon.shape == (3, 1, 32, 32)
+    write_model(tmp_path / "m", m.state_dict(), ModelInfo(model_config=m.config))
+    assert load_model(tmp_path / "m").head.padding_mode == "reflect"  # model.json records the padding

@@ -11,8 +11,8 @@ from hpcvae.errors import ModelError
 from hpcvae.models.likelihoods import LIKELIHOODS, LikelihoodName
 
 Reduction = Literal["sum", "mean"]
-Padding = Literal["zeros", "circular"]
-PADDINGS: tuple[str, ...] = ("zeros", "circular")
+Padding = Literal["zeros", "circular", "reflect"]
+PADDINGS: tuple[str, ...] = ("zeros", "circular", "reflect")
 MIN_IMAGE_SIZE = 16
 
 
@@ -49,9 +49,10 @@ class ModelSpec:
     """Pixels the decoder draws beyond each edge of the stamp and crops (galaxy_film): the convolutions'
     zero padding then falls outside the stamp, where it printed row and column streaks."""
     padding: Padding = "zeros"
-    """How galaxy_film's decoder treats the stamp's edges: ``zeros`` (a convolution's zero padding) or
+    """How galaxy_film's decoder treats the stamp's edges: ``zeros`` (a convolution's zero padding),
     ``circular`` (the decoder works on a torus, so an edge pixel is computed like every other one; a stamp's
-    edges are sky, so wrapping them joins sky to sky)."""
+    edges are sky, so wrapping them joins sky to sky) or ``reflect`` (an edge pixel sees the interior mirrored:
+    a smooth sky stays smooth up to the edge, and no galaxy light wraps in from the opposite side)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
