@@ -23,6 +23,9 @@ What it changes against ``galaxy_vae`` (``hpcvae.models.galaxy``), and why:
   COSMOS-like stamps the outermost pixel carried most of the row/column streak measure.  A margin's
   unconstrained pixels showed why a margin alone does not fix that: they take wild values that leak into
   the stamp's first row.
+* **Reflection padding** (``model.padding = "reflect"``, off by default): an edge pixel sees the interior
+  mirrored, so a flat sky stays flat up to the edge (zero padding gives the outermost row a value of its
+  own) and, unlike the torus, no galaxy light wraps in from the opposite side.
 * **Residual blocks at the coarse sides** (where they are cheap), so the first resolutions, which
   set a galaxy's size and shape, have the capacity to keep every size.
 * The encoder is ``galaxy_vae``'s (stride-2 convolutions to an 8nf x k x k map, equalised Linear ->
