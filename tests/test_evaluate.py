@@ -208,7 +208,7 @@ def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, ca
     assert set(mo["stats"]) == {"gini", "m20", "concentration", "asymmetry", "smoothness"}
     assert 0 <= mo["failures"]["real"]["failure_rate"] <= 1 and mo["seconds"] > 0
     ps = rep["power_spectra"]
-    assert set(ps["ratios"]["residual_over_noise"]) == {"low", "mid", "high"} and ps["noise"]["n_patches"] > 0
+    assert set(ps["ratios"]["residual_over_noise"]) == {"low", "mid", "high"} and ps["noise"]["n"] > 0
     assert rep["reconstruction"]["reduced_chi2"]["median"] > 0
     art = rep["artefacts"]
     assert art["reference_is"].startswith("real galaxies without noise") and art["streak_ratio"] > 0

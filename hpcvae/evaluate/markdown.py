@@ -228,7 +228,7 @@ def _morphology(r: dict[str, Any], md: list[str]) -> None:
     if nm:
         md.append(f"\nNoise added to generated stamps: {nm['kind']}"
                   + (f" (neighbour correlation x {nm['rho_1px_x']:.2f}, y {nm['rho_1px_y']:.2f})" if nm["kind"] == "correlated"
-                     else f" ({nm.get('why')})") + ".")  # fmt: skip
+                     else f" ({nm.get('why')})") + f", measured from {nm.get('from', 'blank corner patches')}.")  # fmt: skip
     md.append("")
 
 
@@ -243,9 +243,7 @@ def _spectra(r: dict[str, Any], md: list[str]) -> None:
     for name, bands in ps["ratios"].items():
         md.append(f"| {name.replace('_', ' ')} | " + " | ".join(_fmt(v, 3) for v in bands.values()) + " |")
     if "noise" in ps:
-        md.append(
-            f"\nNoise spectrum from {ps['noise']['n_patches']} {ps['noise']['patch_side']}-pixel {ps['noise']['from']}."
-        )
+        md.append(f"\nNoise spectrum: {ps['noise']['how']}, measured from {ps['noise']['from']}.")
     md.append("")
 
 

@@ -426,8 +426,7 @@ class Run:
         self.T = self.truth.finish(self.pixel_scale) if truth_ok and self.truth.n == self.n_real else None
         self.B = np.concatenate(self.baseline_parts) if self.T is not None and self.baseline_parts else None
         """The first ``morph_n`` real galaxies' best-fit single Sérsic profiles, noise-free (synthetic sets)."""
-        kept = len(self.R["kept"])
-        self.noise = NoiseModel.from_stamps(self.R["kept"], self.R["sigma"][:kept])
+        self.noise = self._noise_model()
         """The real stamps' sky noise, added to noise-free stamps before statistics that noise biases."""
         self.real_stats, self.recon_stats = self.R["hsm"], self.RC["hsm"]
         self.rs = (
@@ -435,6 +434,15 @@ class Run:
             if self.cfg.n_boot
             else None
         )
+
+    def _noise_model(self) -> NoiseModel:
+        """Exactly from real minus noise-free truth on synthetic sets; else from blank corner patches."""
+        if self.T is not None and len(self.T["kept"]):
+            n = min(len(self.T["kept"]), len(self.R["kept"]))
+            fields = self.R["kept"][:n].astype(np.float64) - self.T["kept"][:n]
+            return NoiseModel.from_noise(fields, self.R["sigma"][:n])
+        kept = len(self.R["kept"])
+        return NoiseModel.from_stamps(self.R["kept"], self.R["sigma"][:kept])
 
     def _add_truth(self, metas: list[dict[str, Any]]) -> bool:
         """The real galaxies without noise, where the set is synthetic and its truth can be redrawn."""

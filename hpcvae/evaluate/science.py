@@ -89,7 +89,7 @@ def power_spectra(run: Run) -> dict[str, Any]:
     k = run.R["ps"]["k"]
     p = {"real": run.R["ps"]["p"], "generated": run.G["ps"]["p"], "reconstructed": run.RC["ps"]["p"],
          "residual": run.RS["ps"]["p"]}  # fmt: skip
-    noise = spectra.noise_spectrum(run.R["kept"], run.R["sigma"][: len(run.R["kept"])], k)
+    noise = spectra.noise_spectrum(run.noise, run.R["sigma"], run.manifest.image_size)
     if run.T is not None:
         p["real_noise_free"] = run.T["ps"]["p"]
     out: dict[str, Any] = {"k_cycles_per_pixel": k, "k_per_arcsec": k / run.pixel_scale, "power": p,
@@ -98,13 +98,15 @@ def power_spectra(run: Run) -> dict[str, Any]:
                                       "reconstructed_over_real": spectra.band_ratios(k, p["reconstructed"], p["real"])}}  # fmt: skip
     if noise is not None:
         out["power"]["noise"] = noise["p"]
-        out["noise"] = {"n_patches": noise["n_patches"], "patch_side": noise["patch_side"],
-                        "from": "corner patches of the real stamps holding < 1% of the stamp's flux"}  # fmt: skip
+        out["noise"] = {"from": noise["from"], "n": noise["n"],
+                        "how": "the Fourier transform of the measured noise autocorrelation at the stamps' mean noise variance"}  # fmt: skip
         out["ratios"]["residual_over_noise"] = spectra.band_ratios(k, p["residual"], noise["p"])
         r = p["residual"] / np.where(noise["p"] > 0, noise["p"], np.nan)
         out["residual_over_noise_max_deviation"] = float(np.nanmax(np.abs(r - 1)))
     else:
-        run.notes.append("noise power spectrum: no corner patch free of galaxy light; residuals not judged")
+        run.notes.append(
+            "noise power spectrum: no blank corner patch and no noise-free truth; residuals not judged"
+        )
     if run.T is not None:
         out["ratios"]["generated_over_real_noise_free"] = spectra.band_ratios(
             k, p["generated"], p["real_noise_free"]

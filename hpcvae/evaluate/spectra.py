@@ -5,9 +5,9 @@ flat spectrum at s^2), in bins of spatial frequency k [cycles/pixel, 0 to 0.5]. 
 reconstruction residuals (real - reconstruction) are pure noise leaves a residual spectrum equal to
 the noise spectrum at every k; excess power at low k is structure the decoder missed.
 
-The noise spectrum is measured on the real stamps themselves, from corner patches of side S/4 that
-no pixel of the galaxy's source mask reaches (:func:`hpcvae.evaluate.noise.blank_patches`), so
-correlated noise (COSMOS's) is handled like white noise.
+The noise spectrum is the Fourier transform of the noise's measured autocorrelation
+(:class:`hpcvae.evaluate.noise.NoiseModel`: real minus noise-free truth on synthetic sets, else blank corner
+patches), at the stamps' mean noise variance, so correlated noise (COSMOS's) is handled like white noise.
 
 Artefacts: a decoder that upsamples badly prints streaks along rows or columns and a cross-hatch.
 Two measures, both in units of the sky-noise sigma or as ratios:
@@ -63,16 +63,17 @@ def power_spectrum(images: Any) -> dict[str, Any]:
     return {"k": k, "p": p, "n": a.shape[0], "p2d": p2d}
 
 
-def noise_spectrum(images: Any, sigma: Any, k: np.ndarray) -> dict[str, Any] | None:
-    """The sky-noise power spectrum from blank corner patches, interpolated onto ``k``; None if none."""
-    from hpcvae.evaluate.noise import blank_patches
-
-    pool = blank_patches(images, sigma, normalise=False)
-    if pool.shape[0] < 4:
+def noise_spectrum(model: Any, sigma: Any, size: int) -> dict[str, Any] | None:
+    """The noise power spectrum of ``size``-pixel stamps of sky-noise ``sigma`` (per stamp), from a
+    :class:`~hpcvae.evaluate.noise.NoiseModel`; None where it measured nothing."""
+    if model.acf is None:
         return None
-    ps = power_spectrum(pool - pool.mean())
-    p = np.interp(k, ps["k"], ps["p"])
-    return {"k": k, "p": p, "n_patches": int(pool.shape[0]), "patch_side": int(pool.shape[-1])}
+    sig = np.asarray(sigma, dtype=np.float64).reshape(-1)
+    sig = sig[np.isfinite(sig) & (sig > 0)]
+    if not len(sig):
+        return None
+    k, p = azimuthal(model.power(size) * float((sig**2).mean()))
+    return {"k": k, "p": p, "from": model.source, "n": model.n}
 
 
 def band_ratios(k: np.ndarray, num: np.ndarray, den: np.ndarray) -> dict[str, float | None]:
