@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +130,7 @@ def aegis_shards(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture
-def one_rank_group() -> Callable[[str], None]:
+def one_rank_group() -> Iterator[Callable[[str], None]]:
     """Join a process group of one in this pytest process, torn down after the test.
 
     Over TCP on 127.0.0.1 with a 60 s timeout, the rendezvous the two-rank tests use: a FileStore
