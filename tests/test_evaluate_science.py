@@ -21,6 +21,18 @@ def _galaxy(n: float, hlr: float, q: float = 1.0, beta: float = 0.0, flux: float
     return galsim.Convolve(gal, psf).drawImage(nx=SIZE, ny=SIZE, scale=SCALE).array.astype(np.float64)
 
 
+def _cosmos_noise():
+    """GalSim's COSMOS correlated noise and its true autocorrelation (1 at [0, 0]), from one 512² field."""
+    import galsim
+
+    cn = galsim.getCOSMOSNoise(variance=1.0)
+    big = galsim.ImageF(512, 512, scale=SCALE)
+    big.addNoise(cn.copy(rng=galsim.BaseDeviate(3)))
+    a = big.array - big.array.mean()
+    truth = np.fft.ifft2(np.abs(np.fft.fft2(a)) ** 2).real / a.size
+    return cn, truth / truth[0, 0]
+
+
 def test_white_noise_has_a_flat_spectrum_at_its_variance_and_the_corners_find_it():
     from hpcvae.evaluate.noise import NoiseModel
 
@@ -46,12 +58,7 @@ def test_the_noise_model_learns_cosmos_correlated_noise_around_galaxies_and_redr
 
     from hpcvae.evaluate.noise import NoiseModel, correlation
 
-    cn = galsim.getCOSMOSNoise(variance=1.0)
-    big = galsim.ImageF(512, 512, scale=SCALE)
-    big.addNoise(cn.copy(rng=galsim.BaseDeviate(3)))
-    a = big.array - big.array.mean()
-    truth = np.fft.ifft2(np.abs(np.fft.fft2(a)) ** 2).real / a.size
-    truth = truth / truth[0, 0]
+    cn, truth = _cosmos_noise()
     sigma = np.full(120, 0.01)
     stamps = []
     for i in range(120):
@@ -86,12 +93,7 @@ def test_the_noise_of_stamps_that_galaxies_fill_is_the_noise_not_their_wings():
 
     from hpcvae.evaluate.noise import NoiseModel
 
-    cn = galsim.getCOSMOSNoise(variance=1.0)
-    big = galsim.ImageF(512, 512, scale=SCALE)
-    big.addNoise(cn.copy(rng=galsim.BaseDeviate(3)))
-    a = big.array - big.array.mean()
-    truth = np.fft.ifft2(np.abs(np.fft.fft2(a)) ** 2).real / a.size
-    truth = truth / truth[0, 0]
+    cn, truth = _cosmos_noise()
     n, sigma = 120, np.full(120, 0.01)
     noise, clean = [], []
     for i in range(n):
