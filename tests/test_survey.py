@@ -302,6 +302,33 @@ def test_sigterm_during_generate_leaves_no_file(run: Path, tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temp
 
 
+def test_a_cube_grows_with_its_batches_so_a_sigterm_is_taken_at_once(run: Path, tmp_path: Path) -> None:
+    """fitsio's create_image_hdu wrote all n stamps of zeros first, in one C call a SIGTERM waits out
+    (3.3 GB for the test above, over a minute on a slow CI disk)."""
+    import signal
+
+    from hpcvae.generate import GenerateConfig, batches, plan
+    from hpcvae.generate_io import write_fits_cube
+    from hpcvae.safe_io import Interrupted
+
+    cfg = GenerateConfig(model=run, redshift=0.5, n=20_000, batch_size=64, out=tmp_path / "cube.fits")
+    p = plan(cfg)
+    on_disk: list[int] = []
+
+    def three_then_sigterm():
+        for i, b in enumerate(batches(cfg, p)):
+            on_disk.append(sum(f.stat().st_size for f in tmp_path.iterdir()))
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield b
+
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        write_fits_cube(cfg, p, three_then_sigterm())
+    stamp = 4 * p.model.image_size**2
+    assert 0 < on_disk[0] < 3 * 2880 and on_disk[3] == on_disk[0] + 3 * 64 * stamp, on_disk
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_batched_galsim_input_draws_the_same_field_for_any_batch_and_nproc(
     run: Path, tmp_path: Path
 ) -> None:
