@@ -208,7 +208,7 @@ def markdown(p: dict[str, Any]) -> str:
     md = [f"# Generalization: one recipe on two populations ({p['plan']['size']}x{p['plan']['size']})\n", __doc__.split("\n\n")[1] + "\n",
           env_md(p["environment"]), ""]  # fmt: skip
     md.append("| set | recipe | Δ\\|g\\| val [95%] | Δσ val [95%] | Δflux val | Δ\\|g\\| train | Δσ train | "
-              "recon Δσ per bin | ⟨cos 2Δφ⟩ | streaks × | resid. power dev | zphot response ratio | brightest 5%: Δσ, Δ\\|g\\| |")  # fmt: skip
+              "recon Δσ per bin | ⟨cos 2Δφ⟩ | streaks × | resid. power dev | zphot response ratio (generation) | brightest 5%: Δσ, Δ\\|g\\| |")  # fmt: skip
     md.append("|" + "---|" * 13)
     for r in p["rows"]:
         bins = ", ".join(f"{k}: {100 * v:+.1f}%" for k, v in r["recon_bins"].items() if v is not None)

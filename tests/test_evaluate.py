@@ -454,3 +454,51 @@ def test_conditional_response_detects_a_decoder_that_ignores_its_condition(cvae2
         a["verdict"]["conditioning"]["verdict"] in ("ok", "close")
         and b["verdict"]["conditioning"]["verdict"] == "off"
     )
+
+
+@pytest.mark.slow
+def test_the_response_through_a_conditional_flow_is_what_generation_does(cvae2_run, synth_shards, tmp_path):
+    """A decoder blind to its redshift input whose latent carries the redshift (as an encoder's does), with a
+    conditional flow prior that learnt it: latents held fixed do not follow the redshift, generation does."""
+    import torch
+
+    from hpcvae import load_model
+    from hpcvae.prior import FlowSpec, build_flow
+
+    cfg = EvalConfig(n=48, morph_n=8, n_boot=20, response_latents=8)
+    yy, xx = torch.meshgrid(
+        torch.arange(SIZE) - SIZE / 2 + 0.5, torch.arange(SIZE) - SIZE / 2 + 0.5, indexing="ij"
+    )
+
+    def blind(z: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, None]:
+        sig = (4.0 * 1.8 * torch.exp(0.5 * z[:, 0].float()))[:, None, None, None]  # z0 = -2 ln(1+z): 1/(1+z)
+        img = 0.02 + 0.9 * torch.exp(-(xx**2 + yy**2) / (2 * sig**2))
+        return torch.logit(img.clamp(1e-4, 1 - 1e-4)), None
+
+    m = load_model(cvae2_run)
+    m._decode = blind
+    g = torch.Generator().manual_seed(0)
+    r = 0.2 + 2.3 * torch.rand(2048, generator=g)
+    lat = torch.randn(2048, m.z_dim, generator=g)
+    lat[:, 0] = -2 * torch.log1p(r) + 0.05 * lat[:, 0]
+    torch.manual_seed(0)
+    flow = build_flow(FlowSpec(z_dim=m.z_dim, conditional=True, transforms=2, hidden_features=(32, 32)))
+    flow.set_standardisation(lat.mean(0), lat.std(0), r.mean(), r.std())
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = flow(lat, r)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.flow_prior = flow.eval()
+    rep = evaluate(m, synth_shards, tmp_path / "blind", config=cfg)
+    c = rep["conditional_response"]["conditions"]["zphot"]
+    lo, hi = c["grid"][0], c["grid"][-1]
+    assert c["generated"]["dlog10_sigma"] == pytest.approx(0.0, abs=1e-9)  # the held latent ignores z
+    via = c["through_prior"]
+    assert via["generated"]["dlog10_sigma"] == pytest.approx(np.log10((1 + lo) / (1 + hi)), abs=0.05)
+    assert via["ratio_sigma"] > 0.5 and rep["verdict"]["conditioning"]["ratio"] == via["ratio_sigma"]
+    assert "through the flow prior" in rep["verdict"]["conditioning"]["line"]
+    sweep = m.interpolate([lo, hi], generator=torch.Generator().manual_seed(1), normalized=True)
+    sizes = (sweep > 0.5).float().sum(dim=(1, 2, 3))  # one galaxy, smaller at the higher redshift
+    assert sizes[1] < 0.7 * sizes[0]

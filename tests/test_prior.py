@@ -105,11 +105,17 @@ def test_flow_round_trips_through_the_model_files(tmp_path):
     normal = loaded.sample(6, redshift=r[:6], generator=torch.Generator().manual_seed(5), prior="normal")
     assert not torch.allclose(normal, imgs)
     assert vae_digest(loaded.state_dict()) == vae_digest(m.state_dict())
-    # interpolate draws its one latent from the flow at the first redshift, then holds it.
-    lat = flow.sample(1, redshift=0.5, generator=torch.Generator().manual_seed(7))
+    # interpolate holds the flow's base noise, not the latent: each redshift gets the latent the
+    # conditional flow gives that noise there (a held latent barely follows the redshift).
+    eps = torch.randn(1, m.z_dim, generator=torch.Generator().manual_seed(7))
+    lats = flow.sample(2, redshift=torch.tensor([0.5, 2.0]), eps=eps.expand(2, -1))
+    assert not torch.allclose(lats[0], lats[1])
     sweep = loaded.interpolate([0.5, 2.0], generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        torch.testing.assert_close(sweep, m.decode(lat.expand(2, -1), torch.tensor([0.5, 2.0])))
+        torch.testing.assert_close(sweep, m.decode(lats, torch.tensor([0.5, 2.0])))
+    given = loaded.interpolate([0.5, 2.0], z=lats[0])  # a latent given is held
+    with torch.no_grad():
+        torch.testing.assert_close(given, m.decode(lats[:1].expand(2, -1), torch.tensor([0.5, 2.0])))
     # sample_latent: the latents sample() would decode, drawn at one redshift for reuse in sweeps.
     lats = loaded.sample_latent(4, redshift=0.9, generator=torch.Generator().manual_seed(3))
     want = flow.sample(4, redshift=torch.full((4,), 0.9), generator=torch.Generator().manual_seed(3))

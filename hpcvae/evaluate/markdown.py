@@ -143,6 +143,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         md.append(f"Skipped: {sw['skipped']}.\n")
     else:
         md.append("![redshift sweep](redshift_sweep.png)\n")
+        md.append(f"One galaxy per row ({sw['rows']} rows, the {sw['prior']} prior), {sw.get('held', 'the latent')} "
+                  "held across the redshifts, as `interpolate()` draws it.\n")  # fmt: skip
         md.append("| z | " + " | ".join(_fmt(z, 3) for z in sw["redshifts"]) + " |")
         md.append("|---" * (len(sw["redshifts"]) + 1) + "|")
         md.append(
@@ -286,15 +288,22 @@ def _response(r: dict[str, Any], md: list[str]) -> None:
         return
     md.append("![conditional response](conditional_response.png)\n")
     md.append(f"{rs['latents']} latents from the {rs['prior']} prior (seed {rs['seed']}), held fixed while one "
-              "condition goes from its 10th to its 90th percentile (the others at their medians); the real change "
-              "is between binned medians of the real galaxies at the ends of the range.\n")  # fmt: skip
+              "condition goes from its 10th to its 90th percentile (the others following the real galaxies): what "
+              "decoding one given latent at other conditions does. With a conditional flow prior, a second sweep "
+              "holds the flow's base noise fixed and draws each latent from the prior at the sweep's conditions: "
+              "what generation (`sample`, `hpcvae.generate --catalog`, `interpolate()` without a latent) does. "
+              "The real change is between binned medians of the real galaxies at the ends of the range.\n")  # fmt: skip
     md.append(
-        "| condition | range | d log10 σ generated | real | ratio | d log10 flux generated | real | ratio |"
+        "| condition | range | sweep | d log10 σ generated | real | ratio | d log10 flux generated | real | ratio |"
     )
-    md.append("|---|---|---|---|---|---|---|---|")
+    md.append("|---|---|---|---|---|---|---|---|---|")
     for name, c in rs["conditions"].items():
-        md.append(f"| {name} | {_fmt(c['grid'][0], 3)}–{_fmt(c['grid'][-1], 3)} ({c['range_from']}) | "
-                  f"{_fmt(c['generated']['dlog10_sigma'], 3)} | {_fmt(c['real']['dlog10_sigma'], 3)} | "
-                  f"{_fmt(c['ratio_sigma'], 3)} | {_fmt(c['generated']['dlog10_flux'], 3)} | "
-                  f"{_fmt(c['real']['dlog10_flux'], 3)} | {_fmt(c['ratio_flux'], 3)} |")  # fmt: skip
+        sweeps = [("latents fixed", c)] + (
+            [("through the prior", c["through_prior"])] if "through_prior" in c else []
+        )
+        for what, sw in sweeps:
+            md.append(f"| {name} | {_fmt(c['grid'][0], 3)}–{_fmt(c['grid'][-1], 3)} ({c['range_from']}) | {what} | "
+                      f"{_fmt(sw['generated']['dlog10_sigma'], 3)} | {_fmt(c['real']['dlog10_sigma'], 3)} | "
+                      f"{_fmt(sw['ratio_sigma'], 3)} | {_fmt(sw['generated']['dlog10_flux'], 3)} | "
+                      f"{_fmt(c['real']['dlog10_flux'], 3)} | {_fmt(sw['ratio_flux'], 3)} |")  # fmt: skip
     md.append("")

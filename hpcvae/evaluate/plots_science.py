@@ -94,7 +94,8 @@ def plot_power_spectra(k: np.ndarray, power: Mapping[str, np.ndarray], pixel_sca
 
 
 def plot_response(conditions: Mapping[str, Any]) -> Figure:
-    """Median HSM size and flux of fixed latents decoded across each condition, beside the real binned medians."""
+    """Median HSM size and flux of fixed latents (and, with a conditional flow, fixed base noise through the
+    prior) decoded across each condition, beside the real binned medians."""
     names = list(conditions)
     fig, axes = plt.subplots(
         len(names), 2, figsize=(10, 3.4 * len(names)), squeeze=False, constrained_layout=True
@@ -107,11 +108,15 @@ def plot_response(conditions: Mapping[str, Any]) -> Figure:
             gen = np.asarray(c["generated"][key], float)
             real = np.asarray([np.nan if v is None else v for v in c["real"][key]], float)
             ax.plot(x, gen, "o-", color="C1", label="generated, latents fixed")
+            if "through_prior" in c:
+                via = np.asarray(c["through_prior"]["generated"][key], float)
+                ax.plot(x, via, "^-", color="C2", label="generated through the prior (base noise fixed)")
             ax.plot(x, real, "s--", color="C0", label="real, binned medians")
             ax.set_xlabel(f"{name} (10th to 90th training percentile)")
             ax.set_ylabel(label)
             ax.set_yscale("log")
             ax.legend(fontsize=7)
-        row[0].set_title(f"{name}: size response {c['ratio_sigma'] if c['ratio_sigma'] is not None else float('nan'):.2f} "
-                         "of the data's", fontsize=9)  # fmt: skip
+        main = c.get("through_prior", c)
+        row[0].set_title(f"{name}: size response {main['ratio_sigma'] if main['ratio_sigma'] is not None else float('nan'):.2f} "
+                         f"of the data's ({'through the prior' if main is not c else 'latents fixed'})", fontsize=9)  # fmt: skip
     return fig

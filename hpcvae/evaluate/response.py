@@ -4,9 +4,14 @@ With the latents held fixed, each condition is swept from its 10th to its 90th t
 (the other conditions at their medians) and the generated galaxies' HSM size and pixel-sum flux
 are measured.  The response is the median, over the fixed latents, of the change in log10 size and
 log10 flux across that range.  The real population's change over the same range comes from binned
-medians (the real galaxies in the lowest and highest fifth of the condition).  A response far
-below the data's means the decoder ignores its condition, and ``interpolate()`` (one galaxy at
-several redshifts) means nothing.
+medians (the real galaxies in the lowest and highest fifth of the condition).
+
+A fixed latent need not follow its condition even in a good model: the encoder puts what it learns
+from the condition into the latent too, and a conditional flow prior draws latents that depend on the
+condition.  So with a conditional flow a second sweep holds the flow's base noise fixed instead, each
+latent drawn from the prior at the sweep's conditions: what ``sample``, ``hpcvae.generate --catalog``
+and ``interpolate()`` without a latent do, and what the verdict judges.  A response far below the
+data's there means the model ignores its condition.
 """
 
 from __future__ import annotations

@@ -154,14 +154,21 @@ def conditional_response(run: Run) -> dict[str, Any]:
     z_name = m.conditioning.redshift_name
     lat = m.sample_latent(n, redshift=medians.get(z_name), generator=g, prior=run.prior).float()
     dtype = next(m.parameters()).dtype
+    flow = run.prior == "flow" and m.flow_prior is not None and m.flow_prior.conditional
 
-    def decode(z: np.ndarray, c: dict[str, np.ndarray]) -> np.ndarray:
+    def decode(z: np.ndarray, c: dict[str, np.ndarray], through_prior: bool = False) -> np.ndarray:
         with torch.no_grad():
             zz = torch.as_tensor(z, device=run.dev, dtype=dtype)
             cond = np.stack([c[name] for name in names], axis=1) if m.multi_condition else c[names[0]]
-            img = m.decode(zz, torch.as_tensor(cond, device=run.dev))
+            cc = torch.as_tensor(cond, device=run.dev)
+            if (
+                through_prior
+            ):  # z is the flow's base noise: the latent follows the conditions, as in generation
+                zz = m._prior_sample(len(zz), cc, None, "flow", eps=zz)
+            img = m.decode(zz, cc)
             return run.observed(run.physical(img.float().cpu())).numpy()[:, 0]
 
+    base = torch.randn(n, m.spec.z_dim, generator=g).numpy() if flow else None
     out: dict[str, Any] = {"latents": n, "prior": run.prior, "seed": run.cfg.seed + 5, "conditions": {}}
     for name, values in conds.items():
         grid = np.asarray(ranges[name]["grid"], dtype=np.float64)
@@ -175,6 +182,15 @@ def conditional_response(run: Run) -> dict[str, Any]:
             "ratio_sigma": response.ratio(gen["dlog10_sigma"], real["dlog10_sigma"]),
             "ratio_flux": response.ratio(gen["dlog10_flux"], real["dlog10_flux"]),
         }  # fmt: skip
+        if base is not None:
+            via = response.sweep(lambda e, c: decode(e, c, True), base, name, grid, others, run.pixel_scale)
+            out["conditions"][name]["through_prior"] = {
+                "what": "the flow prior's base noise held fixed, each latent drawn from the prior at the sweep's "
+                        "conditions (as hpcvae.generate draws a catalog row)",
+                "generated": via,
+                "ratio_sigma": response.ratio(via["dlog10_sigma"], real["dlog10_sigma"]),
+                "ratio_flux": response.ratio(via["dlog10_flux"], real["dlog10_flux"]),
+            }  # fmt: skip
     run.save(plots.plot_response(out["conditions"]), "conditional_response.png")
     return out
 

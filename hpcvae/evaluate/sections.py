@@ -150,7 +150,8 @@ def generation(run: Run) -> dict[str, Any]:
 
 
 def redshift_sweep(run: Run) -> dict[str, Any]:
-    """One latent per row decoded across redshifts."""
+    """One galaxy per row across redshifts, as ``interpolate()`` draws it: with a conditional flow prior the
+    row holds the flow's base noise (its latent follows the redshift), else its latent."""
     import torch
 
     cfg, m = run.cfg, run.m
@@ -160,15 +161,22 @@ def redshift_sweep(run: Run) -> dict[str, Any]:
     zlist = run.redshifts(cfg.sweep_redshifts, (5, 95))
     zs = torch.as_tensor(zlist, dtype=torch.float32)
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    lat = m.sample_latent(cfg.sweep_rows, generator=g, prior=run.prior).float().cpu()  # flow if fitted
     ncol, dtype = len(zs), next(m.parameters()).dtype
-    zz = lat.repeat_interleave(ncol, 0).to(run.dev, dtype)
-    cond = m._redshift(zs.repeat(cfg.sweep_rows).numpy(), len(zz), run.dev, "sweep", extrapolate=True)
+    n = cfg.sweep_rows * ncol
+    cond = m._redshift(zs.repeat(cfg.sweep_rows).numpy(), n, run.dev, "sweep", extrapolate=True)
+    through = run.prior == "flow" and m.flow_prior is not None and m.flow_prior.conditional
     with torch.no_grad():
+        if through:
+            eps = torch.randn(cfg.sweep_rows, m.z_dim, generator=g).repeat_interleave(ncol, 0)
+            zz = m._prior_sample(n, cond, None, "flow", eps=eps.to(run.dev)).to(dtype)
+        else:
+            lat = m.sample_latent(cfg.sweep_rows, generator=g, prior=run.prior).float().cpu()
+            zz = lat.repeat_interleave(ncol, 0).to(run.dev, dtype)
         imgs = m.decode(zz, cond)
     imgs = imgs.float().cpu().reshape(cfg.sweep_rows, ncol, m.image_size, m.image_size)
     flux = run.physical(imgs).numpy().reshape(cfg.sweep_rows, ncol, -1).sum(-1)
     return {"redshifts": zlist, "rows": cfg.sweep_rows, "prior": run.prior,
+            "held": "the flow prior's base noise" if through else "the latent",
             "other_conditions": "their training medians" if m.multi_condition else None,
             "mean_pixel_sum_flux_per_column": flux.mean(0),
             "figure": run.save(plots.plot_redshift_sweep(imgs, zlist), "redshift_sweep.png")}  # fmt: skip

@@ -11,7 +11,7 @@ Without an interval (``n_boot = 0``) the point value is judged alone.  Tolerance
 galaxy2galaxy reaches on COSMOS (Lanusse et al. 2021), ``close`` a few times that.
 
 A size or shape miss names its cause: the **decoder** when the reconstructions are already off in a
-size bin, the **conditioning** when the decoder's response to redshift is far below the data's,
+size bin, the **conditioning** when the generated response to redshift is far below the data's,
 else the **prior**; the advice never repeats what was already done (a fitted flow prior).
 """
 
@@ -34,6 +34,25 @@ TOLERANCE = {
     "recon_sigma_rel": (0.05, 0.15),
 }
 """(ok, close) per quantity; ``orientation`` and ``response_ratio`` are better when higher."""
+
+
+def _response(report: dict[str, Any], facts: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None, str]:
+    """(condition, the sweep to judge, how it was made) for the redshift, else the first condition.
+
+    With a conditional flow prior the judged sweep holds the flow's base noise fixed, as generation does; a
+    fixed latent decoded at other conditions (the other sweep) need not follow them, since the latent
+    carries what the encoder learnt from the condition.
+    """
+    conds = (report.get("conditional_response") or {}).get("conditions", {})
+    name = (
+        facts.get("redshift_condition")
+        if facts.get("redshift_condition") in conds
+        else next(iter(conds), None)
+    )
+    c = conds.get(name) if name else None
+    if c and c.get("through_prior"):
+        return name, c["through_prior"], "generated through the flow prior, its base noise fixed"
+    return name, c, "with latents fixed"
 
 
 def judge(value: float | None, ci: list[float] | None, key: str) -> str:
@@ -86,13 +105,12 @@ def cause(report: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
                }.get(facts.get("likelihood"), "more epochs or a wider decoder")  # fmt: skip
         return {"cause": "decoder", "bins": off_bins,
                 "hint": f"the reconstructions are already off in size ({where}), so the decoder sets the miss: try {fix}"}  # fmt: skip
-    conds = (report.get("conditional_response") or {}).get("conditions", {})
-    resp = conds.get(facts.get("redshift_condition")) or next(iter(conds.values()), {})
-    ratio = resp.get("ratio_sigma")
+    _, resp, how = _response(report, facts)
+    ratio = resp.get("ratio_sigma") if resp else None
     if ratio is not None and ratio < TOLERANCE["response_ratio"][0]:
         return {"cause": "conditioning", "response_ratio": ratio,
-                "hint": f"with latents fixed, sizes change {ratio:.0%} as much as the real galaxies' across redshift: "
-                        "the decoder ignores its condition (FiLM-conditioned decoders do not)"}  # fmt: skip
+                "hint": f"{how}, sizes change {ratio:.0%} as much as the real galaxies' across redshift: "
+                        "the model ignores its condition (FiLM-conditioned decoders with a conditional flow prior do not)"}  # fmt: skip
     if not facts.get("has_flow"):
         hint = "the reconstructions match, so the samples miss: fit the flow prior (hpcvae.train_prior)"
     elif facts.get("prior") != "flow":
@@ -170,27 +188,23 @@ def verdict(report: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
         lines["residual_power"] = {"verdict": _lower(dev, "residual_power"), "max_deviation": dev,
                                    "line": "reconstruction residual power / noise power: " + ", ".join(
                                        f"{k} {v:.2f}" for k, v in bands.items() if v is not None)
-                                   + f" (worst frequency {dev:.0%} from 1)"}  # fmt: skip
+                                   + f" (the worst frequency's ratio is {dev:.3g} from 1)"}  # fmt: skip
     art = report.get("artefacts") or {}
     if art.get("streak_ratio") is not None:
         lines["artefacts"] = {"verdict": _lower(art["streak_ratio"], "streak_ratio"), "ratio": art["streak_ratio"],
                               "line": f"row/column streaks of generated stamps {art['streak_ratio']:.2f}x those of the "
                                       f"{art['reference_is'].split(' (')[0]}; axis power ratio "
                                       f"{art['generated'].get('axis_power_ratio') or float('nan'):.2f} (1 = isotropic)"}  # fmt: skip
-    conds = (report.get("conditional_response") or {}).get("conditions", {})
-    zname = (
-        facts.get("redshift_condition")
-        if facts.get("redshift_condition") in conds
-        else next(iter(conds), None)
-    )
-    resp = conds.get(zname) if zname else None
+    zname, resp, how = _response(report, facts)
     if resp and resp.get("ratio_sigma") is not None:
-        r = resp["ratio_sigma"]
-        walk = " (the other conditions following the real galaxies)" if resp.get("other_conditions") else ""
+        r, c = resp["ratio_sigma"], (report["conditional_response"]["conditions"][zname])
+        walk = " (the other conditions following the real galaxies)" if c.get("other_conditions") else ""
+        fixed = (f"; with latents fixed {c['ratio_sigma']:.0%}" if resp is not c and c.get("ratio_sigma") is not None
+                 else "")  # fmt: skip
         lines["conditioning"] = {"verdict": _higher(r, "response_ratio"), "ratio": r,
-                                 "line": f"with latents fixed{walk}, d log10 sigma across {zname} {resp['grid'][0]:.2f}-"
-                                         f"{resp['grid'][-1]:.2f} is {resp['generated']['dlog10_sigma']:+.3f}, "
-                                         f"the real galaxies' {resp['real']['dlog10_sigma']:+.3f} ({r:.0%})"}  # fmt: skip
+                                 "line": f"{how}{walk}, d log10 sigma across {zname} {c['grid'][0]:.2f}-"
+                                         f"{c['grid'][-1]:.2f} is {resp['generated']['dlog10_sigma']:+.3f}, "
+                                         f"the real galaxies' {c['real']['dlog10_sigma']:+.3f} ({r:.0%}){fixed}"}  # fmt: skip
     measured = (report.get("morphology") or {}).get("stats") or {}
     mo = {k: c for k, c in measured.items() if c.get("w1") is not None}
     if measured and not mo:  # statmorph measured nothing: say so, never "ok"

@@ -533,8 +533,13 @@ class GalaxyVAE(nn.Module):
         normalized: bool | None = None,
         extrapolate: bool = False,
     ) -> torch.Tensor:
-        """One galaxy structure (latent ``z``; if omitted, drawn from the default prior at the first redshift)
-        at each redshift, other conditions at their training medians: (len, 1, H, W)."""
+        """One galaxy at each redshift, other conditions at their training medians: (len, 1, H, W).
+
+        Without ``z`` the galaxy is one draw of the default prior's base noise, held fixed: with a conditional
+        flow prior each redshift gets the latent the prior gives that noise there, as ``sample`` would (a
+        latent held fixed barely follows the redshift, since it carries what the encoder learnt from it).
+        With ``z`` that latent is decoded at every redshift.
+        """
         if not self.conditional:
             raise ModelError(f"{self.arch} is unconditional: interpolate needs cvae, cvae2 or fancy_cvae")
         physical = self._physical(normalized)
@@ -544,7 +549,14 @@ class GalaxyVAE(nn.Module):
                 raise ModelError(f"{self.arch}: interpolate needs at least one redshift")
             r = self._redshift(r, r.numel(), self._device(), "interpolate", extrapolate=extrapolate)
             if z is None:
-                z = self._prior_sample(1, r[:1], generator, None)  # the flow prior (at r[0]) if fitted
+                flow = self.flow_prior is not None and self.flow_prior.conditional
+                if not flow:
+                    z = self._prior_sample(1, r[:1], generator, None)  # N(0, I) or an unconditional flow
+                else:
+                    gen_device = generator.device if generator is not None else self._device()
+                    eps = torch.randn(1, self.spec.z_dim, generator=generator, device=gen_device)
+                    zs = self._prior_sample(r.shape[0], r, None, "flow", eps=eps.expand(r.shape[0], -1))
+                    return self._out(self._decode_chunked(zs.to(self._dtype()), r), physical)
             z = torch.as_tensor(z, device=self._device()).reshape(-1)
             if z.numel() != self.spec.z_dim:
                 raise ModelError(
