@@ -253,8 +253,8 @@ def plot_generation_grid(
     return fig
 
 
-def plot_redshift_sweep(images: Any, redshifts: Sequence[float]) -> Figure:
-    """Rows: one latent each; columns: that latent decoded at increasing redshift.
+def plot_redshift_sweep(images: Any, redshifts: Sequence[float], held: str = "the latent") -> Figure:
+    """Rows: one galaxy each (``held``: what stays fixed along the row); columns: increasing redshift.
 
     Each row shares one stretch so changes in size and brightness with z stay visible.
     """
@@ -271,7 +271,7 @@ def plot_redshift_sweep(images: Any, redshifts: Sequence[float]) -> Figure:
     ax.set_xticklabels([f"{z:.2g}" for z in redshifts])
     ax.set_yticks([])
     ax.set_xlabel("redshift")
-    ax.set_title("one latent per row, decoded across redshift (one stretch per row)")
+    ax.set_title(f"one galaxy per row ({held} held) across redshift; one stretch per row", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -175,11 +175,11 @@ def redshift_sweep(run: Run) -> dict[str, Any]:
         imgs = m.decode(zz, cond)
     imgs = imgs.float().cpu().reshape(cfg.sweep_rows, ncol, m.image_size, m.image_size)
     flux = run.physical(imgs).numpy().reshape(cfg.sweep_rows, ncol, -1).sum(-1)
-    return {"redshifts": zlist, "rows": cfg.sweep_rows, "prior": run.prior,
-            "held": "the flow prior's base noise" if through else "the latent",
+    held = "the flow prior's base noise" if through else "the latent"
+    return {"redshifts": zlist, "rows": cfg.sweep_rows, "prior": run.prior, "held": held,
             "other_conditions": "their training medians" if m.multi_condition else None,
             "mean_pixel_sum_flux_per_column": flux.mean(0),
-            "figure": run.save(plots.plot_redshift_sweep(imgs, zlist), "redshift_sweep.png")}  # fmt: skip
+            "figure": run.save(plots.plot_redshift_sweep(imgs, zlist, held), "redshift_sweep.png")}  # fmt: skip
 
 
 def latent(run: Run) -> dict[str, Any]:
