@@ -219,3 +219,24 @@ def test_the_response_to_one_of_several_conditions_walks_along_the_real_populati
     real = response.real_change(z, st["sigma_arcsec"], real_imgs.reshape(len(z), -1).sum(1), grid)
     assert abs(fixed["dlog10_sigma"]) < 1e-3 and real["dlog10_sigma"] > 0.15
     assert walk["dlog10_sigma"] == pytest.approx(real["dlog10_sigma"], rel=0.1)
+
+
+def test_the_baseline_difference_is_paired_and_tells_closer_farther_and_noise_apart():
+    """Each real galaxy carries its baseline stamp: a baseline that mirrors the real galaxies up to a shift
+    is judged on the shift, not on the real set's scatter."""
+    from hpcvae.evaluate.bootstrap import Resampler
+    from hpcvae.evaluate.science import baseline_difference
+
+    rng = np.random.default_rng(3)
+    n = 300
+    real = rng.lognormal(0.0, 0.5, n)
+    rs = Resampler(list(range(n)), n, n_boot=200, seed=1)
+    like = rng.lognormal(0.0, 0.5, n)  # a fresh draw of the real population
+    closer = baseline_difference(real, like, real * 1.3, rs)  # the baseline is 30% too big everywhere
+    assert closer["value"] < 0 and closer["value_ci"][1] < 0 and closer["says"] == "closer than the baseline"
+    farther = baseline_difference(real, like * 1.5, real * 1.05, rs)
+    assert farther["value_ci"][0] > 0 and farther["says"] == "farther than the baseline"
+    same = baseline_difference(real, like, rng.lognormal(0.0, 0.5, n)[np.argsort(np.argsort(real))], rs)
+    assert same["value_ci"][0] < 0 < same["value_ci"][1] and same["says"] == "within noise of the baseline"
+    for d in (closer, farther, same):
+        assert d["value_ci"][0] <= d["value"] <= d["value_ci"][1]

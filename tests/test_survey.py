@@ -394,6 +394,9 @@ def test_evaluation_on_cosmos_like_galaxies_has_the_single_sersic_baseline(run: 
     assert w1 and all(np.isfinite(w1))  # a 2-epoch model's blobs may fail statmorph; the baseline's do not
     if base["generated_beats_baseline"]:
         assert "single-Sérsic" in rep["verdict"]["morphology"]["line"]
+    for k, d in base["w1_difference"].items():  # paired: the interval holds the point, and says what it means
+        if d["value"] is not None and d["value_ci"] is not None:
+            assert d["value_ci"][0] <= d["value"] <= d["value_ci"][1] and d["says"], k
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Single-Sérsic baseline" in md and "Noise added to generated stamps: correlated" in md
 

@@ -220,12 +220,19 @@ def _morphology(r: dict[str, Any], md: list[str]) -> None:
     base = mo.get("baseline")
     if base:
         md.append(f"\nSingle-Sérsic baseline ({base['what']}):\n")
-        md.append("| statistic | W1 generated [95%] | W1 baseline [95%] | generated closer |")
-        md.append("|---|---|---|---|")
+        md.append(
+            "| statistic | W1 generated [95%] | W1 baseline [95%] | generated closer | difference [95%, paired] |"
+        )
+        md.append("|---|---|---|---|---|")
         for k, c in base["stats"].items():
-            g = mo["stats"][k]
+            g, d = mo["stats"][k], (base.get("w1_difference") or {}).get(k) or {}
+            diff = (
+                f"{_fmt(d.get('value'))}{_ci(d, 'value')}: {d['says']}"
+                if d.get("says")
+                else _fmt(d.get("value"))
+            )
             md.append(f"| {k} | {_fmt(g.get('w1'))}{_ci(g, 'w1')} | {_fmt(c.get('w1'))}{_ci(c, 'w1')} | "
-                      f"{'yes' if base['generated_beats_baseline'].get(k) else 'no'} |")  # fmt: skip
+                      f"{'yes' if base['generated_beats_baseline'].get(k) else 'no'} | {diff} |")  # fmt: skip
     nm = mo.get("noise_model") or {}
     if nm:
         md.append(f"\nNoise added to generated stamps: {nm['kind']}"
