@@ -184,9 +184,8 @@ def conditional_response(run: Run) -> dict[str, Any]:
             zz = torch.as_tensor(z, device=run.dev, dtype=dtype)
             cond = np.stack([c[name] for name in names], axis=1) if m.multi_condition else c[names[0]]
             cc = torch.as_tensor(cond, device=run.dev)
-            if (
-                through_prior
-            ):  # z is the flow's base noise: the latent follows the conditions, as in generation
+            # Through the prior, z is the flow's base noise: the latent follows the conditions, as in generation.
+            if through_prior:
                 zz = m._prior_sample(len(zz), cc, None, "flow", eps=zz)
             img = m.decode(zz, cc)
             return run.observed(run.physical(img.float().cpu())).numpy()[:, 0]

@@ -197,7 +197,7 @@ def verdict(report: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
                                       f"{art['generated'].get('axis_power_ratio') or float('nan'):.2f} (1 = isotropic)"}  # fmt: skip
     zname, resp, how = _response(report, facts)
     if resp and resp.get("ratio_sigma") is not None:
-        r, c = resp["ratio_sigma"], (report["conditional_response"]["conditions"][zname])
+        r, c = resp["ratio_sigma"], report["conditional_response"]["conditions"][zname]
         walk = " (the other conditions following the real galaxies)" if c.get("other_conditions") else ""
         fixed = (f"; with latents fixed {c['ratio_sigma']:.0%}" if resp is not c and c.get("ratio_sigma") is not None
                  else "")  # fmt: skip
