@@ -177,7 +177,7 @@ def conditional_response(run: Run) -> dict[str, Any]:
     z_name = m.conditioning.redshift_name
     lat = m.sample_latent(n, redshift=medians.get(z_name), generator=g, prior=run.prior).float()
     dtype = next(m.parameters()).dtype
-    flow = run.prior == "flow" and m.flow_prior is not None and m.flow_prior.conditional
+    flow = run.prior == "flow" and m.conditional_flow
 
     def decode(z: np.ndarray, c: dict[str, np.ndarray], through_prior: bool = False) -> np.ndarray:
         with torch.no_grad():

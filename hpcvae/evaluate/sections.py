@@ -164,7 +164,7 @@ def redshift_sweep(run: Run) -> dict[str, Any]:
     ncol, dtype = len(zs), next(m.parameters()).dtype
     n = cfg.sweep_rows * ncol
     cond = m._redshift(zs.repeat(cfg.sweep_rows).numpy(), n, run.dev, "sweep", extrapolate=True)
-    through = run.prior == "flow" and m.flow_prior is not None and m.flow_prior.conditional
+    through = run.prior == "flow" and m.conditional_flow
     with torch.no_grad():
         if through:
             eps = torch.randn(cfg.sweep_rows, m.z_dim, generator=g).repeat_interleave(ncol, 0)

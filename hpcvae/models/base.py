@@ -383,6 +383,11 @@ class GalaxyVAE(nn.Module):
                           for i in range(0, z.shape[0], step)])  # fmt: skip
 
     @property
+    def conditional_flow(self) -> bool:
+        """A fitted flow prior that takes the conditions: its latents move with them (hold its base noise, not z)."""
+        return self.flow_prior is not None and bool(self.flow_prior.conditional)
+
+    @property
     def default_prior(self) -> str:
         """``flow`` once a fitted flow prior is attached (``hpcvae.train_prior``), else ``normal``."""
         return "normal" if self.flow_prior is None else "flow"
@@ -549,8 +554,7 @@ class GalaxyVAE(nn.Module):
                 raise ModelError(f"{self.arch}: interpolate needs at least one redshift")
             r = self._redshift(r, r.numel(), self._device(), "interpolate", extrapolate=extrapolate)
             if z is None:
-                flow = self.flow_prior is not None and self.flow_prior.conditional
-                if not flow:
+                if not self.conditional_flow:
                     z = self._prior_sample(1, r[:1], generator, None)  # N(0, I) or an unconditional flow
                 else:
                     gen_device = generator.device if generator is not None else self._device()
