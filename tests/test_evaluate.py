@@ -212,6 +212,11 @@ def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, ca
     assert rep["reconstruction"]["reduced_chi2"]["median"] > 0
     art = rep["artefacts"]
     assert art["reference_is"].startswith("real galaxies without noise") and art["streak_ratio"] > 0
+    # the synthetic truth is known, so the decoder's lopsidedness is measured
+    lop = art["asymmetry_noise_free"]
+    assert lop["n"] == min(rep["morphology"]["n_real"], rep["data"]["n_used"]) and lop["real_mean"] >= 0
+    lo, hi = lop["reconstructed_minus_real_ci"]
+    assert lo <= lop["reconstructed_minus_real"] <= hi
     resp = rep["conditional_response"]["conditions"]["zphot"]
     assert resp["real"]["dlog10_sigma"] < 0 and resp["generated"]["dlog10_sigma"] is not None
     assert rep["flux"]["zeropoint"] is not None and "magnitude" in rep["flux"]
@@ -229,6 +234,7 @@ def test_report_for_conditional_run_folder(cvae2_run, synth_shards, tmp_path, ca
         "Flux and magnitude",
     ):
         assert f"## {section}" in md
+    assert "Lopsidedness without noise" in md
 
 
 @pytest.mark.slow

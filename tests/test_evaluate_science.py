@@ -172,6 +172,26 @@ def test_statmorph_ranks_concentrated_above_extended_profiles():
     assert not empty["ok"].any() and np.isnan(empty["gini"]).all() and len(empty["errors"]) == 2
 
 
+def test_noise_free_asymmetry_is_zero_for_symmetric_galaxies_and_measures_a_lopsided_one():
+    """A sheared Sérsic at a sub-pixel offset is symmetric (A ~ 0); a clump of 5% of the light, far from its
+    mirror image, adds |clump| twice to sum |I - I_180|: A = 2 * 0.05 / 1.05, less what re-centring gains."""
+    import galsim
+
+    def draw(offset: tuple[float, float], clump: bool) -> np.ndarray:
+        gal = galsim.Sersic(n=1.5, half_light_radius=0.2, flux=40.0).shear(q=0.6, beta=30 * galsim.degrees)
+        if clump:
+            gal = gal + galsim.Gaussian(sigma=0.03, flux=2.0).shift(0.12, 0.05)
+        img = galsim.Convolve(gal, galsim.Gaussian(fwhm=0.1))
+        return img.drawImage(nx=SIZE, ny=SIZE, scale=SCALE, offset=offset).array.astype(np.float64)
+
+    sym = np.stack([draw((0.0, 0.0), False), draw((0.3, -0.4), False)])
+    lop = np.stack([draw((0.0, 0.0), True), draw((0.3, -0.4), True)])
+    a_sym, a_lop = morphology.noise_free_asymmetry(sym), morphology.noise_free_asymmetry(lop)
+    assert np.all(a_sym < 0.01), a_sym
+    assert np.all((a_lop > 0.06) & (a_lop < 2 * 0.05 / 1.05 + 0.005)), a_lop
+    assert np.isnan(morphology.noise_free_asymmetry(np.zeros((1, SIZE, SIZE)))).all()  # no light: no value
+
+
 def test_bootstrap_intervals_cover_and_keep_copies_of_a_galaxy_together():
     rng = np.random.default_rng(4)
     real, gen = rng.normal(1.0, 0.3, 400), rng.normal(1.1, 0.3, 400)

@@ -266,6 +266,13 @@ def _artefacts(r: dict[str, Any], md: list[str]) -> None:
         md.append(f"| {name} | {_fmt(m['streak_rows_median'], 3)} | {_fmt(m['streak_cols_median'], 3)} | "
                   f"{_fmt(m['axis_power_ratio'], 3)} |")  # fmt: skip
     md.append(f"\nGenerated streaks are {_fmt(a['streak_ratio'], 3)}× the reference's.\n")
+    lop = a.get("asymmetry_noise_free")
+    if lop:
+        md.append(f"Lopsidedness without noise ({lop['of']}; {lop['n']} stamps each): real "
+                  f"{_fmt(lop['real_mean'], 3)}, generated {_fmt(lop['generated_mean'], 3)} "
+                  f"({lop['generated_minus_real']:+.4f}{_ci(lop, 'generated_minus_real')}), reconstructed "
+                  f"{_fmt(lop['reconstructed_mean'], 3)} ({lop['reconstructed_minus_real']:+.4f}"
+                  f"{_ci(lop, 'reconstructed_minus_real')}, paired: what the decoder adds).\n")  # fmt: skip
 
 
 def _trends(r: dict[str, Any], md: list[str]) -> None:
