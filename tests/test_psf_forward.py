@@ -99,6 +99,47 @@ def test_loaders_carry_each_galaxys_psf(blurred, resident):
     assert next(iter_samples(m, "val"))[2]["psf_hdu"] is not None
 
 
+def test_psfs_of_several_shapes_reach_the_model_as_one_centred_square(tmp_path):
+    """GalSim's COSMOS PSF images come as 37x37, 37x39, 39x37 and 39x39.  The shards stored them as given
+    and the manifest said the first one's shape, so a psf_forward run stopped at the first other one, and
+    the set's mean PSF left out every PSF of another shape."""
+    from hpcvae.config import DataConfig
+    from hpcvae.data import make_data
+    from hpcvae.shards import Manifest
+    from hpcvae.shards.__main__ import main as shard_main
+    from hpcvae.shards.format import PSF, decode_npy, read_shard
+    from hpcvae.synth import make_synthetic
+
+    cat = make_synthetic(40, 32, tmp_path / "synth", seed=2, workers=1, progress=False, family="cosmos")
+    out = tmp_path / "shards"
+    assert shard_main(
+        ["--catalog", str(cat), "--out", str(out), "--size", "32", "--val-fraction", "0.25"]
+    ) in (0, None)
+    m = Manifest.load(out)
+    info = m.physics()["psf"]
+    assert info["shape"] == [39, 39] and info["n"] == m.count("train") + m.count(
+        "val"
+    )  # every PSF in the mean
+    stored = {k: decode_npy(f[PSF]) for p in m.shard_paths("train") for k, f in read_shard(p)}
+    sides = {a.shape for a in stored.values()}
+    assert sides == {(37, 37), (39, 39)}  # squared where they were not, centre kept
+    data = make_data(DataConfig(path=str(out), batch_size=5, num_workers=0), m, rank=0, world_size=1, seed=0,
+                     device="cpu", psf=True)  # fmt: skip
+    seen = 0
+    for batch in data.train_loader(0):
+        assert batch["psf"].shape[1:] == (1, 39, 39)
+        assert torch.allclose(batch["psf"].sum(dim=(1, 2, 3)), torch.ones(len(batch["key"])), atol=1e-5)
+        for key, p in zip(batch["key"], batch["psf"][:, 0].numpy()):
+            a = stored[key]
+            o = (39 - a.shape[0]) // 2
+            assert np.array_equal(p[o : o + a.shape[0], o : o + a.shape[1]], a) and p.sum() == pytest.approx(
+                a.sum()
+            )
+            seen += a.shape[0] == 37
+    data.close()
+    assert seen > 0
+
+
 def test_psf_forward_without_psfs_in_the_shards_is_a_one_line_error(tiny_shards, tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "hpcvae.train", "--config", "configs/debug.toml", "--data", str(tiny_shards),

@@ -43,6 +43,7 @@ from hpcvae.data.plan import EpochPlan, PlanInputs, epoch_steps, stream_plan, va
 from hpcvae.errors import ConfigError, ShardError
 from hpcvae.shards.format import IMAGE, META, PSF, decode_npy, read_samples
 from hpcvae.shards.manifest import Manifest
+from hpcvae.shards.physics import pad_psf
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,12 +113,15 @@ class _Source:
             psf = decode_npy(data)
         except ValueError as exc:
             raise ShardError(f"{raw.shard}: sample {raw.key}: {PSF}: {exc}") from None
-        if psf.shape != self.psf_shape or not np.isfinite(psf).all():
+        assert self.psf_shape is not None
+        side = self.psf_shape[0]
+        square = psf.ndim == 2 and psf.shape[0] == psf.shape[1]
+        if not (square and psf.shape[0] <= side and np.isfinite(psf).all()):
             raise ShardError(
-                f"{raw.shard}: sample {raw.key}: {PSF} is {psf.shape} (finite: {bool(np.isfinite(psf).all())}), "
-                f"the manifest says {self.psf_shape}"
+                f"{raw.shard}: sample {raw.key}: {PSF} is {psf.shape} (finite: {bool(np.isfinite(psf).all())}); "
+                f"the manifest says square, at most {side}x{side} (shards written before PSFs were squared: re-shard)"
             )
-        return psf
+        return psf if psf.shape[0] == side else pad_psf(psf, side)
 
     def decode(self, raw: _Raw) -> tuple[str, np.ndarray, float, float]:
         img = raw.files.get(IMAGE)

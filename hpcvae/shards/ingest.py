@@ -45,7 +45,7 @@ from hpcvae.shards.manifest import (
     shard_name,
     write_manifest,
 )
-from hpcvae.shards.physics import physics_record, rounding
+from hpcvae.shards.physics import add_psf, pad_psf, physics_record, rounding
 
 MAX_STATS_PIXELS = 4_000_000
 MAX_SIZE = 4096
@@ -216,7 +216,7 @@ class JobResult:
     stats: PixelStats = field(default_factory=PixelStats)
     """Partial statistics of the train pixels this shard holds (merged by the build)."""
     psf_sum: np.ndarray | None = None
-    """Sum of the (unit-sum) PSFs of this shard's galaxies with the first PSF's shape."""
+    """Sum of the (unit-sum) PSFs of this shard's galaxies, padded to the largest side among them."""
     psf_n: int = 0
     round_max: float = 0.0
     """float16 shards: the largest and summed squared rounding error of the pixels (physical units)."""
@@ -299,6 +299,7 @@ def write_row(job: Job, tar: ShardWriter, res: JobResult, r: Row, img: Any, psf:
             res.skipped.append(skip_record(r, problem))
             return
         psf = (psf / total).astype(np.float32)
+        psf = pad_psf(psf, max(psf.shape))  # square, centre kept; the loader pads to the set's largest side
     if not np.any(img):
         problem = "the stamp is all zeros (no galaxy, a blank cutout)"
         if not job.skip_bad:
@@ -343,11 +344,8 @@ def write_row(job: Job, tar: ShardWriter, res: JobResult, r: Row, img: Any, psf:
     tar.add_sample(sample_key(r.row), half if job.dtype == "float16" else out, meta, psf=psf)
     res.count += 1
     if psf is not None:
-        if res.psf_sum is None:
-            res.psf_sum = np.zeros(psf.shape, np.float64)
-        if psf.shape == res.psf_sum.shape:
-            res.psf_sum += psf
-            res.psf_n += 1
+        res.psf_sum = add_psf(res.psf_sum, psf)
+        res.psf_n += 1
     if job.stats_pixels:
         flat = out.ravel()
         if job.stats_pixels < flat.size:

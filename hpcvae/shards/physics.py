@@ -25,6 +25,26 @@ def rounding(results: list[Any], noise_std: float | None) -> dict[str, Any]:
             "max_over_noise_std": mx / noise_std if noise_std else None}  # fmt: skip
 
 
+def pad_psf(psf: np.ndarray, side: int) -> np.ndarray:
+    """``psf`` zero-padded to ``side`` x ``side`` with its centre pixel, ((n - 1) // 2) per axis, kept centred.
+
+    Why: a RealGalaxyCatalog's PSF images differ in shape (GalSim's COSMOS example holds 37x37, 37x39,
+    39x37 and 39x39), but a batch stacks one shape and ``psf_convolve`` takes the centre at (P - 1) // 2.
+    """
+    ny, nx = psf.shape
+    if side < max(ny, nx):
+        raise ValueError(f"a {ny}x{nx} PSF does not fit in {side}x{side}")
+    before = [(side - 1) // 2 - (n - 1) // 2 for n in (ny, nx)]
+    return np.pad(psf, [(b, side - n - b) for b, n in zip(before, (ny, nx))])
+
+
+def add_psf(total: np.ndarray | None, psf: np.ndarray) -> np.ndarray:
+    """``total + psf``, both brought to the larger of their sides (the running sum behind the mean PSF)."""
+    side = max(psf.shape[0], 0 if total is None else total.shape[0])
+    out = pad_psf(total, side) if total is not None else np.zeros((side, side), np.float64)
+    return out + pad_psf(psf, side)
+
+
 def physics_record(
     src: Any, cfg: Any, results: list[Any], stats: dict[str, Any], out: Path
 ) -> dict[str, Any]:
@@ -40,9 +60,13 @@ def physics_record(
     psf_n = sum(r.psf_n for r in results)
     psf: dict[str, Any] = {"in_images": src.psf_in_images, "per_galaxy": psf_n > 0}
     if psf_n:
-        shape = next(r.psf_sum.shape for r in results if r.psf_sum is not None)
-        mean = sum(r.psf_sum for r in results if r.psf_sum is not None and r.psf_sum.shape == shape) / psf_n
-        mean = (mean / mean.sum()).astype(np.float32)
+        total = None
+        for r in results:
+            if r.psf_sum is not None:
+                total = add_psf(total, r.psf_sum)
+        assert total is not None
+        shape = total.shape
+        mean = (total / total.sum()).astype(np.float32)
         tmp = out / f".{PSF_MEAN}.tmp"
         with open(tmp, "wb") as f:
             np.save(f, mean)
