@@ -116,8 +116,8 @@ def noise_free_asymmetry(images: np.ndarray) -> np.ndarray:
     decoder that draws lopsided galaxies shows there only at thousands of stamps; noise-free (the decoder's
     mean against the synthetic truth) the same excess stands out at a few hundred.  The rotation is
     statmorph's (bilinear, about a sub-pixel centre found by Nelder-Mead from the flux centroid); the
-    aperture is a circle about that centre of twice the stamp's half-light radius (about its centroid).  NaN where a stamp has
-    no positive flux.
+    aperture is a circle about that centre of twice the stamp's half-light radius (measured about its
+    centroid).  NaN where a stamp has no positive flux.
     """
     from scipy.optimize import minimize
     from skimage.transform import rotate
