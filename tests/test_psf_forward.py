@@ -117,9 +117,8 @@ def test_psfs_of_several_shapes_reach_the_model_as_one_centred_square(tmp_path):
     ) in (0, None)
     m = Manifest.load(out)
     info = m.physics()["psf"]
-    assert info["shape"] == [39, 39] and info["n"] == m.count("train") + m.count(
-        "val"
-    )  # every PSF in the mean
+    n_all = m.count("train") + m.count("val")
+    assert info["shape"] == [39, 39] and info["n"] == n_all  # every PSF in the mean
     stored = {k: decode_npy(f[PSF]) for p in m.shard_paths("train") for k, f in read_shard(p)}
     sides = {a.shape for a in stored.values()}
     assert sides == {(37, 37), (39, 39)}  # squared where they were not, centre kept
@@ -132,9 +131,8 @@ def test_psfs_of_several_shapes_reach_the_model_as_one_centred_square(tmp_path):
         for key, p in zip(batch["key"], batch["psf"][:, 0].numpy()):
             a = stored[key]
             o = (39 - a.shape[0]) // 2
-            assert np.array_equal(p[o : o + a.shape[0], o : o + a.shape[1]], a) and p.sum() == pytest.approx(
-                a.sum()
-            )
+            assert np.array_equal(p[o : o + a.shape[0], o : o + a.shape[1]], a)
+            assert p.sum() == pytest.approx(a.sum())
             seen += a.shape[0] == 37
     data.close()
     assert seen > 0
