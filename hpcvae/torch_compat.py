@@ -22,3 +22,14 @@ def shutdown_loader_workers(loader: Any) -> None:
     shutdown = getattr(it, "_shutdown_workers", None)
     if callable(shutdown):
         shutdown()
+
+
+def default_store() -> Any:
+    """The default process group's rendezvous store (a ``PrefixStore`` over the TCPStore rank 0 hosts).
+
+    :func:`hpcvae.dist.cleanup` keeps it past ``destroy_process_group`` to order the ranks' exit; public API
+    gives the store to ``init_process_group`` but has no getter for the one ``env://`` made.
+    """
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
