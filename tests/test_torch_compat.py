@@ -81,3 +81,16 @@ def test_shutdown_loader_workers_stops_persistent_workers() -> None:
     while any(_alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids)
+
+
+def test_default_store_outlives_the_group_it_came_from(one_rank_group):
+    """dist.cleanup counts ranks out in the rendezvous store after destroy_process_group: it must still answer."""
+    import torch.distributed as tdist
+
+    from hpcvae.torch_compat import default_store
+
+    one_rank_group()
+    store = default_store()
+    assert store.add("hpcvae/test", 1) == 1
+    tdist.destroy_process_group()
+    assert store.add("hpcvae/test", 0) == 1
